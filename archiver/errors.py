@@ -1,0 +1,138 @@
+"""The one exception tree of archiver.
+
+Every failure is either *transient* (worth retrying: network trouble, throttling, 5xx, a truncated
+body, an expired download URL) or *permanent* (retrying cannot help: a hostile id, a 404, a bad
+config). Third-party errors are translated into these once, at the adapter that saw them, and
+re-raised ``from`` the original so the cause is kept.
+
+    ArchiverError
+    ├── ConfigError                 bad configuration or usage (exit code 2)
+    ├── TransientError              retry later
+    │   ├── RateLimited             429: carries the server's wait hint
+    │   ├── ServerError             408 / 5xx from the API
+    │   ├── NetworkError            connection refused, reset, timeout
+    │   ├── MalformedResponse       a 200 whose body is not what the API documents
+    │   ├── TruncatedBody           fewer bytes than announced
+    │   ├── UrlExpired              the presigned download URL no longer works
+    │   └── LedgerUnavailable       the ledger cannot be reached right now
+    └── PermanentError              retrying cannot help
+        ├── AuthError               401: the run stops
+        ├── ApiError                other 4xx from the API
+        ├── NotFound                404 from the API
+        ├── UnsafeValue             a hostile id, URL or path component
+        ├── IntegrityError          the bytes do not match what was promised
+        ├── StorageError            the archive refused a write
+        │   └── StorageFull         no space left: the run stops instead of failing everything
+        ├── ProcessingAtSource      no download yet: picked up by a later pass, not a failure
+        ├── PreflightError          the archive or source is unusable; nothing started
+        └── LedgerError             the ledger is unusable or inconsistent
+"""
+
+from __future__ import annotations
+
+
+class ArchiverError(Exception):
+    """Base of every error archiver raises on purpose."""
+
+    transient: bool = False
+
+
+class ConfigError(ArchiverError):
+    """Configuration or usage problems, all of them at once."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return f"configuration error: {self.problems[0]}"
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"configuration has {len(self.problems)} problems:\n{lines}"
+
+
+class TransientError(ArchiverError):
+    transient = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(TransientError):
+    pass
+
+
+class ServerError(TransientError):
+    pass
+
+
+class NetworkError(TransientError):
+    pass
+
+
+class MalformedResponse(TransientError):
+    pass
+
+
+class TruncatedBody(TransientError):
+    pass
+
+
+class UrlExpired(TransientError):
+    pass
+
+
+class LedgerUnavailable(TransientError):
+    pass
+
+
+class PermanentError(ArchiverError):
+    transient = False
+
+
+class AuthError(PermanentError):
+    pass
+
+
+class ApiError(PermanentError):
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFound(ApiError):
+    pass
+
+
+class UnsafeValue(PermanentError):
+    pass
+
+
+class IntegrityError(PermanentError):
+    pass
+
+
+class StorageError(PermanentError):
+    pass
+
+
+class StorageFull(StorageError):
+    pass
+
+
+class ProcessingAtSource(PermanentError):
+    """The recording is not downloadable yet (still processing): try on a later pass."""
+
+
+class PreflightError(PermanentError):
+    pass
+
+
+class LedgerError(PermanentError):
+    pass
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the operation that raised ``exc`` may succeed."""
+    return isinstance(exc, ArchiverError) and exc.transient

@@ -1,0 +1,50 @@
+"""The ledger: the single source of truth about what is archived (contract in ``base``).
+
+``open_ledger`` picks the implementation: a SQLite file for one instance, PostgreSQL for several.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import cast
+
+from archiver.errors import ConfigError
+from archiver.ledger.base import AuditEntry, Ledger, PassRecord, Summary
+from archiver.ledger.sqlite import SqliteLedger
+
+__all__ = [
+    "AuditEntry",
+    "Ledger",
+    "PassRecord",
+    "SqliteLedger",
+    "Summary",
+    "open_ledger",
+]
+
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_ledger(
+    *, path: Path | None = None, url: str | None = None, exclusive: bool = False
+) -> Ledger:
+    """The ledger at ``url`` (``postgresql://``) if given, else the SQLite file at ``path``; not
+    yet opened: use the result with ``async with``. ``exclusive`` only applies to a SQLite file;
+    several instances may share a PostgreSQL ledger."""
+    if url is None:
+        if path is None:
+            raise ConfigError("ledger: set ledger.path (SQLite) or ledger.url (PostgreSQL)")
+        return SqliteLedger(path, exclusive=exclusive)
+    if not url.startswith(_POSTGRES_SCHEMES):
+        # Only the scheme is echoed: the rest of a URL may hold a password.
+        scheme = f"{url.split('://', 1)[0]}://" if "://" in url else "no scheme"
+        raise ConfigError(
+            f"ledger.url: unsupported scheme ({scheme}); expected postgresql://, "
+            "or set ledger.path for a SQLite file"
+        )
+    try:
+        # Imported on demand: only a PostgreSQL ledger needs its driver.
+        postgres = importlib.import_module("archiver.ledger.postgres")
+    except ImportError as exc:
+        raise ConfigError("ledger.url: PostgreSQL ledger is not available") from exc
+    return cast(Ledger, postgres.PostgresLedger(url))

@@ -1,0 +1,90 @@
+"""Logging: one line per event, text for people, JSON for journald and log shippers.
+
+Every record passes through ``archiver.redact`` on its way out, exceptions included, so the API
+key and presigned-URL signatures never reach a log whatever code logged them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from archiver.redact import redact
+
+# Fields a record may carry in ``extra=`` that belong in the structured output.
+EVENT_FIELDS = (
+    "recording_id",
+    "room_id",
+    "bytes",
+    "duration",
+    "attempt",
+    "key",
+    "permanent",
+    "pass_number",
+)
+
+
+class RedactingFormatter(logging.Formatter):
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__()
+        self._json = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = redact(record.getMessage())
+        fields = {k: getattr(record, k) for k in EVENT_FIELDS if hasattr(record, k)}
+        error = redact(self.formatException(record.exc_info)) if record.exc_info else None
+        if self._json:
+            doc: dict[str, Any] = {
+                "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": message,
+                **fields,
+            }
+            if error:
+                doc["error"] = error
+            return json.dumps(doc, default=str)
+        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        tail = " ".join(f"{k}={v}" for k, v in fields.items() if k != "recording_id")
+        line = f"{stamp} {record.levelname:<7} {message}" + (f"  {tail}" if tail else "")
+        return line + (f"\n{error}" if error else "")
+
+
+_handler: logging.Handler | None = None
+
+
+def setup_logging(
+    *,
+    fmt: str = "auto",
+    level: str = "info",
+    file: Path | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """Configure the root logger; calling again replaces the handler (SIGHUP reopens the file).
+
+    ``auto`` is JSON under systemd's journal (``$JOURNAL_STREAM``), text elsewhere.
+    """
+    global _handler
+    stream = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and "JOURNAL_STREAM" in os.environ)
+    handler: logging.Handler
+    if file is not None:
+        handler = logging.FileHandler(file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter(json_lines=use_json))
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler.close()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # Libraries' own chatter stays at warning.
+    for noisy in ("aiohttp.access", "botocore", "boto3", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _handler = handler

@@ -1,0 +1,152 @@
+"""Progress for people: a live display on a terminal, periodic log lines elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from types import TracebackType
+from typing import Self
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from archiver.pipeline import ProgressSink
+from archiver.transfer import Outcome, Result
+
+log = logging.getLogger(__name__)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _Counts(ProgressSink):
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.enqueued_total = 0
+        self.done = 0
+        self.archived = 0
+        self.failed = 0
+        self.bytes = 0
+
+    def enqueued(self, count: int) -> None:
+        self.enqueued_total += count
+
+    def transferred(self, nbytes: int) -> None:
+        self.bytes += nbytes
+
+    def finished(self, outcome: Outcome) -> None:
+        self.done += 1
+        if outcome.result is Result.ARCHIVED:
+            self.archived += 1
+        elif outcome.result is Result.FAILED:
+            self.failed += 1
+
+    def rate(self) -> float:
+        return self.bytes / max(time.monotonic() - self.started, 1e-6)
+
+    def line(self) -> str:
+        return (
+            f"{self.archived} archived, {self.failed} failed, "
+            f"{self.enqueued_total - self.done} to go, {human_bytes(self.bytes)} "
+            f"at {human_bytes(self.rate())}/s"
+        )
+
+
+class LiveProgress(_Counts):
+    """rich's live display: recordings, bytes, rate, ETA and failures."""
+
+    def __init__(self, console: Console, label: str = "archiving") -> None:
+        super().__init__()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task(label, total=0, detail="")
+
+    def __enter__(self) -> Self:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._refresh()
+        self._progress.stop()
+
+    def _refresh(self) -> None:
+        detail = f"{human_bytes(self.bytes)} {human_bytes(self.rate())}/s"
+        if self.failed:
+            detail += f" [red]{self.failed} failed[/red]"
+        self._progress.update(
+            self._task, total=self.enqueued_total, completed=self.done, detail=detail
+        )
+
+    def enqueued(self, count: int) -> None:
+        super().enqueued(count)
+        self._refresh()
+
+    def transferred(self, nbytes: int) -> None:
+        super().transferred(nbytes)
+        self._refresh()
+
+    def finished(self, outcome: Outcome) -> None:
+        super().finished(outcome)
+        self._refresh()
+
+
+class LogProgress(_Counts):
+    """Off a terminal: one progress line every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 15.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last = time.monotonic()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        log.info("progress: %s", self.line())
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            log.info("progress: %s", self.line())
+
+    def transferred(self, nbytes: int) -> None:
+        super().transferred(nbytes)
+        self._maybe_log()
+
+    def finished(self, outcome: Outcome) -> None:
+        super().finished(outcome)
+        self._maybe_log()
+
+
+def make_progress(label: str = "archiving") -> LiveProgress | LogProgress:
+    if sys.stderr.isatty():
+        return LiveProgress(Console(stderr=True), label)
+    return LogProgress()

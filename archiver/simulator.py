@@ -1,0 +1,1069 @@
+"""In-process simulator of the Telnyx Video Room Recordings API.
+
+Two aiohttp servers on loopback ephemeral ports:
+
+* the API host: ``GET /v2/room_recordings`` (list), ``GET``/``DELETE
+  /v2/room_recordings/{id}``; ``DELETE /v2/room_recordings`` (bulk) is refused
+  with 405 and recorded, because the archiver must never bulk-delete.
+* a separate download host serving recording bytes through signed, expiring
+  URLs (S3-like), so clients cannot get away with sending API credentials there
+  or with caching URLs forever.
+
+Recording content is synthesised on the fly (deterministic per id, any size,
+any byte range) so gigabyte files cost no memory. Faults (5xx, 429, malformed
+pages, truncated downloads, expired URLs, page shifts, ...) are injected from a
+seeded RNG through the mutable ``Simulator.faults``.
+
+Run standalone: ``python -m archiver.simulator --port 8080 --count 1000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import hmac
+import math
+import re
+import secrets
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
+from random import Random
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict, MultiDict, MultiMapping
+
+__all__ = [
+    "ApiRequest",
+    "DownloadRequest",
+    "Faults",
+    "SimRecording",
+    "Simulator",
+    "add_hostile_entries",
+    "content_bytes",
+    "content_sha256",
+    "iter_content",
+    "make_recordings",
+    "run_forever",
+]
+
+BLOCK_SIZE = 65536
+DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
+MAX_PAGE_SIZE = 250
+DEFAULT_PAGE_SIZE = 20
+
+_EXTENSIONS = {
+    "audio/ogg": ".ogg",
+    "audio/opus": ".opus",
+    "audio/mpeg": ".mp3",
+    "audio/wav": ".wav",
+    "audio/mp4": ".m4a",
+    "audio/webm": ".weba",
+    "video/mp4": ".mp4",
+    "video/webm": ".webm",
+    "video/x-matroska": ".mkv",
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SimRecording:
+    """One recording as the simulator stores it (the API view is derived from it)."""
+
+    id: str
+    room_id: str | None
+    session_id: str | None
+    participant_id: str | None
+    status: str
+    type: str
+    codec: str
+    duration_secs: int
+    size: int
+    created_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    completed_at: datetime | None
+    content_type: str
+    # While status == "processing": list calls (that return this entry) until it
+    # turns "completed". <= 0 means it stays processing forever.
+    processing_lists_left: int = 0
+    # If set, the API returns exactly this object for the entry (list and retrieve).
+    raw_override: dict[str, Any] | None = None
+    # If set, called with the normally built entry (fresh download_url included);
+    # whatever it returns (any JSON value, even None or a str) is served instead.
+    entry_hook: Callable[[dict[str, Any]], Any] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+
+@dataclass
+class Faults:
+    """Fault injection knobs; mutate ``sim.faults`` at any time."""
+
+    list_error_rate: float = 0.0  # 500/502/503
+    list_throttle_rate: float = 0.0  # 429
+    page_malformed_rate: float = 0.0  # 200 with non-JSON / data not a list
+    retrieve_error_rate: float = 0.0
+    retrieve_throttle_rate: float = 0.0
+    delete_error_rate: float = 0.0
+    throttle_reset_seconds: float = 1.0  # value of x-ratelimit-reset / Retry-After
+    error_shapes_mixed: bool = False  # also use bare-object and {"message"} bodies
+    truncate_rate: float = 0.0  # downloads cut short after a random prefix
+    expired_first_url_rate: float = 0.0  # share of recordings with expired list URLs
+    ignore_range: bool = False  # answer 200 full content even when Range is asked
+    slow_chunk_delay: float = 0.0  # sleep between 64 KiB chunks...
+    slow_rate: float = 1.0  # ...for this share of downloads
+    shift_on_page: int | None = None  # one-shot: on first request of page N...
+    shift_count: int = 3  # ...insert this many newest recordings first
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """An API request as received (for assertions on encodings and headers)."""
+
+    method: str
+    path: str  # decoded path
+    raw_path: str  # path + query exactly as sent (percent-encoding preserved)
+    query: MultiDict[str]  # decoded query
+    headers: CIMultiDict[str]
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    """A request received by the download host."""
+
+    id: str  # recording id the URL resolved to (raw path name if unresolvable)
+    method: str
+    range: str | None
+    raw_path: str
+    headers: CIMultiDict[str]
+
+
+# ------------------------------------------------------------------------ content
+
+
+@lru_cache(maxsize=512)
+def _base_block(rec_id: str) -> int:
+    # Per-recording random 64 KiB, kept as an int so each block is one big XOR.
+    return int.from_bytes(Random(rec_id).randbytes(BLOCK_SIZE), "little")
+
+
+def _block(rec_id: str, index: int) -> bytes:
+    # XOR a per-block-index mask over the base block so repeated blocks differ
+    # (a client writing a block at the wrong offset changes the hash).
+    seed = f"{rec_id}\x00{index}".encode("utf-8", "surrogatepass")
+    mask = hashlib.sha256(seed).digest() * (BLOCK_SIZE // 32)
+    return (_base_block(rec_id) ^ int.from_bytes(mask, "little")).to_bytes(BLOCK_SIZE, "little")
+
+
+def iter_content(rec: SimRecording, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Yield the bytes ``[start, end)`` of the recording's content (end defaults to size)."""
+    stop = rec.size if end is None else end
+    if not 0 <= start <= stop <= rec.size:
+        raise ValueError(f"bad range [{start}, {stop}) for size {rec.size}")
+    pos = start
+    while pos < stop:
+        index, offset = divmod(pos, BLOCK_SIZE)
+        take = min(BLOCK_SIZE - offset, stop - pos)
+        blk = _block(rec.id, index)
+        yield blk if take == BLOCK_SIZE else blk[offset : offset + take]
+        pos += take
+
+
+def content_bytes(rec: SimRecording, start: int = 0, end: int | None = None) -> bytes:
+    """The content range ``[start, end)`` as one bytes object (for small checks)."""
+    return b"".join(iter_content(rec, start, end))
+
+
+_SHA_CACHE: dict[tuple[str, int], str] = {}
+
+
+def content_sha256(rec: SimRecording) -> str:
+    """Hex SHA-256 of the full content (streamed, cached per id and size)."""
+    key = (rec.id, rec.size)
+    cached = _SHA_CACHE.get(key)
+    if cached is None:
+        h = hashlib.sha256()
+        for chunk in iter_content(rec):
+            h.update(chunk)
+        cached = _SHA_CACHE[key] = h.hexdigest()
+    return cached
+
+
+# --------------------------------------------------------------------- fake data
+
+
+def _uuid(rng: Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def make_recordings(
+    n: int,
+    *,
+    seed: int = 0,
+    size: int | tuple[int, int] = (20_000, 200_000),
+    start: datetime = DEFAULT_START,
+    days: int = 30,
+    processing: int = 0,
+    video_ratio: float = 0.3,
+) -> list[SimRecording]:
+    """Deterministic fake recordings, ended_at spread over ``days`` days from ``start``.
+
+    A few rooms (each with a few sessions and participants) make the id filters
+    meaningful. The ``processing`` newest recordings are still processing and
+    complete after 1-3 list calls each.
+    """
+    rng = Random(seed)
+    rooms = []
+    for _ in range(3):
+        room = _uuid(rng)
+        sessions = [_uuid(rng) for _ in range(3)]
+        participants = [_uuid(rng) for _ in range(4)]
+        rooms.append((room, sessions, participants))
+    span = max(1, days * 86400)
+    recs: list[SimRecording] = []
+    for _ in range(n):
+        room, sessions, participants = rng.choice(rooms)
+        ended = start + timedelta(seconds=rng.randrange(span), microseconds=rng.randrange(10**6))
+        # Mostly short calls, some long ones.
+        band = rng.choices([(5, 60), (60, 900), (900, 7200)], weights=[4, 4, 2])[0]
+        duration = rng.randint(*band)
+        started = ended - timedelta(seconds=duration)
+        is_video = rng.random() < video_ratio
+        nbytes = size if isinstance(size, int) else rng.randint(*size)
+        recs.append(
+            SimRecording(
+                id=_uuid(rng),
+                room_id=room,
+                session_id=rng.choice(sessions),
+                participant_id=rng.choice(participants),
+                status="completed",
+                type="video" if is_video else "audio",
+                codec="h264" if is_video else "opus",
+                duration_secs=duration,
+                size=nbytes,
+                created_at=started,
+                started_at=started,
+                ended_at=ended,
+                completed_at=ended + timedelta(seconds=rng.randint(5, 120)),
+                content_type="video/mp4" if is_video else "audio/ogg",
+            )
+        )
+    newest = sorted(recs, key=lambda r: (r.ended_at, r.id), reverse=True)
+    for rec in newest[:processing]:
+        rec.status = "processing"
+        rec.completed_at = None
+        rec.processing_lists_left = rng.randint(1, 3)
+    return recs
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _utc_date(dt: datetime | None) -> date | None:
+    return None if dt is None else dt.astimezone(UTC).date()
+
+
+def _extension(content_type: str) -> str:
+    return _EXTENSIONS.get(content_type.split(";")[0].strip().lower(), ".bin")
+
+
+def _fmt_seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _error_obj(code: str, title: str, detail: str, parameter: str | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"code": code, "title": title, "detail": detail}
+    if parameter is not None:
+        obj["source"] = {"parameter": parameter}
+    return obj
+
+
+def _api_error(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    parameter: str | None = None,
+    shape: str = "errors",
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An API error in one of the three body shapes seen in the wild."""
+    body: dict[str, Any]
+    if shape == "bare":
+        body = _error_obj(code, title, detail, parameter)
+    elif shape == "message":
+        body = {"message": f"{title}: {detail}"}
+    else:
+        body = {"errors": [_error_obj(code, title, detail, parameter)]}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _s3_error(status: int, code: str, message: str) -> web.Response:
+    text = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        f"<RequestId>{secrets.token_hex(8).upper()}</RequestId></Error>"
+    )
+    return web.Response(status=status, text=text, content_type="application/xml")
+
+
+class _BadParam(Exception):
+    def __init__(self, parameter: str, detail: str) -> None:
+        super().__init__(detail)
+        self.parameter = parameter
+        self.detail = detail
+
+
+class _Unsatisfiable(Exception):
+    pass
+
+
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_INT_RE = re.compile(r"-?\d{1,18}")
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+_Pred = Callable[[SimRecording], bool]
+_CMP: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": lambda a, b: a == b,
+    "gte": lambda a, b: a >= b,
+    "lte": lambda a, b: a <= b,
+}
+_DATE_FIELDS = {"date_ended_at": "ended_at", "date_started_at": "started_at"}
+_STR_FIELDS = ("room_id", "participant_id", "session_id", "status", "type")
+
+
+def _date_pred(attr: str, op: str, value: date) -> _Pred:
+    def pred(rec: SimRecording) -> bool:
+        d = _utc_date(getattr(rec, attr))
+        return d is not None and _CMP[op](d, value)
+
+    return pred
+
+
+def _attr_pred(attr: str, cmp: Callable[[Any, Any], bool], value: object) -> _Pred:
+    def pred(rec: SimRecording) -> bool:
+        v = getattr(rec, attr)
+        return v is not None and cmp(v, value)
+
+    return pred
+
+
+def _filter_pred(key: str, value: str) -> _Pred:
+    """Turn one ``filter[...]`` query parameter into a predicate (or raise _BadParam)."""
+    for name, attr in _DATE_FIELDS.items():
+        for op in _CMP:
+            if key == f"filter[{name}][{op}]":
+                if not _DATE_RE.fullmatch(value):
+                    raise _BadParam(key, f"{key} must be a date formatted as YYYY-MM-DD")
+                try:
+                    day = date.fromisoformat(value)
+                except ValueError:
+                    raise _BadParam(key, f"{key} is not a valid date") from None
+                return _date_pred(attr, op, day)
+    for op in _CMP:
+        if key == f"filter[duration_secs][{op}]":
+            if not _INT_RE.fullmatch(value):
+                raise _BadParam(key, f"{key} must be an integer")
+            return _attr_pred("duration_secs", _CMP[op], int(value))
+    for attr in _STR_FIELDS:
+        if key == f"filter[{attr}]":
+            if not value:
+                raise _BadParam(key, f"{key} must not be empty")
+            return _attr_pred(attr, _CMP["eq"], value)
+    raise _BadParam(key, f"Unknown query parameter {key}")
+
+
+def _page_param(query: MultiMapping[str], key: str, default: int, hi: int | None) -> int:
+    raw = query.get(key)
+    if raw is None:
+        return default
+    if not _INT_RE.fullmatch(raw):
+        raise _BadParam(key, f"{key} must be an integer")
+    value = int(raw)
+    if value < 1 or (hi is not None and value > hi):
+        limit = f"between 1 and {hi}" if hi is not None else "at least 1"
+        raise _BadParam(key, f"{key} must be {limit}")
+    return value
+
+
+def _parse_list_query(query: MultiMapping[str]) -> tuple[int, int, list[_Pred]]:
+    preds: list[_Pred] = []
+    for key in query:
+        if len(query.getall(key)) > 1:
+            raise _BadParam(key, f"{key} given more than once")
+        if key not in ("page[size]", "page[number]"):
+            preds.append(_filter_pred(key, query[key]))
+    size = _page_param(query, "page[size]", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    number = _page_param(query, "page[number]", 1, None)
+    return size, number, preds
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` for a single-range header, None to serve it all (RFC 9110:
+    unparseable ranges are ignored); raises _Unsatisfiable for 416."""
+    if header is None:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    if m is None or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise _Unsatisfiable
+        return max(0, size - n), size
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise _Unsatisfiable
+    end = size if not last else min(int(last) + 1, size)
+    return start, end
+
+
+def _sort_key(rec: SimRecording) -> tuple[datetime, str]:
+    return (rec.ended_at or datetime.min.replace(tzinfo=UTC), rec.id)
+
+
+# --------------------------------------------------------------------- simulator
+
+
+class Simulator:
+    """The fake Telnyx API + download host. Use as ``async with Simulator(...) as sim``."""
+
+    def __init__(
+        self,
+        recordings: list[SimRecording] | None = None,
+        *,
+        api_key: str = "test-key",
+        faults: Faults | None = None,
+        url_ttl: float = 600,
+        seed: int = 0,
+        url_extension: bool = True,
+        host: str = "127.0.0.1",
+        api_port: int = 0,
+        download_port: int = 0,
+    ) -> None:
+        self.api_key = api_key
+        self.faults = faults if faults is not None else Faults()
+        self.url_ttl = url_ttl
+        self.url_extension = url_extension
+        self.host = host
+        self._ports = (api_port, download_port)
+        self._seed = seed
+        self._rng = Random(seed)
+        self._secret = secrets.token_bytes(32)
+
+        self.recordings: dict[str, SimRecording] = {}
+        self._known: dict[str, SimRecording] = {}  # includes deleted ones
+        self._order: list[SimRecording] | None = None  # newest first, cached
+
+        self.api_requests: list[ApiRequest] = []
+        self.download_requests: list[DownloadRequest] = []
+        self.download_completions: Counter[str] = Counter()
+        self.download_truncations: Counter[str] = Counter()
+        self.deleted_ids: list[str] = []
+        self.bulk_delete_calls: list[ApiRequest] = []
+        self.shifted_ids: list[str] = []  # recordings inserted by shift_on_page
+        self.injected: Counter[str] = Counter()  # e.g. "list:throttle", "download:truncate"
+
+        self._api_runner: web.AppRunner | None = None
+        self._dl_runner: web.AppRunner | None = None
+        self._api_port: int | None = None
+        self._dl_port: int | None = None
+        self._streaming: set[asyncio.Transport] = set()  # downloads mid-body
+        if recordings:
+            self.add(recordings)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        api = web.Application(middlewares=[self._record_middleware])
+        api.router.add_get("/v2/room_recordings", self._handle_list, allow_head=False)
+        api.router.add_delete("/v2/room_recordings", self._handle_bulk_delete)
+        api.router.add_get("/v2/room_recordings/{id}", self._handle_retrieve, allow_head=False)
+        api.router.add_delete("/v2/room_recordings/{id}", self._handle_delete)
+        dl = web.Application()
+        dl.router.add_get("/recordings/{name}", self._handle_download)
+        try:
+            self._api_runner, self._api_port = await self._serve(api, self._ports[0])
+            self._dl_runner, self._dl_port = await self._serve(dl, self._ports[1])
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _serve(self, app: web.Application, port: int) -> tuple[web.AppRunner, int]:
+        # Short shutdown timeout: tests must not wait for abandoned slow downloads.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, port).start()
+            # Port 0 means ephemeral: read the real one back from the socket.
+            return runner, int(runner.addresses[0][1])
+        except BaseException:
+            await runner.cleanup()
+            raise
+
+    async def stop(self) -> None:
+        # Cut in-flight downloads now rather than letting aiohttp wait for them.
+        for transport in list(self._streaming):
+            transport.abort()
+        runners = [r for r in (self._api_runner, self._dl_runner) if r is not None]
+        self._api_runner = self._dl_runner = None
+        await asyncio.gather(*(r.cleanup() for r in runners))
+
+    @property
+    def api_base_url(self) -> str:
+        if self._api_port is None:
+            raise RuntimeError("simulator not started")
+        return f"http://{self.host}:{self._api_port}/v2"
+
+    @property
+    def download_base_url(self) -> str:
+        if self._dl_port is None:
+            raise RuntimeError("simulator not started")
+        return f"http://{self.host}:{self._dl_port}"
+
+    # --------------------------------------------------------------------- data
+
+    def add(self, recs: list[SimRecording]) -> None:
+        """Add recordings (ids must be new)."""
+        for rec in recs:
+            if rec.id in self.recordings:
+                raise ValueError(f"duplicate recording id {rec.id!r}")
+            self.recordings[rec.id] = rec
+            self._known[rec.id] = rec
+        self._order = None
+
+    def expected_sha256(self, id: str) -> str:
+        """SHA-256 of the content the download host serves for ``id`` (even if deleted)."""
+        return content_sha256(self._known[id])
+
+    def download_url(self, id: str, *, expires: int | None = None) -> str:
+        """A signed download URL for ``id`` (default expiry: now + url_ttl)."""
+        rec = self._known[id]
+        ext = _extension(rec.content_type) if self.url_extension else ""
+        if expires is None:
+            expires = int(time.time() + self.url_ttl)
+        sig = self._sign(rec.id, ext, expires)
+        return (
+            f"{self.download_base_url}/recordings/{quote(rec.id, safe='')}{ext}"
+            f"?Expires={expires}&Signature={sig}"
+        )
+
+    def _sign(self, rec_id: str, ext: str, expires: int) -> str:
+        msg = f"{rec_id}\n{ext}\n{expires}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()
+
+    def _ordered(self) -> list[SimRecording]:
+        if self._order is None:
+            self._order = sorted(self.recordings.values(), key=_sort_key, reverse=True)
+        return self._order
+
+    def _expired_in_lists(self, rec: SimRecording) -> bool:
+        # Stable per recording (not per call): hash of seed + id.
+        rate = self.faults.expired_first_url_rate
+        if rate <= 0:
+            return False
+        digest = hashlib.sha256(f"{self._seed}:{rec.id}".encode("utf-8", "surrogatepass"))
+        return int.from_bytes(digest.digest()[:8], "big") / 2**64 < rate
+
+    def _entry(self, rec: SimRecording, *, listing: bool) -> Any:
+        if rec.raw_override is not None:
+            return copy.deepcopy(rec.raw_override)
+        url: str | None = None
+        if rec.status != "processing":
+            expires = None
+            if listing and self._expired_in_lists(rec):
+                self.injected["list:expired_url"] += 1
+                expires = int(time.time()) - 60
+            url = self.download_url(rec.id, expires=expires)
+        entry: dict[str, Any] = {
+            "id": rec.id,
+            "room_id": rec.room_id,
+            "session_id": rec.session_id,
+            "participant_id": rec.participant_id,
+            "status": rec.status,
+            "download_url": url,
+            "type": rec.type,
+            "duration_secs": rec.duration_secs,
+            "size_mb": round(rec.size / 1e6, 1),
+            "codec": rec.codec,
+            "created_at": _iso(rec.created_at),
+            "updated_at": _iso(rec.completed_at or rec.ended_at or rec.created_at),
+            "started_at": _iso(rec.started_at),
+            "ended_at": _iso(rec.ended_at),
+            "completed_at": _iso(rec.completed_at),
+            "record_type": "room_recording",
+        }
+        return rec.entry_hook(entry) if rec.entry_hook is not None else entry
+
+    def _shift(self, matching: list[SimRecording]) -> None:
+        """Insert ``shift_count`` recordings newer than everything matching the
+        current filters, copying the newest match so they pass the same filters."""
+        template = matching[0] if matching else None
+        now = datetime.now(UTC)
+        base = template.ended_at if template and template.ended_at else now
+        new: list[SimRecording] = []
+        for k in range(self.faults.shift_count):
+            ended = base + timedelta(milliseconds=k + 1)
+            if template is not None:
+                rec = dataclasses.replace(
+                    template,
+                    id=_uuid(self._rng),
+                    status="completed",
+                    ended_at=ended,
+                    completed_at=now,
+                    processing_lists_left=0,
+                    raw_override=None,
+                    entry_hook=None,
+                )
+            else:
+                rec = make_recordings(1, seed=self._rng.getrandbits(32), start=now, days=1)[0]
+                rec.ended_at = ended
+            new.append(rec)
+        self.add(new)
+        self.shifted_ids.extend(r.id for r in new)
+
+    # --------------------------------------------------------------------- API
+
+    @web.middleware
+    async def _record_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        # Record every API request, even ones no route matches (wrong path/method).
+        self.api_requests.append(
+            ApiRequest(
+                method=request.method,
+                path=request.path,
+                raw_path=request.raw_path,
+                query=MultiDict(request.query),
+                headers=CIMultiDict(request.headers),
+            )
+        )
+        return await handler(request)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.encode(), self.api_key.encode()
+        )
+
+    def _unauthorized(self) -> web.Response:
+        return _api_error(
+            401,
+            "10009",
+            "Authentication failed",
+            "The API key is missing or invalid. Send 'Authorization: Bearer <api key>'.",
+        )
+
+    def _roll(self, *rates: float) -> int | None:
+        """Pick at most one fault: index into ``rates`` or None (one RNG draw)."""
+        r = self._rng.random()
+        for i, rate in enumerate(rates):
+            if r < rate:
+                return i
+            r -= rate
+        return None
+
+    def _shape(self) -> str:
+        if not self.faults.error_shapes_mixed:
+            return "errors"
+        return self._rng.choice(["errors", "bare", "message"])
+
+    def _server_error(self, where: str) -> web.Response:
+        self.injected[f"{where}:error"] += 1
+        status, title = self._rng.choice(
+            [(500, "Internal Server Error"), (502, "Bad Gateway"), (503, "Service Unavailable")]
+        )
+        return _api_error(
+            status, "10007", title, "Simulated transient failure.", shape=self._shape()
+        )
+
+    def _throttled(self, where: str) -> web.Response:
+        self.injected[f"{where}:throttle"] += 1
+        reset = self.faults.throttle_reset_seconds
+        headers = {
+            "x-ratelimit-limit": "100",
+            "x-ratelimit-remaining": "0",
+            "x-ratelimit-reset": _fmt_seconds(reset),
+        }
+        if self._rng.random() < 0.5:
+            # Retry-After must be whole seconds; floor it so tiny test values stay 0.
+            headers["Retry-After"] = str(int(reset))
+        return _api_error(
+            429,
+            "10011",
+            "Too many requests",
+            "Simulated rate limit; retry after x-ratelimit-reset seconds.",
+            shape=self._shape(),
+            headers=headers,
+        )
+
+    def _malformed_page(self) -> web.Response:
+        self.injected["list:malformed"] += 1
+        variant = self._rng.randrange(5)
+        if variant == 0:  # an HTML error page from a proxy, but status 200
+            return web.Response(
+                text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                content_type="text/html",
+            )
+        if variant == 1:  # JSON cut short
+            return web.Response(text='{"data": [{"id": "', content_type="application/json")
+        meta = {"page_number": 1, "page_size": 20, "total_pages": 1, "total_results": 1}
+        body: Any = [
+            {"data": {"unexpected": "object"}, "meta": meta},
+            {"data": None, "meta": meta},
+            {"meta": meta},
+        ][variant - 2]
+        return web.json_response(body)
+
+    async def _handle_list(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return self._unauthorized()
+        try:
+            page_size, page_number, preds = _parse_list_query(request.query)
+        except _BadParam as e:
+            return _api_error(400, "10015", "Bad Request", e.detail, parameter=e.parameter)
+        f = self.faults
+        fault = self._roll(f.list_error_rate, f.list_throttle_rate, f.page_malformed_rate)
+        if fault == 0:
+            return self._server_error("list")
+        if fault == 1:
+            return self._throttled("list")
+        if fault == 2:
+            return self._malformed_page()
+
+        matching = [r for r in self._ordered() if all(p(r) for p in preds)]
+        if f.shift_on_page is not None and page_number == f.shift_on_page:
+            f.shift_on_page = None  # one-shot; set it again to re-arm
+            self.injected["list:shift"] += 1
+            self._shift(matching)
+            matching = [r for r in self._ordered() if all(p(r) for p in preds)]
+
+        first = (page_number - 1) * page_size
+        page = matching[first : first + page_size]
+        entries = [self._entry(rec, listing=True) for rec in page]
+        # Processing recordings advance only when a list call actually shows them.
+        now = datetime.now(UTC)
+        for rec in page:
+            if rec.status == "processing" and rec.processing_lists_left > 0:
+                rec.processing_lists_left -= 1
+                if rec.processing_lists_left == 0:
+                    rec.status = "completed"
+                    rec.completed_at = now
+        meta = {
+            "page_number": page_number,
+            "page_size": page_size,
+            "total_pages": math.ceil(len(matching) / page_size),
+            "total_results": len(matching),
+        }
+        return web.json_response({"data": entries, "meta": meta})
+
+    async def _handle_retrieve(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return self._unauthorized()
+        f = self.faults
+        fault = self._roll(f.retrieve_error_rate, f.retrieve_throttle_rate)
+        if fault == 0:
+            return self._server_error("retrieve")
+        if fault == 1:
+            return self._throttled("retrieve")
+        rec = self.recordings.get(request.match_info["id"])
+        if rec is None:
+            return self._not_found()
+        return web.json_response({"data": self._entry(rec, listing=False)})
+
+    async def _handle_delete(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return self._unauthorized()
+        if self._roll(self.faults.delete_error_rate) is not None:
+            return self._server_error("delete")
+        rec_id = request.match_info["id"]
+        if rec_id not in self.recordings:
+            return self._not_found()
+        del self.recordings[rec_id]
+        self._order = None
+        self.deleted_ids.append(rec_id)
+        return web.Response(status=204)
+
+    async def _handle_bulk_delete(self, request: web.Request) -> web.StreamResponse:
+        # The archiver must only ever delete what it verified, one id at a time.
+        self.bulk_delete_calls.append(self.api_requests[-1])
+        resp = _api_error(
+            405, "10015", "Method Not Allowed", "Bulk delete is disabled in the simulator."
+        )
+        resp.headers["Allow"] = "GET"
+        return resp
+
+    def _not_found(self) -> web.Response:
+        return _api_error(
+            404, "10005", "Resource not found", "The requested resource or URL could not be found."
+        )
+
+    # ---------------------------------------------------------------- download
+
+    def _resolve(self, name: str, query: MultiMapping[str]) -> tuple[str, web.Response | None]:
+        """Map the URL's file name to a recording id and check its signature.
+
+        The id may itself contain dots, so both "name" and "name minus its last
+        extension" are tried; the signature decides which one was issued.
+        """
+        candidates = [(name, "")]
+        stem, dot, ext = name.rpartition(".")
+        if dot and stem:
+            candidates.insert(0, (stem, "." + ext))
+        expires_raw, sig = query.get("Expires"), query.get("Signature")
+        if not expires_raw or not sig or not expires_raw.isdigit():
+            return name, _s3_error(
+                403,
+                "AccessDenied",
+                "Query-string authentication requires the Signature and Expires parameters",
+            )
+        expires = int(expires_raw)
+        for rec_id, ext in candidates:
+            if hmac.compare_digest(sig, self._sign(rec_id, ext, expires)):
+                if time.time() > expires:
+                    return rec_id, _s3_error(403, "AccessDenied", "Request has expired")
+                return rec_id, None
+        return name, _s3_error(
+            403,
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided.",
+        )
+
+    async def _handle_download(self, request: web.Request) -> web.StreamResponse:
+        rec_id, denied = self._resolve(request.match_info["name"], request.query)
+        range_header = request.headers.get("Range")
+        self.download_requests.append(
+            DownloadRequest(
+                id=rec_id,
+                method=request.method,
+                range=range_header,
+                raw_path=request.raw_path,
+                headers=CIMultiDict(request.headers),
+            )
+        )
+        if denied is not None:
+            return denied
+        rec = self.recordings.get(rec_id)
+        if rec is None:  # deleted at source (or never existed)
+            return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
+
+        f = self.faults
+        try:
+            byte_range = None if f.ignore_range else _parse_range(range_header, rec.size)
+        except _Unsatisfiable:
+            resp416 = _s3_error(416, "InvalidRange", "The requested range is not satisfiable")
+            resp416.headers["Content-Range"] = f"bytes */{rec.size}"
+            return resp416
+        start, end = byte_range if byte_range is not None else (0, rec.size)
+
+        resp = web.StreamResponse(status=200 if byte_range is None else 206)
+        resp.content_type = rec.content_type
+        resp.content_length = end - start
+        resp.headers["Accept-Ranges"] = "bytes"
+        etag = hashlib.sha256(f"{rec.id}:{rec.size}".encode("utf-8", "surrogatepass"))
+        resp.headers["ETag"] = f'"{etag.hexdigest()[:32]}"'
+        if byte_range is not None:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{rec.size}"
+        if request.method == "HEAD":
+            await resp.prepare(request)
+            return resp
+
+        # Truncation: promise the whole range, send a random prefix, then close.
+        cut: int | None = None
+        if end > start and self._rng.random() < f.truncate_rate:
+            cut = start + self._rng.randrange(end - start)
+            self.injected["download:truncate"] += 1
+        slow = f.slow_chunk_delay > 0 and self._rng.random() < f.slow_rate
+        if slow:
+            self.injected["download:slow"] += 1
+
+        pos = start
+        transport = request.transport
+        if transport is not None:
+            self._streaming.add(transport)
+        try:
+            await resp.prepare(request)
+            for chunk in iter_content(rec, start, end):
+                if cut is not None and pos + len(chunk) >= cut:
+                    await resp.write(chunk[: cut - pos])
+                    self.download_truncations[rec.id] += 1
+                    if transport is not None:
+                        # close() flushes what was written, then the client
+                        # sees EOF before Content-Length: a payload error.
+                        transport.close()
+                    return resp
+                await resp.write(chunk)
+                pos += len(chunk)
+                if slow:
+                    await asyncio.sleep(f.slow_chunk_delay)
+            await resp.write_eof()
+        except ConnectionError:
+            # Client went away mid-body; aiohttp will notice the dead transport.
+            self.download_truncations[rec.id] += 1
+            return resp
+        except asyncio.CancelledError:  # server shutting down mid-body
+            self.download_truncations[rec.id] += 1
+            raise
+        finally:
+            if transport is not None:
+                self._streaming.discard(transport)
+        if end == rec.size:
+            self.download_completions[rec.id] += 1
+        return resp
+
+
+# ------------------------------------------------------------------ hostile data
+
+
+def add_hostile_entries(sim: Simulator) -> list[str | int]:
+    """Add entries a robust client must survive (and never act unsafely on).
+
+    Returns their ids where they have one (one id is an int). Entries: path
+    traversal id, id with a slash, unicode/space id, missing id, non-string id,
+    file:// download_url, unreachable download_url, completed without
+    download_url, a bare string entry, and a null entry.
+    """
+    newest = max((r.ended_at for r in sim.recordings.values() if r.ended_at), default=None)
+    start = (newest or datetime.now(UTC)) - timedelta(hours=1)
+    base = make_recordings(10, seed=424242, start=start, days=1, size=(1000, 5000))
+
+    def drop(key: str) -> Callable[[dict[str, Any]], Any]:
+        return lambda e: {k: v for k, v in e.items() if k != key}
+
+    def set_(key: str, value: Any) -> Callable[[dict[str, Any]], Any]:
+        return lambda e: {**e, key: value}
+
+    base[0].id = "../../etc/passwd"
+    base[1].id = "a/b"
+    base[2].id = "späce ünïcode 🎙 rec"
+    base[3].id = "hostile-missing-id"
+    base[3].entry_hook = drop("id")
+    base[4].id = "hostile-int-id"
+    base[4].entry_hook = set_("id", 12345)
+    base[5].entry_hook = set_("download_url", "file:///etc/passwd")
+    base[6].entry_hook = set_("download_url", "http://127.0.0.1:1/unreachable")
+    base[7].entry_hook = drop("download_url")
+    base[8].id = "hostile-string-entry"
+    base[8].entry_hook = lambda e: "not-an-object"
+    base[9].id = "hostile-null-entry"
+    base[9].entry_hook = lambda e: None
+    sim.add(base)
+    return [base[0].id, base[1].id, base[2].id, 12345, base[5].id, base[6].id, base[7].id]
+
+
+# -------------------------------------------------------------------- standalone
+
+
+def _parse_fault(text: str) -> tuple[str, Any]:
+    name, sep, raw = text.partition("=")
+    defaults = {f.name: f.default for f in dataclasses.fields(Faults)}
+    if not sep or name not in defaults:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {sorted(defaults)}")
+    default = defaults[name]
+    if isinstance(default, bool):
+        return name, raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, float):
+        return name, float(raw)
+    return name, None if raw.lower() in ("", "none") else int(raw)
+
+
+async def _serve_until_signal(sim: Simulator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # e.g. Windows
+            loop.add_signal_handler(sig, stop.set)
+    async with sim:
+        print(f"API base URL:  {sim.api_base_url}", flush=True)
+        print(f"API key:       {sim.api_key}", flush=True)
+        print(f"Download host: {sim.download_base_url}", flush=True)
+        print(f"Recordings:    {len(sim.recordings)}", flush=True)
+        await stop.wait()
+
+
+def run_forever(argv: Sequence[str] | None = None) -> int:
+    """CLI: serve a simulator until SIGINT/SIGTERM (handy for benchmarks and demos)."""
+    p = argparse.ArgumentParser(prog="python -m archiver.simulator", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="API port (0 = ephemeral)")
+    p.add_argument("--dl-port", type=int, default=0, help="download port (0 = ephemeral)")
+    p.add_argument("--count", type=int, default=100, help="number of recordings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default="test-key")
+    p.add_argument("--size-min", type=int, default=20_000)
+    p.add_argument("--size-max", type=int, default=200_000)
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--processing", type=int, default=0)
+    p.add_argument("--url-ttl", type=float, default=600)
+    p.add_argument(
+        "--fault",
+        action="append",
+        type=_parse_fault,
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a Faults field, e.g. --fault list_throttle_rate=0.1 (repeatable)",
+    )
+    args = p.parse_args(argv)
+    recs = make_recordings(
+        args.count,
+        seed=args.seed,
+        size=(args.size_min, max(args.size_min, args.size_max)),
+        days=args.days,
+        processing=args.processing,
+    )
+    sim = Simulator(
+        recs,
+        api_key=args.api_key,
+        faults=Faults(**dict(args.fault)),
+        url_ttl=args.url_ttl,
+        seed=args.seed,
+        host=args.host,
+        api_port=args.port,
+        download_port=args.dl_port,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_until_signal(sim))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_forever())

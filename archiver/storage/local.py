@@ -1,0 +1,609 @@
+"""Recordings on a local filesystem, written the way restic's local backend writes them.
+
+An upload goes to a hidden partial file beside its target, ``<dir>/.<name>.partial``, named
+deterministically so that a rerun after a crash finds it and continues. Commit fsyncs it, checks its
+size, renames it over the target and fsyncs the directory: a key shows nothing, the previous object
+or the complete new one, also after a power cut. The partial is ``flock``-ed while an upload holds
+it, so two writers of one key (say, a worker whose lease expired and its successor) cannot mix their
+bytes, and ``cleanup_stale`` never removes a partial that is being written.
+
+All file IO runs in worker threads, one hop per call, so the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import stat
+import threading
+import time
+import unicodedata
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from archiver.errors import (
+    IntegrityError,
+    PreflightError,
+    StorageError,
+    StorageFull,
+    UnsafeValue,
+)
+from archiver.models import StoredObject
+from archiver.storage.base import Capabilities, CommitRequest, ObjectInfo
+
+CHUNK_SIZE = 1 << 20
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+PARTIAL_SUFFIX = ".partial"
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Filesystems that cannot fsync a directory or lock a file: carry on, as restic does.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK})
+_OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def check_key(key: str) -> list[str]:
+    """Split a storage key into its path components; raise UnsafeValue for anything hostile."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeValue("storage key is empty")
+    shown = f"{key!r:.120}"
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in key):
+        raise UnsafeValue(f"storage key {shown} contains a control character")
+    if "\\" in key:
+        raise UnsafeValue(f"storage key {shown} contains a backslash")
+    if key.startswith("/"):
+        raise UnsafeValue(f"storage key {shown} is absolute; keys are relative to the archive")
+    parts = key.split("/")
+    for part in parts:
+        if not part:
+            raise UnsafeValue(f"storage key {shown} has an empty path component")
+        if part in (".", ".."):
+            raise UnsafeValue(f"storage key {shown} has a {part!r} path component")
+    if is_partial_name(parts[-1]):
+        raise UnsafeValue(f"storage key {shown} has the name of a partial upload")
+    return parts
+
+
+def is_partial_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
+
+
+def partial_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+def _storage_error(exc: OSError, key: str, doing: str) -> StorageError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in _DISK_FULL:
+        return StorageFull(f"disk full writing {key}: {reason}")
+    return StorageError(f"cannot {doing} {key}: {reason}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock without waiting; False when someone else holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (not unlinked or replaced meanwhile)."""
+    try:
+        on_disk = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _sha256_of(fd: int, size: int) -> str:
+    digest = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(CHUNK_SIZE, size - pos), pos)
+        if not chunk:
+            break
+        digest.update(chunk)
+        pos += len(chunk)
+    return digest.hexdigest()
+
+
+class _PartialFile:
+    """The open partial file behind a LocalUpload. Its methods block; they run in worker threads.
+
+    Kept apart from LocalUpload so that a worker thread, which briefly outlives the await it served,
+    never keeps the upload itself alive: dropping an upload releases the file at once.
+    """
+
+    def __init__(self, key: str, target: Path, fd: int, *, verify: bool) -> None:
+        self.key = key
+        self.target = target
+        self.path = partial_path(target)
+        self.size = os.fstat(fd).st_size
+        self.state: Literal["open", "committed", "aborted"] = "open"
+        self._fd = fd
+        self._verify = verify
+        # Held around every use of the fd: a write that outlives a cancelled await finishes before
+        # abort closes the fd (whose number could otherwise be reused by another file meanwhile).
+        self._lock = threading.Lock()
+
+    def check_open(self) -> None:
+        if self.state != "open":
+            raise StorageError(f"upload of {self.key} is already {self.state}")
+
+    def read_at(self, pos: int, length: int) -> bytes:
+        with self._lock:
+            self.check_open()
+            try:
+                return os.pread(self._fd, length, pos)
+            except OSError as exc:
+                raise _storage_error(exc, self.key, "read the partial upload of") from exc
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            self.check_open()
+            try:
+                with memoryview(chunk) as view:
+                    done = 0
+                    while done < len(view):
+                        written = os.write(self._fd, view[done:])
+                        done += written
+                        self.size += written
+            except OSError as exc:
+                if exc.errno in _DISK_FULL:
+                    # Keeping the partial would only hold on to the space that ran out.
+                    self._discard()
+                raise _storage_error(exc, self.key, "write") from exc
+
+    def truncate(self) -> None:
+        with self._lock:
+            self.check_open()
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError as exc:
+                raise _storage_error(exc, self.key, "truncate the partial upload of") from exc
+            self.size = 0
+
+    def commit(self, request: CommitRequest) -> StoredObject:
+        with self._lock:
+            self.check_open()
+            expected = request.sha256.lower()
+            try:
+                os.fsync(self._fd)
+                size = os.fstat(self._fd).st_size
+                if size != request.size:
+                    raise IntegrityError(
+                        f"{self.key}: {size} bytes written, {request.size} expected"
+                    )
+                if self._verify and (actual := _sha256_of(self._fd, size)) != expected:
+                    raise IntegrityError(
+                        f"{self.key}: SHA-256 on disk is {actual}, {expected} expected"
+                    )
+                # The fd stays open (and locked) across the rename: no second writer can slip in.
+                os.replace(self.path, self.target)
+            except OSError as exc:
+                self._discard()
+                raise _storage_error(exc, self.key, "commit") from exc
+            except BaseException:
+                self._discard()
+                raise
+            try:
+                _fsync_dir(self.target.parent)
+            except OSError as exc:
+                # The rename might not survive a crash; a failed commit leaves nothing behind.
+                _unlink_quietly(self.target)
+                self._close("aborted")
+                raise _storage_error(exc, self.key, "commit") from exc
+            self._close("committed")
+            return StoredObject(key=self.key, size=size, sha256=expected)
+
+    def abort(self) -> None:
+        with self._lock:
+            if self.state == "open":
+                self._discard()
+
+    def release(self) -> None:
+        """Close without removing the partial, as a killed process would; unless a thread is busy
+        with the file, in which case the file closes when that thread lets go of it."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close_fd()
+            finally:
+                self._lock.release()
+
+    def __del__(self) -> None:
+        self._close_fd()
+
+    def _discard(self) -> None:
+        self._close("aborted")
+        try:
+            _unlink_quietly(self.path)
+        except OSError as exc:
+            raise _storage_error(exc, self.key, "remove the partial upload of") from exc
+
+    def _close(self, state: Literal["committed", "aborted"]) -> None:
+        self.state = state
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class LocalUpload:
+    """A write into ``.<name>.partial``; made visible at the key only by ``commit``."""
+
+    def __init__(self, file: _PartialFile) -> None:
+        self._file = file
+
+    @property
+    def key(self) -> str:
+        return self._file.key
+
+    @property
+    def offset(self) -> int:
+        return self._file.size
+
+    @property
+    def partial(self) -> Path:
+        """Where the bytes are until commit."""
+        return self._file.path
+
+    async def existing(self) -> AsyncIterator[bytes]:
+        limit = self._file.size
+        pos = 0
+        while pos < limit:
+            chunk = await asyncio.to_thread(self._file.read_at, pos, min(CHUNK_SIZE, limit - pos))
+            if not chunk:
+                raise StorageError(f"partial upload of {self.key} shrank while being read")
+            pos += len(chunk)
+            yield chunk
+
+    async def write(self, chunk: bytes) -> None:
+        self._file.check_open()
+        if chunk:
+            await asyncio.to_thread(self._file.write, chunk)
+
+    async def restart(self) -> None:
+        self._file.check_open()
+        await asyncio.to_thread(self._file.truncate)
+
+    async def commit(self, request: CommitRequest) -> StoredObject:
+        self._file.check_open()
+        return await asyncio.to_thread(self._file.commit, request)
+
+    async def abort(self) -> None:
+        if self._file.state == "open":
+            await asyncio.to_thread(self._file.abort)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.abort()
+
+    def __del__(self) -> None:
+        # Dropped without commit or abort: let go of the file (and its lock) like a killed process
+        # would, keeping the partial for a later resume or for cleanup_stale.
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.release()
+
+
+class LocalStorage:
+    """Recordings as files under ``root``, keys being ``/``-separated paths below it."""
+
+    def __init__(self, root: Path, *, verify_on_commit: bool = False) -> None:
+        self._root = Path(root).absolute()
+        # Re-read and re-hash every upload at commit instead of trusting the caller's running hash.
+        self._verify = verify_on_commit
+        self._capabilities = Capabilities(name="local", resumes_after_crash=True)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def preflight(self) -> None:
+        await asyncio.to_thread(self._preflight)
+
+    async def begin(self, key: str, *, resume: bool = True) -> LocalUpload:
+        parts = check_key(key)
+        return await asyncio.to_thread(self._begin, key, parts, resume)
+
+    async def put_bytes(
+        self, key: str, data: bytes, *, content_type: str, retain_from: datetime | None = None
+    ) -> StoredObject:
+        parts = check_key(key)
+        return await asyncio.to_thread(self._put_bytes, key, parts, data)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        parts = check_key(key)
+        return await asyncio.to_thread(self._stat, key, parts)
+
+    async def read(self, key: str) -> AsyncIterator[bytes]:
+        parts = check_key(key)
+        fd = await asyncio.to_thread(self._open_for_reading, key, parts)
+        try:
+            while chunk := await asyncio.to_thread(self._read_chunk, key, fd):
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def delete(self, key: str) -> None:
+        parts = check_key(key)
+        await asyncio.to_thread(self._delete, key, parts)
+
+    async def cleanup_stale(self, older_than_seconds: float) -> int:
+        return await asyncio.to_thread(self._cleanup_stale, time.time() - older_than_seconds)
+
+    # The methods below run in a worker thread.
+
+    def _resolve(self, key: str, parts: list[str]) -> Path:
+        """The key's path, its existing symlinks followed, refused unless it stays inside root."""
+        try:
+            root = self._root.resolve()
+            parent = root.joinpath(*parts[:-1]).resolve()
+            target = parent / parts[-1]
+            seen = target.resolve() if target.is_symlink() else target
+        except RuntimeError as exc:  # a symlink loop (Python < 3.13)
+            raise UnsafeValue(f"storage key {key!r} runs into a symbolic link loop") from exc
+        except OSError as exc:
+            raise _storage_error(exc, key, "look up") from exc
+        if not seen.is_relative_to(root):
+            raise UnsafeValue(
+                f"storage key {key!r} leads outside the archive root through a symbolic link"
+            )
+        return target
+
+    def _make_parents(self, key: str, parts: list[str]) -> Path:
+        self._resolve(key, parts)  # refuse a symlink out of root before creating anything
+        root = self._root.resolve()
+        try:
+            if not root.is_dir():
+                root.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(root.parent)
+            here = root
+            for part in parts[:-1]:
+                below = here / part
+                try:
+                    os.mkdir(below, DIR_MODE)
+                except FileExistsError:
+                    pass
+                else:
+                    _fsync_dir(here)
+                here = below
+        except OSError as exc:
+            raise _storage_error(exc, key, "create the directory of") from exc
+        # Resolve again: a symlink swapped in while the directories were made is refused here.
+        return self._resolve(key, parts)
+
+    def _begin(self, key: str, parts: list[str], resume: bool) -> LocalUpload:
+        target = self._make_parents(key, parts)
+        partial = partial_path(target)
+        for _ in range(3):
+            try:
+                fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | _OPEN_FLAGS, FILE_MODE)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UnsafeValue(
+                        f"the partial upload of {key!r} is a symbolic link; refusing to follow it"
+                    ) from exc
+                raise _storage_error(exc, key, "start writing") from exc
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UnsafeValue(f"the partial upload of {key!r} is not a regular file")
+                if not _try_lock(fd):
+                    raise StorageError(f"{key} is being written by another upload right now")
+                # cleanup_stale may have removed the file between our open and our lock.
+                if _same_file(fd, partial):
+                    if not resume:
+                        os.ftruncate(fd, 0)
+                    return LocalUpload(_PartialFile(key, target, fd, verify=self._verify))
+            except OSError as exc:
+                os.close(fd)
+                raise _storage_error(exc, key, "start writing") from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise StorageError(f"cannot start writing {key}: its partial upload keeps disappearing")
+
+    def _put_bytes(self, key: str, parts: list[str], data: bytes) -> StoredObject:
+        target = self._make_parents(key, parts)
+        digest = hashlib.sha256(data).hexdigest()
+        while True:
+            # A unique name: sidecars are not resumed, and two writers must not share a file.
+            temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+            try:
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise _storage_error(exc, key, "write") from exc
+        try:
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+        except OSError as exc:
+            _unlink_quietly(temp)
+            raise _storage_error(exc, key, "write") from exc
+        try:
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            _unlink_quietly(target)
+            raise _storage_error(exc, key, "write") from exc
+        return StoredObject(key=key, size=len(data), sha256=digest)
+
+    def _stat(self, key: str, parts: list[str]) -> ObjectInfo | None:
+        target = self._resolve(key, parts)
+        try:
+            info = os.stat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise _storage_error(exc, key, "stat") from exc
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return ObjectInfo(key=key, size=info.st_size)
+
+    def _open_for_reading(self, key: str, parts: list[str]) -> int:
+        target = self._resolve(key, parts)
+        try:
+            # _resolve vetted a final symlink, so this open may follow it.
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise StorageError(f"nothing is stored at {key}") from exc
+        except OSError as exc:
+            raise _storage_error(exc, key, "read") from exc
+        try:
+            is_file = stat.S_ISREG(os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not is_file:
+            os.close(fd)
+            raise StorageError(f"nothing is stored at {key}: it is not a regular file")
+        return fd
+
+    @staticmethod
+    def _read_chunk(key: str, fd: int) -> bytes:
+        try:
+            return os.read(fd, CHUNK_SIZE)
+        except OSError as exc:
+            raise _storage_error(exc, key, "read") from exc
+
+    def _delete(self, key: str, parts: list[str]) -> None:
+        target = self._resolve(key, parts)
+        try:
+            os.unlink(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise _storage_error(exc, key, "delete") from exc
+        try:
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise _storage_error(exc, key, "delete") from exc
+
+    def _preflight(self) -> None:
+        root = self._root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            raise PreflightError(f"archive root {root} exists but is not a directory") from exc
+        except NotADirectoryError as exc:
+            raise PreflightError(
+                f"archive root {root} cannot be created: part of its path is a file"
+            ) from exc
+        except OSError as exc:
+            raise PreflightError(f"archive root {root} cannot be created: {exc.strerror}") from exc
+        if not root.is_dir():
+            raise PreflightError(f"archive root {root} is not a directory")
+        # Named like a partial upload, so cleanup_stale removes it should we die right here.
+        probe = root / f".preflight-{secrets.token_hex(6)}{PARTIAL_SUFFIX}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
+            try:
+                _write_all(fd, b"archiver preflight probe\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            _unlink_quietly(probe)
+            if exc.errno in _DISK_FULL:
+                raise PreflightError(f"archive root {root} is full: {exc.strerror}") from exc
+            raise PreflightError(f"archive root {root} is not writable: {exc.strerror}") from exc
+
+    def _cleanup_stale(self, cutoff: float) -> int:
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(self._root, followlinks=False):
+            for name in filenames:
+                if is_partial_name(name) and _remove_if_stale(Path(dirpath, name), cutoff):
+                    removed += 1
+        return removed
+
+
+def _remove_if_stale(path: Path, cutoff: float) -> bool:
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_mtime > cutoff:
+            return False
+        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot clean up {path.name}: {exc.strerror}") from exc
+    try:
+        # A locked partial belongs to a live upload, however long it has been idle.
+        if not _try_lock(fd) or not _same_file(fd, path) or os.fstat(fd).st_mtime > cutoff:
+            return False
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot clean up {path.name}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)

@@ -1,0 +1,159 @@
+"""Recordings in a dict, for fast unit tests of the pipeline.
+
+Same contract as the real backends (keys checked like ``LocalStorage`` checks them, nothing visible
+before a verified commit, ``async with`` aborts) but nothing survives the process, so there is never
+a partial upload to resume: ``offset`` starts at 0 and ``cleanup_stale`` has nothing to remove.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Literal, Self
+
+from archiver.errors import IntegrityError, StorageError
+from archiver.models import StoredObject
+from archiver.storage.base import Capabilities, CommitRequest, ObjectInfo
+from archiver.storage.local import CHUNK_SIZE, check_key
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    data: bytes
+    sha256: str
+    content_type: str | None
+
+
+class MemoryUpload:
+    def __init__(self, storage: MemoryStorage, key: str) -> None:
+        self._storage = storage
+        self._key = key
+        self._buffer = bytearray()
+        self._state: Literal["open", "committed", "aborted"] = "open"
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def offset(self) -> int:
+        return len(self._buffer)
+
+    async def existing(self) -> AsyncIterator[bytes]:
+        held = bytes(self._buffer)
+        for start in range(0, len(held), CHUNK_SIZE):
+            yield held[start : start + CHUNK_SIZE]
+
+    async def write(self, chunk: bytes) -> None:
+        self._check_open()
+        self._buffer += chunk
+
+    async def restart(self) -> None:
+        self._check_open()
+        self._buffer.clear()
+
+    async def commit(self, request: CommitRequest) -> StoredObject:
+        self._check_open()
+        data = bytes(self._buffer)
+        actual = hashlib.sha256(data).hexdigest()
+        expected = request.sha256.lower()
+        if len(data) != request.size:
+            self._close("aborted")
+            raise IntegrityError(f"{self._key}: {len(data)} bytes written, {request.size} expected")
+        if actual != expected:
+            self._close("aborted")
+            raise IntegrityError(
+                f"{self._key}: SHA-256 of the bytes written is {actual}, {expected} expected"
+            )
+        self._storage._objects[self._key] = _Stored(data, expected, request.content_type)
+        self._close("committed")
+        return StoredObject(key=self._key, size=len(data), sha256=expected)
+
+    async def abort(self) -> None:
+        if self._state == "open":
+            self._close("aborted")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.abort()
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StorageError(f"upload of {self._key} is already {self._state}")
+
+    def _close(self, state: Literal["committed", "aborted"]) -> None:
+        self._state = state
+        self._buffer = bytearray()
+
+
+class MemoryStorage:
+    def __init__(self) -> None:
+        self._objects: dict[str, _Stored] = {}
+        self._capabilities = Capabilities(name="memory", resumes_after_crash=False)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    def keys(self) -> list[str]:
+        """Every committed key, sorted: for tests to check what was (and was not) written."""
+        return sorted(self._objects)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def preflight(self) -> None:
+        return None
+
+    async def begin(self, key: str, *, resume: bool = True) -> MemoryUpload:
+        check_key(key)
+        return MemoryUpload(self, key)
+
+    async def put_bytes(
+        self, key: str, data: bytes, *, content_type: str, retain_from: datetime | None = None
+    ) -> StoredObject:
+        check_key(key)
+        data = bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        self._objects[key] = _Stored(data, digest, content_type)
+        return StoredObject(key=key, size=len(data), sha256=digest)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        check_key(key)
+        stored = self._objects.get(key)
+        if stored is None:
+            return None
+        return ObjectInfo(key=key, size=len(stored.data), sha256=stored.sha256)
+
+    async def read(self, key: str) -> AsyncIterator[bytes]:
+        check_key(key)
+        stored = self._objects.get(key)
+        if stored is None:
+            raise StorageError(f"nothing is stored at {key}")
+        for start in range(0, len(stored.data), CHUNK_SIZE):
+            yield stored.data[start : start + CHUNK_SIZE]
+
+    async def delete(self, key: str) -> None:
+        check_key(key)
+        self._objects.pop(key, None)
+
+    async def cleanup_stale(self, older_than_seconds: float) -> int:
+        return 0

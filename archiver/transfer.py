@@ -1,0 +1,411 @@
+"""One recording: claim → (fresh URL) → stream → hash → commit → sidecar → complete.
+
+The bytes flow from the download host straight into a storage ``Upload`` in chunks, hashed on
+the way; memory stays at about one chunk whatever the recording's size. A transfer cut off midway
+continues with a Range request from the bytes already written (the hash carries on), asking the
+API for a fresh URL when the old one expired; a server that ignores Range makes it start over.
+Nothing becomes visible in the archive until size and SHA-256 check out, and the ledger row is
+marked archived only after that. A transfer that gives up leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import aiohttp
+
+from archiver import layout, metrics
+from archiver.config import Settings
+from archiver.errors import (
+    ApiError,
+    ArchiverError,
+    MalformedResponse,
+    NetworkError,
+    ProcessingAtSource,
+    RateLimited,
+    ServerError,
+    StorageError,
+    TransientError,
+    TruncatedBody,
+    UrlExpired,
+)
+from archiver.ledger.base import Ledger
+from archiver.models import Recording, StoredObject, utcnow
+from archiver.redact import redact, safe_url
+from archiver.retry import RetryPolicy, retrying
+from archiver.storage.base import CommitRequest, StorageBackend, Upload
+from archiver.telnyx import wait_hint
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class RecordingSource(Protocol):
+    """What a transfer needs from the API: a fresh copy of one recording."""
+
+    async def retrieve(self, recording_id: str) -> Recording: ...
+
+
+class Result(enum.StrEnum):
+    ARCHIVED = "archived"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not claimable: archived meanwhile, or leased by another worker
+    PROCESSING = "processing"  # not downloadable yet
+    RELEASED = "released"  # given back on shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    recording_id: str
+    result: Result
+    error: str | None = None
+    permanent: bool = False
+    bytes: int = 0
+    seconds: float = 0.0
+    key: str | None = None
+    error_kind: type[BaseException] | None = None
+
+
+class _Again(TransientError):
+    """Internal: go straight to the next attempt (to resume with Range, or start over)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=0)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What survives between attempts of one transfer."""
+
+    rec: Recording
+    upload: Upload | None = None
+    hasher: Any = None
+    position: int = 0
+    content_type: str | None = None
+    need_fresh_url: bool = False
+    resumes: int = 0
+
+    def reset_hash(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.position = 0
+
+
+def download_session(settings: Settings) -> aiohttp.ClientSession:
+    """The session for download hosts: no API key, no compression (bytes are stored as served)."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.workers.connect_timeout,
+            sock_read=settings.workers.read_timeout,
+        ),
+        auto_decompress=False,
+        headers={"User-Agent": "archiver/0.1"},
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
+    )
+
+
+class Transferer:
+    def __init__(
+        self,
+        *,
+        source: RecordingSource,
+        http: aiohttp.ClientSession,
+        storage: StorageBackend,
+        ledger: Ledger,
+        settings: Settings,
+        owner: str,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self._source = source
+        self._http = http
+        self._storage = storage
+        self._ledger = ledger
+        self._settings = settings
+        self._workers = settings.workers
+        self._owner = owner
+        self._on_bytes = on_bytes or (lambda n: None)
+        self._policy = RetryPolicy(
+            attempts=settings.workers.transfer_attempts,
+            # Time spent streaming counts too, so the cap is on attempts, not on the clock.
+            total_seconds=float("inf"),
+            initial_backoff=0.5,
+            max_backoff=settings.telnyx.max_backoff,
+        )
+
+    async def transfer(self, rec: Recording) -> Outcome:
+        attempt = await self._ledger.claim(
+            rec.id,
+            owner=self._owner,
+            lease_seconds=self._workers.lease_seconds,
+            max_attempts=self._workers.max_attempts,
+        )
+        if attempt is None:
+            return Outcome(rec.id, Result.SKIPPED)
+        started = time.monotonic()
+        progress = _Progress(rec=rec)
+        progress.reset_hash()
+        metrics.IN_FLIGHT.inc()
+        heartbeat = asyncio.create_task(self._heartbeat(rec.id))
+        try:
+            stored = await self._fetch(progress)
+            if not await self._ledger.complete(rec.id, owner=self._owner, stored=stored):
+                log.warning("%s was archived by another worker meanwhile", rec.id)
+                return Outcome(rec.id, Result.SKIPPED, key=stored.key)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._give_back(progress))
+            raise
+        except ProcessingAtSource as exc:
+            await self._discard(progress)
+            await self._ledger.release(rec.id, owner=self._owner)
+            return Outcome(rec.id, Result.PROCESSING, error=str(exc))
+        except Exception as exc:
+            await self._discard(progress)
+            return await self._fail(rec.id, exc, attempt)
+        finally:
+            heartbeat.cancel()
+            metrics.IN_FLIGHT.dec()
+        seconds = time.monotonic() - started
+        metrics.ARCHIVED.inc()
+        metrics.BYTES.inc(stored.size)
+        metrics.TRANSFER_SECONDS.observe(seconds)
+        log.info(
+            "archived %s",
+            rec.id,
+            extra={
+                "recording_id": rec.id,
+                "room_id": rec.room_id,
+                "bytes": stored.size,
+                "duration": round(seconds, 3),
+                "attempt": attempt,
+                "key": stored.key,
+            },
+        )
+        return Outcome(rec.id, Result.ARCHIVED, bytes=stored.size, seconds=seconds, key=stored.key)
+
+    async def _fail(self, recording_id: str, exc: BaseException, attempt: int) -> Outcome:
+        if isinstance(exc, ArchiverError):
+            # Storage trouble is the archive's fault, not the recording's: keep it retryable.
+            permanent = not exc.transient and not isinstance(exc, StorageError)
+            message = redact(str(exc))
+        else:
+            log.exception("internal error archiving %s", recording_id)
+            permanent = False
+            message = redact(f"internal error: {type(exc).__name__}: {exc}")
+        await self._ledger.fail(recording_id, owner=self._owner, error=message, permanent=permanent)
+        metrics.FAILED.labels(permanent=str(permanent).lower()).inc()
+        log.warning(
+            "failed %s: %s",
+            recording_id,
+            message,
+            extra={"recording_id": recording_id, "attempt": attempt, "permanent": permanent},
+        )
+        return Outcome(
+            recording_id,
+            Result.FAILED,
+            error=message,
+            permanent=permanent,
+            error_kind=type(exc),
+        )
+
+    async def _give_back(self, progress: _Progress) -> None:
+        """On cancellation: nothing partial stays, and the row is free for the next run."""
+        await self._discard(progress)
+        with contextlib.suppress(Exception):
+            await self._ledger.release(progress.rec.id, owner=self._owner)
+
+    async def _discard(self, progress: _Progress) -> None:
+        if progress.upload is not None:
+            try:
+                await progress.upload.abort()
+            except Exception:
+                log.exception("could not discard the partial upload of %s", progress.rec.id)
+            progress.upload = None
+
+    async def _heartbeat(self, recording_id: str) -> None:
+        interval = max(self._workers.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                held = await self._ledger.heartbeat(
+                    recording_id, owner=self._owner, lease_seconds=self._workers.lease_seconds
+                )
+            except ArchiverError as exc:
+                log.warning("lease heartbeat for %s failed: %s", recording_id, exc)
+                continue
+            if not held:
+                log.warning("lost the lease on %s; another worker may take it", recording_id)
+                return
+
+    # -- the transfer proper ----------------------------------------------------------------
+
+    async def _fetch(self, progress: _Progress) -> StoredObject:
+        async for attempt in retrying(self._policy, f"download {progress.rec.id}"):
+            with attempt:
+                await self._attempt(progress)
+        assert progress.upload is not None
+        return await self._store(progress, progress.upload)
+
+    async def _attempt(self, progress: _Progress) -> None:
+        rec = progress.rec
+        if (
+            progress.need_fresh_url
+            or not rec.download_url
+            or rec.url_age() > self._workers.url_max_age
+        ):
+            rec = progress.rec = await self._source.retrieve(rec.id)
+            progress.need_fresh_url = False
+            if not rec.download_url and rec.is_completed:
+                raise MalformedResponse(f"{rec.id} is completed but the API gives no download_url")
+            if not rec.download_url:
+                raise ProcessingAtSource(f"{rec.id} is {rec.status or 'not ready'} at the source")
+        url = layout.check_download_url(rec.download_url or "")
+        headers = {"Accept-Encoding": "identity"}
+        if progress.position > 0:
+            headers["Range"] = f"bytes={progress.position}-"
+        try:
+            async with self._http.get(url, headers=headers) as resp:
+                metrics.DOWNLOAD_RESPONSES.labels(status=str(resp.status)).inc()
+                await self._check_status(progress, resp)
+                total = await self._prepare(progress, resp)
+                await self._stream(progress, resp)
+        except aiohttp.ClientPayloadError as exc:
+            raise TruncatedBody(
+                f"{rec.id}: body cut off at byte {progress.position}: {type(exc).__name__}"
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise NetworkError(
+                redact(f"{rec.id}: download from {safe_url(url)} failed: {type(exc).__name__}")
+            ) from exc
+        if total is not None and progress.position != total:
+            raise TruncatedBody(f"{rec.id}: got {progress.position} of {total} bytes")
+
+    async def _stream(self, progress: _Progress, resp: aiohttp.ClientResponse) -> None:
+        """Copy the body into the upload in chunks of about ``chunk_size``. Whatever arrived
+        before a connection broke is still written, so the next attempt resumes after it."""
+        upload = progress.upload
+        assert upload is not None
+        buffer = bytearray()
+        limit = self._workers.chunk_size
+
+        async def flush() -> None:
+            if buffer:
+                chunk = bytes(buffer)
+                buffer.clear()
+                progress.hasher.update(chunk)
+                await upload.write(chunk)
+                progress.position += len(chunk)
+                self._on_bytes(len(chunk))
+
+        try:
+            async for data in resp.content.iter_any():
+                buffer += data
+                if len(buffer) >= limit:
+                    await flush()
+        except (aiohttp.ClientError, TimeoutError):
+            await flush()
+            raise
+        await flush()
+
+    async def _check_status(self, progress: _Progress, resp: aiohttp.ClientResponse) -> None:
+        status = resp.status
+        if status in (200, 206):
+            return
+        where = f"{progress.rec.id}: download host answered HTTP {status}"
+        if status in (401, 403, 404, 410):
+            # Presigned links expire (403) or vanish: ask the API for a fresh one. If the
+            # recording is really gone, retrieve raises NotFound and the failure is permanent.
+            progress.need_fresh_url = True
+            raise UrlExpired(f"{where}; fetching a fresh URL", retry_after=0)
+        if status == 416:
+            await self._restart(progress)
+            raise _Again(f"{where} for bytes={progress.position}-; starting over")
+        if status == 429:
+            raise RateLimited(where, retry_after=wait_hint(resp.headers))
+        if status == 408 or status >= 500:
+            raise ServerError(where, retry_after=wait_hint(resp.headers))
+        raise ApiError(where, status=status)
+
+    async def _prepare(self, progress: _Progress, resp: aiohttp.ClientResponse) -> int | None:
+        """Open (or continue) the upload for this response; return the expected final size."""
+        if progress.upload is None:
+            progress.content_type = resp.headers.get("Content-Type")
+            ext = layout.extension(progress.content_type, str(resp.url), progress.rec)
+            key = layout.render_key(self._settings.storage.key_template, progress.rec, ext)
+            progress.upload = await self._storage.begin(key, resume=True)
+            if progress.upload.offset > 0:
+                # A killed process left bytes behind: re-hash them, then ask for the rest.
+                progress.reset_hash()
+                async for chunk in progress.upload.existing():
+                    progress.hasher.update(chunk)
+                    progress.position += len(chunk)
+                log.info("resuming %s from byte %d", progress.rec.id, progress.position)
+                if resp.status == 200 and resp.headers.get("Accept-Ranges") == "bytes":
+                    raise _Again("resuming with a Range request")
+        if resp.status == 206:
+            match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+            if match is None or int(match.group(1)) != progress.position:
+                await self._restart(progress)
+                raise _Again(f"{progress.rec.id}: unusable Content-Range; starting over")
+            progress.resumes += 1
+            return None if match.group(3) == "*" else int(match.group(3))
+        if progress.position > 0:
+            # A 200 to a Range request: the server ignored it, so take the whole body again.
+            log.info("%s: server ignored Range; starting over", progress.rec.id)
+            await self._restart(progress)
+        length = resp.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else None
+
+    async def _restart(self, progress: _Progress) -> None:
+        if progress.upload is not None:
+            await progress.upload.restart()
+        progress.reset_hash()
+
+    async def _store(self, progress: _Progress, upload: Upload) -> StoredObject:
+        rec = progress.rec
+        sha256 = progress.hasher.hexdigest()
+        retain_from = max(rec.ended_at or utcnow(), utcnow())
+        stored = await upload.commit(
+            CommitRequest(
+                sha256=sha256,
+                size=progress.position,
+                content_type=progress.content_type,
+                metadata={"sha256": sha256, "recording-id": rec.id},
+                retain_from=retain_from,
+            )
+        )
+        progress.upload = None
+        if self._settings.storage.sidecar:
+            await self._storage.put_bytes(
+                layout.sidecar_key(stored.key),
+                sidecar_json(rec, stored),
+                content_type="application/json",
+                retain_from=retain_from,
+            )
+        return stored
+
+
+def sidecar_json(rec: Recording, stored: StoredObject) -> bytes:
+    """The metadata kept beside each recording: the API's fields (no URL) plus what we verified."""
+    doc = {
+        "recording": dict(rec.metadata),
+        "archive": {
+            "key": stored.key,
+            "size": stored.size,
+            "sha256": stored.sha256,
+            "archived_at": datetime.now(UTC).isoformat(),
+            "retain_until": stored.retain_until.isoformat() if stored.retain_until else None,
+        },
+    }
+    return json.dumps(doc, indent=2, sort_keys=True, default=str).encode() + b"\n"

@@ -1,0 +1,215 @@
+"""The core path end to end, in-process, against the simulator over real loopback HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from archiver.ledger import open_ledger
+from archiver.models import State
+from archiver.pipeline import RunReport
+from archiver.service import backfill, make_engine, open_services
+from archiver.simulator import Faults, Simulator, add_hostile_entries, make_recordings
+from archiver.telnyx import Filters
+from archiver.verify import verify_archive
+from tests.conftest import API_KEY, make_settings
+
+
+async def run(settings, filters: Filters | None = None) -> RunReport:  # type: ignore[no-untyped-def]
+    async with open_services(settings) as services:
+        engine = make_engine(services)
+        return await backfill(services, filters or Filters(), engine)
+
+
+def archived_files(root: Path) -> dict[str, Path]:
+    """Recording files in the archive by id (sidecars and temp files excluded)."""
+    out: dict[str, Path] = {}
+    for path in (root / "archive").rglob("*"):
+        if path.is_file() and not path.name.endswith((".json", ".partial")):
+            out[path.stem] = path
+    return out
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_backfill_under_faults_archives_everything_once(sim_factory, tmp_path):
+    recs = make_recordings(150, seed=11, size=(10_000, 300_000))
+    faults = Faults(
+        list_error_rate=0.08,
+        list_throttle_rate=0.08,
+        throttle_reset_seconds=0.05,
+        error_shapes_mixed=True,
+        truncate_rate=0.1,
+        expired_first_url_rate=0.2,
+        page_malformed_rate=0.03,
+    )
+    sim: Simulator = await sim_factory(recs, faults)
+    settings = make_settings(sim, tmp_path, telnyx__page_size=20)
+
+    report = await run(settings)
+
+    assert report.all_archived, report.failed
+    assert report.archived == len(recs)
+    files = archived_files(tmp_path)
+    assert set(files) == {r.id for r in recs}
+    for rec in recs:
+        assert sha(files[rec.id]) == sim.expected_sha256(rec.id)
+        # Downloaded to completion exactly once, whatever was truncated or expired on the way.
+        assert sim.download_completions[rec.id] == 1, rec.id
+    assert sim.injected["download:truncate"] > 0 and sim.injected["list:throttle"] > 0
+    # Each file has its sidecar, without the presigned URL.
+    sidecar = json.loads(files[recs[0].id].with_name(files[recs[0].id].name + ".json").read_text())
+    assert sidecar["archive"]["sha256"] == sim.expected_sha256(recs[0].id)
+    assert "download_url" not in sidecar["recording"]
+    # The key never went to the download host.
+    assert all("Authorization" not in r.headers for r in sim.download_requests)
+    assert not any(API_KEY in r.raw_path for r in sim.download_requests)
+
+    async with open_services(settings, api=False) as services:
+        check = await verify_archive(services.ledger, services.storage, deep=True, sidecars=True)
+    assert check.ok and check.checked == len(recs)
+
+    # A second run downloads nothing.
+    before = len(sim.download_requests)
+    again = await run(settings)
+    assert again.archived == 0 and again.all_archived
+    assert len(sim.download_requests) == before
+
+
+async def test_page_shift_loses_nothing(sim_factory, tmp_path):
+    recs = make_recordings(60, seed=3)
+    sim: Simulator = await sim_factory(recs, Faults(shift_on_page=2, shift_count=5))
+    report = await run(make_settings(sim, tmp_path, telnyx__page_size=10))
+    assert len(sim.shifted_ids) == 5
+    assert report.all_archived
+    assert set(archived_files(tmp_path)) == set(sim.recordings)
+    assert report.passes >= 2
+
+
+async def test_processing_recordings_are_archived_when_they_complete(sim_factory, tmp_path):
+    recs = make_recordings(30, seed=5, processing=4)
+    for rec in recs:
+        if rec.status == "processing":
+            rec.processing_lists_left = 2
+    sim: Simulator = await sim_factory(recs)
+    report = await run(make_settings(sim, tmp_path, telnyx__page_size=10))
+    assert report.all_archived
+    assert set(archived_files(tmp_path)) == {r.id for r in recs}
+
+
+async def test_processing_forever_is_not_a_failure(sim_factory, tmp_path):
+    recs = make_recordings(10, seed=6, processing=2)
+    for rec in recs:
+        if rec.status == "processing":
+            rec.processing_lists_left = 0  # never completes
+    sim: Simulator = await sim_factory(recs)
+    settings = make_settings(sim, tmp_path)
+    report = await run(settings)
+    assert report.archived == 8 and report.all_archived
+    async with open_ledger(path=settings.ledger.path) as ledger:
+        pending = [r.id for r in recs if r.status == "processing"]
+        for rid in pending:
+            row = await ledger.get(rid)
+            assert row is not None and row.state is State.PENDING
+
+
+async def test_server_ignoring_range_restarts_from_zero(sim_factory, tmp_path):
+    recs = make_recordings(20, seed=8, size=(200_000, 400_000))
+    sim: Simulator = await sim_factory(recs, Faults(truncate_rate=0.3, ignore_range=True))
+    report = await run(make_settings(sim, tmp_path))
+    assert report.all_archived
+    files = archived_files(tmp_path)
+    for rec in recs:
+        assert sha(files[rec.id]) == sim.expected_sha256(rec.id)
+        assert sim.download_completions[rec.id] == 1
+
+
+async def test_hostile_entries_fail_alone_and_nothing_escapes(sim_factory, tmp_path):
+    recs = make_recordings(20, seed=9)
+    sim: Simulator = await sim_factory(recs)
+    hostile = add_hostile_entries(sim)
+    settings = make_settings(
+        sim, tmp_path, workers__transfer_attempts=2, workers__max_attempts=2
+    )
+    outside_before = sorted(p.name for p in tmp_path.parent.iterdir())
+
+    report = await run(settings)
+
+    assert not report.all_archived
+    files = archived_files(tmp_path)
+    assert {r.id for r in recs} <= set(files)
+    # Everything written is under the archive root or is the ledger.
+    for path in tmp_path.rglob("*"):
+        rel = path.relative_to(tmp_path)
+        assert rel.parts[0] in ("archive", "ledger.db", "ledger.db-wal", "ledger.db-shm",
+                                "ledger.db.lock"), rel
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == outside_before
+    async with open_ledger(path=settings.ledger.path) as ledger:
+        failures = {row.id: row.last_error or "" for row in await ledger.failures(limit=100)}
+    for bad in ("../../etc/passwd", "a/b", "späce ünïcode 🎙 rec"):
+        assert bad in failures and "unsafe id" in failures[bad]
+    file_url_id = str(hostile[4])
+    assert "scheme" in failures[file_url_id]
+    unreachable_id = str(hostile[5])
+    assert unreachable_id in failures
+    malformed = [rid for rid in failures if rid.startswith("malformed-")]
+    assert len(malformed) >= 4  # missing id, int id, a string entry, a null entry
+    # A second run leaves good recordings alone and reports the same failures.
+    before = sum(sim.download_completions.values())
+    await run(settings)
+    assert sum(sim.download_completions[r.id] for r in recs) == len(recs)
+    assert sum(sim.download_completions.values()) >= before
+
+
+async def test_every_filter_is_encoded(sim_factory, tmp_path):
+    from datetime import date
+
+    recs = make_recordings(5, seed=1)
+    sim: Simulator = await sim_factory(recs)
+    filters = Filters(
+        date_ended_at_eq=date(2025, 1, 2),
+        date_ended_at_gte=date(2025, 1, 1),
+        date_ended_at_lte=date(2025, 1, 31),
+        date_started_at_eq=date(2025, 1, 2),
+        date_started_at_gte=date(2025, 1, 1),
+        date_started_at_lte=date(2025, 1, 31),
+        room_id=recs[0].room_id,
+        participant_id=recs[0].participant_id,
+        session_id=recs[0].session_id,
+        status="completed",
+        type="audio",
+        duration_secs_eq=10,
+        duration_secs_lte=100,
+        duration_secs_gte=1,
+    )
+    await run(make_settings(sim, tmp_path), filters)
+    query = sim.api_requests[0].query
+    assert query["filter[date_ended_at][eq]"] == "2025-01-02"
+    assert query["filter[date_ended_at][gte]"] == "2025-01-01"
+    assert query["filter[date_ended_at][lte]"] == "2025-01-31"
+    assert query["filter[date_started_at][eq]"] == "2025-01-02"
+    assert query["filter[date_started_at][gte]"] == "2025-01-01"
+    assert query["filter[date_started_at][lte]"] == "2025-01-31"
+    assert query["filter[room_id]"] == recs[0].room_id
+    assert query["filter[participant_id]"] == recs[0].participant_id
+    assert query["filter[session_id]"] == recs[0].session_id
+    assert query["filter[status]"] == "completed"
+    assert query["filter[type]"] == "audio"
+    assert query["filter[duration_secs][eq]"] == "10"
+    assert query["filter[duration_secs][lte]"] == "100"
+    assert query["filter[duration_secs][gte]"] == "1"
+    assert query["page[size]"] == "250" and query["page[number]"] == "1"
+    assert "[" in sim.api_requests[0].raw_path or "%5B" in sim.api_requests[0].raw_path
+
+
+async def test_filters_select_what_is_archived(sim_factory, tmp_path):
+    recs = make_recordings(40, seed=12)
+    sim: Simulator = await sim_factory(recs)
+    room = recs[0].room_id
+    report = await run(make_settings(sim, tmp_path), Filters(room_id=room, type="audio"))
+    expected = {r.id for r in recs if r.room_id == room and r.type == "audio"}
+    assert report.archived == len(expected) > 0
+    assert set(archived_files(tmp_path)) == expected

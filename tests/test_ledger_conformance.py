@@ -1,0 +1,700 @@
+"""The one suite every ledger passes (see ``archiver/ledger/base.py``).
+
+Tests taking ``ledger`` or ``ledger_factory`` run against every backend in ``BACKENDS``; to add
+one, add an entry there. Tests at the end that build a ``SqliteLedger`` themselves cover what only
+a file ledger has: its schema file, its lock, tampering with it from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import archiver.ledger.sqlite as sqlite_module
+from archiver.audit import GENESIS, verify_chain
+from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
+from archiver.ledger import Ledger, PassRecord, SqliteLedger, open_ledger
+from archiver.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION
+from archiver.models import Recording, State, StoredObject
+
+# A backend: given the test's tmp_path, set up an empty store and yield a callable that builds
+# an unopened ledger on it (call it twice for two handles on the same store).
+LedgerMaker = Callable[[], Ledger]
+Backend = Callable[[Path], AbstractAsyncContextManager[LedgerMaker]]
+
+
+@asynccontextmanager
+async def _sqlite_backend(tmp_path: Path) -> AsyncIterator[LedgerMaker]:
+    path = tmp_path / "ledger" / "archiver.sqlite3"
+    yield lambda: SqliteLedger(path)
+
+
+BACKENDS: dict[str, Backend] = {"sqlite": _sqlite_backend}
+
+MAX = 3
+LEASE = 30.0
+SHORT_LEASE = 0.1
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def ledger_factory(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[LedgerMaker]:
+    async with BACKENDS[request.param](tmp_path) as make:
+        yield make
+
+
+@pytest.fixture
+async def ledger(ledger_factory: LedgerMaker) -> AsyncIterator[Ledger]:
+    async with ledger_factory() as opened:
+        yield opened
+
+
+def rec(
+    rec_id: str,
+    *,
+    ended: datetime | None = T0,
+    status: str | None = "completed",
+    **extra: Any,
+) -> Recording:
+    entry: dict[str, Any] = {
+        "id": rec_id,
+        "status": status,
+        "room_id": "room-1",
+        "session_id": "session-1",
+        "participant_id": "participant-1",
+        "started_at": (ended - timedelta(minutes=5)).isoformat() if ended else None,
+        "ended_at": ended.isoformat() if ended else None,
+        "download_url": "https://example.invalid/secret",
+        **extra,
+    }
+    return Recording.from_api({k: v for k, v in entry.items() if v is not None})
+
+
+def stored(rec_id: str, *, size: int = 1000) -> StoredObject:
+    return StoredObject(
+        key=f"room-1/{rec_id}.mp4",
+        size=size,
+        sha256="ab" * 32,
+        version_id="v1",
+        retain_until=T0 + timedelta(days=365),
+    )
+
+
+async def archive(ledger: Ledger, rec_id: str, *, size: int = 1000) -> None:
+    assert await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    assert await ledger.complete(rec_id, owner="w", stored=stored(rec_id, size=size))
+
+
+async def state_of(ledger: Ledger, rec_id: str) -> State:
+    row = await ledger.get(rec_id)
+    assert row is not None
+    return row.state
+
+
+async def audit_actions(ledger: Ledger) -> list[tuple[str, str | None]]:
+    return [(e.action, e.recording_id) async for e in ledger.iter_audit()]
+
+
+# -- observe -----------------------------------------------------------------------------------
+async def test_observe_inserts_pending_and_returns_ids_needing_work(ledger: Ledger) -> None:
+    assert await ledger.observe([], max_attempts=MAX) == set()
+    got = await ledger.observe([rec("a"), rec("b"), rec("a")], max_attempts=MAX)
+    assert got == {"a", "b"}
+
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.state == State.PENDING
+    assert row.attempts == 0
+    assert row.source_status == "completed"
+    assert (row.room_id, row.session_id, row.participant_id) == (
+        "room-1",
+        "session-1",
+        "participant-1",
+    )
+    assert row.ended_at == T0
+    assert row.ended_at.tzinfo is not None and row.ended_at.utcoffset() == timedelta(0)
+    assert row.started_at == T0 - timedelta(minutes=5)
+    assert row.metadata["id"] == "a"
+    assert "download_url" not in row.metadata
+    assert row.first_seen_at is not None and row.first_seen_at.tzinfo is not None
+    assert await ledger.get("missing") is None
+    # Observing never touches the audit chain.
+    assert await audit_actions(ledger) == []
+
+
+async def test_observe_of_archived_id_returns_nothing_and_keeps_it(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    await archive(ledger, "a")
+    assert await ledger.observe([rec("a", status="deleted")], max_attempts=MAX) == set()
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.state == State.ARCHIVED
+    assert row.storage_key == "room-1/a.mp4"
+
+
+async def test_observe_refreshes_metadata_but_never_state(ledger: Ledger) -> None:
+    await ledger.observe([rec("a", ended=None, status="processing")], max_attempts=MAX)
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.source_status == "processing"
+    assert row.ended_at is None
+
+    await ledger.observe([rec("a", codec="h264")], max_attempts=MAX)
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.state == State.PENDING
+    assert row.source_status == "completed"
+    assert row.ended_at == T0
+    assert row.metadata["codec"] == "h264"
+
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
+    assert await ledger.observe([rec("a", codec="vp8")], max_attempts=MAX) == set()
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.state == State.IN_PROGRESS
+    assert row.attempts == 1
+    assert row.metadata["codec"] == "vp8"
+
+
+async def test_observe_returns_expired_leases_and_retryable_failures(ledger: Ledger) -> None:
+    await ledger.observe([rec("leased"), rec("failed"), rec("perm")], max_attempts=MAX)
+    await ledger.claim("leased", owner="w", lease_seconds=SHORT_LEASE, max_attempts=MAX)
+    for rec_id, permanent in (("failed", False), ("perm", True)):
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.fail(rec_id, owner="w", error="boom", permanent=permanent)
+
+    ids = [rec("leased"), rec("failed"), rec("perm")]
+    assert await ledger.observe(ids, max_attempts=MAX) == {"failed"}
+    await asyncio.sleep(SHORT_LEASE * 1.5)
+    assert await ledger.observe(ids, max_attempts=MAX) == {"failed", "leased"}
+    # A retryable failure that has used up its attempts needs no more work.
+    assert await ledger.observe(ids, max_attempts=1) == {"leased"}
+
+
+async def test_observe_many_pages(ledger: Ledger) -> None:
+    """100,000 sightings in API pages of 250 (a few seconds at most)."""
+    total, page = 100_000, 250
+    for start in range(0, total, page):
+        batch = [
+            rec(f"rec-{n:06d}", ended=T0 + timedelta(seconds=n), duration_secs=60, size_mb=1.5)
+            for n in range(start, start + page)
+        ]
+        assert len(await ledger.observe(batch, max_attempts=MAX)) == page
+    summary = await ledger.summary()
+    assert summary.counts[State.PENDING] == total
+    assert summary.oldest_unarchived_ended_at == T0
+
+
+# -- claim, complete, fail, release, reject -------------------------------------------------
+async def test_claim_then_complete_archives(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    assert await ledger.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) == 1
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.state == State.IN_PROGRESS
+    assert row.lease_owner == "w1"
+    assert row.lease_expires is not None and row.lease_expires > datetime.now(UTC)
+
+    assert await ledger.complete("a", owner="w1", stored=stored("a", size=4242)) is True
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.state == State.ARCHIVED
+    assert (row.storage_key, row.size, row.sha256) == ("room-1/a.mp4", 4242, "ab" * 32)
+    assert row.version_id == "v1"
+    assert row.retain_until == T0 + timedelta(days=365)
+    assert row.archived_at is not None
+    assert row.lease_owner is None
+    assert row.attempts == 1
+
+    # Archived is final: never claimed again, a second complete changes nothing.
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
+    assert await ledger.complete("a", owner="w1", stored=stored("a", size=1)) is False
+    row = await ledger.get("a")
+    assert row is not None and row.size == 4242
+
+
+async def test_claim_of_unknown_id_returns_none(ledger: Ledger) -> None:
+    assert await ledger.claim("nope", owner="w", lease_seconds=LEASE, max_attempts=MAX) is None
+
+
+async def test_complete_without_claim_is_refused(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    with pytest.raises(LedgerError, match="never claimed"):
+        await ledger.complete("a", owner="w", stored=stored("a"))
+    with pytest.raises(LedgerError):
+        await ledger.complete("unknown", owner="w", stored=stored("unknown"))
+    assert await state_of(ledger, "a") == State.PENDING
+    assert await audit_actions(ledger) == []
+
+
+async def test_leased_row_is_not_claimable_until_the_lease_expires(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    assert await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE, max_attempts=MAX) == 1
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
+    assert await ledger.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) is None
+    await asyncio.sleep(SHORT_LEASE * 1.5)
+    # The crashed worker's attempt counted already.
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) == 2
+    row = await ledger.get("a")
+    assert row is not None and row.lease_owner == "w2"
+    assert await ledger.heartbeat("a", owner="w1", lease_seconds=LEASE) is False
+
+
+async def test_heartbeat_extends_the_lease(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE, max_attempts=MAX)
+    assert await ledger.heartbeat("a", owner="w1", lease_seconds=LEASE) is True
+    await asyncio.sleep(SHORT_LEASE * 1.5)
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
+    assert await ledger.heartbeat("a", owner="w2", lease_seconds=LEASE) is False
+    assert await ledger.heartbeat("missing", owner="w1", lease_seconds=LEASE) is False
+
+
+async def test_complete_after_a_lost_lease(ledger: Ledger) -> None:
+    await ledger.observe([rec("a"), rec("b")], max_attempts=MAX)
+    for rec_id in ("a", "b"):
+        await ledger.claim(rec_id, owner="slow", lease_seconds=SHORT_LEASE, max_attempts=MAX)
+    await asyncio.sleep(SHORT_LEASE * 1.5)
+    for rec_id in ("a", "b"):
+        assert await ledger.claim(rec_id, owner="fast", lease_seconds=LEASE, max_attempts=MAX)
+
+    # a: the slow worker finishes first; its verified bytes are recorded, the other's are not.
+    assert await ledger.complete("a", owner="slow", stored=stored("a", size=1)) is True
+    assert await ledger.complete("a", owner="fast", stored=stored("a", size=2)) is False
+    # b: the other worker archived it meanwhile; the late complete changes nothing.
+    assert await ledger.complete("b", owner="fast", stored=stored("b", size=3)) is True
+    assert await ledger.complete("b", owner="slow", stored=stored("b", size=4)) is False
+
+    for rec_id, size in (("a", 1), ("b", 3)):
+        row = await ledger.get(rec_id)
+        assert row is not None
+        assert (row.state, row.size) == (State.ARCHIVED, size)
+    assert await audit_actions(ledger) == [("archived", "a"), ("archived", "b")]
+
+
+async def test_fail_and_retry_until_max_attempts(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=2)
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=2) == 1
+    await ledger.fail("a", owner="w", error="timeout", permanent=False)
+    row = await ledger.get("a")
+    assert row is not None
+    assert (row.state, row.attempts, row.last_error) == (State.FAILED, 1, "timeout")
+    assert row.lease_owner is None
+
+    assert await ledger.observe([rec("a")], max_attempts=2) == {"a"}
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=2) == 2
+    await ledger.fail("a", owner="w", error="timeout again", permanent=False)
+    assert await ledger.observe([rec("a")], max_attempts=2) == set()
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=2) is None
+    # A later run allowed more attempts may try again.
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=3) == 3
+
+
+async def test_permanent_failure_is_never_claimable(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.fail("a", owner="w", error="404", permanent=True)
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=1000) is None
+    assert await ledger.observe([rec("a")], max_attempts=1000) == set()
+    row = await ledger.get("a")
+    assert row is not None and (row.state, row.last_error) == (State.FAILED, "404")
+
+
+async def test_fail_and_release_by_a_non_owner_change_nothing(ledger: Ledger) -> None:
+    await ledger.observe([rec("a"), rec("b")], max_attempts=MAX)
+    await ledger.fail("a", owner="w", error="never claimed", permanent=False)
+    await ledger.release("a", owner="w")
+    assert await state_of(ledger, "a") == State.PENDING
+
+    await ledger.claim("b", owner="owner", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.fail("b", owner="intruder", error="x", permanent=True)
+    await ledger.release("b", owner="intruder")
+    row = await ledger.get("b")
+    assert row is not None
+    assert (row.state, row.lease_owner, row.attempts) == (State.IN_PROGRESS, "owner", 1)
+    assert await audit_actions(ledger) == []
+
+
+async def test_release_returns_to_pending_without_counting(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
+    await ledger.release("a", owner="w")
+    row = await ledger.get("a")
+    assert row is not None
+    assert (row.state, row.attempts, row.lease_owner) == (State.PENDING, 0, None)
+    assert await ledger.observe([rec("a")], max_attempts=MAX) == {"a"}
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
+    assert await audit_actions(ledger) == []
+
+
+async def test_reject(ledger: Ledger) -> None:
+    await ledger.reject("../evil", reason="unsafe id", metadata={"id": "../evil"})
+    row = await ledger.get("../evil")
+    assert row is not None
+    assert (row.state, row.last_error) == (State.FAILED, "unsafe id")
+    assert row.metadata == {"id": "../evil"}
+    assert await ledger.claim("../evil", owner="w", lease_seconds=LEASE, max_attempts=99) is None
+
+    await ledger.observe([rec("seen")], max_attempts=MAX)
+    await ledger.reject("seen", reason="no size")
+    row = await ledger.get("seen")
+    assert row is not None
+    assert (row.state, row.last_error) == (State.FAILED, "no size")
+    assert row.metadata["id"] == "seen"  # kept when reject gives none
+    assert await ledger.observe([rec("seen")], max_attempts=99) == set()
+
+    await ledger.observe([rec("done")], max_attempts=MAX)
+    await archive(ledger, "done")
+    await ledger.reject("done", reason="too late")
+    assert await state_of(ledger, "done") == State.ARCHIVED
+
+    # Rejecting the same entry for the same reason on every pass records it once.
+    await ledger.reject("../evil", reason="unsafe id")
+    assert await audit_actions(ledger) == [
+        ("rejected", "../evil"),
+        ("rejected", "seen"),
+        ("archived", "done"),
+    ]
+    summary = await ledger.summary()
+    assert summary.permanent_failures == 2
+
+
+async def test_concurrent_claims_have_exactly_one_winner(ledger_factory: LedgerMaker) -> None:
+    async with ledger_factory() as first, ledger_factory() as second:
+        await first.observe([rec("a")], max_attempts=MAX)
+        handles = (first, second)
+        results = await asyncio.gather(
+            *(
+                handles[n % 2].claim("a", owner=f"w{n}", lease_seconds=LEASE, max_attempts=MAX)
+                for n in range(20)
+            )
+        )
+    assert sorted(results, key=lambda r: r is None) == [1] + [None] * 19
+
+
+async def test_mark_deleted_at_source(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")], max_attempts=MAX)
+    await archive(ledger, "a")
+    await ledger.mark_deleted_at_source("a")
+    await ledger.mark_deleted_at_source("a")
+    row = await ledger.get("a")
+    assert row is not None
+    assert row.state == State.ARCHIVED
+    assert row.deleted_at_source is not None
+    assert await audit_actions(ledger) == [("archived", "a"), ("deleted_at_source", "a")]
+
+
+# -- reads ---------------------------------------------------------------------------------
+async def test_states_in_one_call(ledger: Ledger) -> None:
+    assert await ledger.states([]) == {}
+    await ledger.observe([rec(f"r{n:04d}") for n in range(1200)], max_attempts=MAX)
+    await archive(ledger, "r0001")
+    await ledger.reject("bad", reason="unsafe")
+    ids = [f"r{n:04d}" for n in range(1200)] + ["bad", "unknown", "r0001"]
+    got = await ledger.states(ids)
+    assert set(got) == set(ids) - {"unknown"}
+    assert got["r0001"] == State.ARCHIVED
+    assert got["r0000"] == State.PENDING
+    assert got["bad"] == State.FAILED
+
+
+async def test_summary(ledger: Ledger) -> None:
+    empty = await ledger.summary()
+    assert dict(empty.counts) == dict.fromkeys(State, 0)
+    assert empty.oldest_unarchived_ended_at is None
+    assert (empty.archived_bytes, empty.permanent_failures, empty.retryable_failures) == (0, 0, 0)
+
+    day = timedelta(days=1)
+    recs = [rec(f"r{n}", ended=T0 + n * day) for n in range(7)] + [rec("undated", ended=None)]
+    await ledger.observe(recs, max_attempts=MAX)
+    await archive(ledger, "r0", size=100)  # the oldest, but archived
+    await archive(ledger, "r1", size=23)
+    await ledger.claim("r2", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    for rec_id, permanent in (("r3", True), ("r4", False), ("r5", False)):
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.fail(rec_id, owner="w", error="e", permanent=permanent)
+
+    summary = await ledger.summary()
+    assert dict(summary.counts) == {
+        State.PENDING: 2,
+        State.IN_PROGRESS: 1,
+        State.ARCHIVED: 2,
+        State.FAILED: 3,
+    }
+    assert (summary.permanent_failures, summary.retryable_failures) == (1, 2)
+    assert summary.oldest_unarchived_ended_at == T0 + 2 * day
+    assert summary.archived_bytes == 123
+
+
+async def test_failures_newest_first(ledger: Ledger) -> None:
+    await ledger.observe([rec("a"), rec("b"), rec("c"), rec("ok")], max_attempts=MAX)
+    for rec_id in ("b", "a", "c"):
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.fail(rec_id, owner="w", error=f"error {rec_id}", permanent=False)
+        await asyncio.sleep(0.002)
+    # Being seen again is not a new failure.
+    await ledger.observe([rec("b")], max_attempts=MAX)
+    assert [r.id for r in await ledger.failures()] == ["c", "a", "b"]
+    assert [r.last_error for r in await ledger.failures(limit=2)] == ["error c", "error a"]
+
+
+async def test_iter_archived_order_and_bounds(ledger: Ledger) -> None:
+    hour = timedelta(hours=1)
+    ends = {"e": T0 + 2 * hour, "d": T0, "b": T0 + hour, "a": T0 + hour, "c": T0 + 3 * hour}
+    recs = [rec(i, ended=e) for i, e in ends.items()]
+    recs += [rec("undated", ended=None), rec("pending", ended=T0)]
+    await ledger.observe(recs, max_attempts=MAX)
+    for rec_id in [*ends, "undated"]:
+        await archive(ledger, rec_id)
+
+    everything = [r.id async for r in ledger.iter_archived()]
+    assert sorted(everything) == ["a", "b", "c", "d", "e", "undated"]
+    assert [i for i in everything if i != "undated"] == ["d", "a", "b", "e", "c"]
+    assert [r.id async for r in ledger.iter_archived(since=T0 + hour)] == ["a", "b", "e", "c"]
+    assert [r.id async for r in ledger.iter_archived(until=T0 + 2 * hour)] == ["d", "a", "b"]
+    window = ledger.iter_archived(since=T0 + hour, until=T0 + 3 * hour)
+    assert [r.id async for r in window] == ["a", "b", "e"]
+    assert [r.id async for r in ledger.iter_archived(since=T0 + 9 * hour)] == []
+    (row,) = [r async for r in ledger.iter_archived(since=T0, until=T0 + hour)]
+    assert (row.id, row.state, row.storage_key) == ("d", State.ARCHIVED, "room-1/d.mp4")
+
+
+# -- audit chain, passes, meta -------------------------------------------------------------
+async def test_audit_chain(ledger: Ledger) -> None:
+    assert (await verify_chain(ledger.iter_audit())).entries == 0
+    await ledger.observe([rec("a"), rec("b")], max_attempts=MAX)
+    await archive(ledger, "a", size=7)
+    await ledger.claim("b", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.fail("b", owner="w", error="HTTP 500", permanent=False)
+    await ledger.reject("bad", reason="no id")
+    appended = await ledger.append_audit("note", None, {"by": "test", "at": T0, "n": [1, 2]})
+
+    entries = [e async for e in ledger.iter_audit()]
+    assert [(e.seq, e.action, e.recording_id) for e in entries] == [
+        (1, "archived", "a"),
+        (2, "failed", "b"),
+        (3, "rejected", "bad"),
+        (4, "note", None),
+    ]
+    assert entries[0].prev_hash == GENESIS
+    assert all(e.prev_hash == p.hash for p, e in itertools.pairwise(entries))
+    assert entries[0].details == {
+        "key": "room-1/a.mp4",
+        "size": 7,
+        "sha256": "ab" * 32,
+        "version_id": "v1",
+        "retain_until": entries[0].details["retain_until"],
+    }
+    retain = datetime.fromisoformat(entries[0].details["retain_until"])
+    assert retain == T0 + timedelta(days=365)
+    assert entries[1].details == {"error": "HTTP 500", "permanent": False, "attempt": 1}
+    assert entries[2].details == {"reason": "no id"}
+    assert entries[3] == appended
+    assert all(e.at.tzinfo is not None for e in entries)
+
+    report = await verify_chain(ledger.iter_audit())
+    assert report.ok, report.problems
+    assert report.entries == 4
+
+
+async def test_passes_round_trip_newest_first(ledger: Ledger) -> None:
+    assert await ledger.last_passes() == []
+    records = [
+        PassRecord(
+            started_at=T0 + timedelta(minutes=n),
+            finished_at=T0 + timedelta(minutes=n, seconds=30),
+            ok=n != 1,
+            listed=10 * n,
+            enqueued=n,
+            archived=n,
+            failed=1,
+            window="2026-03-01/2026-03-02" if n else None,
+            error="HTTP 503" if n == 1 else None,
+            instance="host-a",
+            extra={"pages": n, "nested": {"x": [1, 2]}},
+        )
+        for n in range(3)
+    ]
+    for record in records:
+        await ledger.record_pass(record)
+    assert await ledger.last_passes() == records[::-1]
+    assert await ledger.last_passes(limit=2) == [records[2], records[1]]
+    await ledger.record_pass(PassRecord(started_at=T0, finished_at=T0, ok=True))
+    oldest = (await ledger.last_passes())[-1]
+    assert (oldest.extra, oldest.window, oldest.listed) == ({}, None, 0)
+
+
+async def test_meta_round_trip(ledger: Ledger) -> None:
+    assert await ledger.get_meta("cursor") is None
+    await ledger.set_meta("cursor", "2026-03-01T00:00:00Z")
+    await ledger.set_meta("other", "")
+    assert await ledger.get_meta("cursor") == "2026-03-01T00:00:00Z"
+    await ledger.set_meta("cursor", "next")
+    assert await ledger.get_meta("cursor") == "next"
+    assert await ledger.get_meta("other") == ""
+
+
+async def test_data_survives_reopening(ledger_factory: LedgerMaker) -> None:
+    async with ledger_factory() as first:
+        await first.observe([rec("a")], max_attempts=MAX)
+        await archive(first, "a")
+        await first.set_meta("k", "v")
+    async with ledger_factory() as second:
+        assert await state_of(second, "a") == State.ARCHIVED
+        assert await second.get_meta("k") == "v"
+        assert (await verify_chain(second.iter_audit())).ok
+
+
+# -- SQLite only -----------------------------------------------------------------------------
+def _execute(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        return db.execute(sql, params).fetchall()
+
+
+async def test_sqlite_audit_tampering_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with SqliteLedger(path) as ledger:
+        await ledger.observe([rec(f"r{n}") for n in range(4)], max_attempts=MAX)
+        for n in range(4):
+            await archive(ledger, f"r{n}", size=100 + n)
+        assert (await verify_chain(ledger.iter_audit())).ok
+
+        # Editing one value breaks that entry's hash.
+        details = _execute(path, "SELECT details FROM audit WHERE seq = 2")[0][0]
+        _execute(path, "UPDATE audit SET details = ? WHERE seq = 2", (details.replace("101", "9"),))
+        report = await verify_chain(ledger.iter_audit())
+        assert not report.ok
+        assert report.problems == ["entry 2: content does not match its hash (edited)"]
+        _execute(path, "UPDATE audit SET details = ? WHERE seq = 2", (details,))
+        assert (await verify_chain(ledger.iter_audit())).ok
+
+        # Removing a middle entry breaks the sequence and the chain.
+        _execute(path, "DELETE FROM audit WHERE seq = 3")
+        report = await verify_chain(ledger.iter_audit())
+        assert report.entries == 3
+        assert "entry 4: expected sequence 3 (entry missing)" in report.problems
+        assert "entry 4: does not chain to the entry before it" in report.problems
+
+
+async def test_sqlite_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dirs" / "ledger.sqlite3"
+    assert SCHEMA_VERSION == len(MIGRATIONS) >= 1
+    async with SqliteLedger(path) as ledger:
+        assert await ledger.migrate() == SCHEMA_VERSION
+    async with SqliteLedger(path) as ledger:
+        assert await ledger.migrate() == SCHEMA_VERSION
+    versions = _execute(path, "SELECT version FROM schema_version ORDER BY version")
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    assert _execute(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_sqlite_two_processes_migrating_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with AsyncExitStack() as stack:
+        ledgers = [SqliteLedger(path) for _ in range(4)]
+        await asyncio.gather(*(stack.enter_async_context(led) for led in ledgers))
+        await ledgers[0].observe([rec("a")], max_attempts=MAX)
+        assert await state_of(ledgers[3], "a") == State.PENDING
+    versions = _execute(path, "SELECT version FROM schema_version ORDER BY version")
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+
+
+async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with SqliteLedger(path):
+        pass
+    _execute(path, "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    ledger = SqliteLedger(path)
+    with pytest.raises(LedgerError, match=r"newer than the \d+ this archiver knows"):
+        await ledger.__aenter__()
+    with pytest.raises(LedgerError, match="not open"):
+        await ledger.get("a")
+
+
+async def test_sqlite_exclusive_lock(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with SqliteLedger(path, exclusive=True) as owner:
+        await owner.observe([rec("a")], max_attempts=MAX)
+        message = (
+            f"another archiver instance is using the ledger {path} (lock held); "
+            "stop it first or use a PostgreSQL ledger to run several"
+        )
+        with pytest.raises(LedgerError) as caught:
+            async with SqliteLedger(path, exclusive=True):
+                pass
+        assert str(caught.value) == message
+        async with SqliteLedger(path) as reader:
+            assert await state_of(reader, "a") == State.PENDING
+    async with SqliteLedger(path, exclusive=True) as next_owner:
+        assert await state_of(next_owner, "a") == State.PENDING
+
+
+async def test_sqlite_busy_database_is_transient(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with SqliteLedger(path, busy_timeout=0.05) as ledger:
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(LedgerUnavailable, match="locked") as caught:
+                await ledger.set_meta("k", "v")
+            assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+            other.execute("ROLLBACK")
+        await ledger.set_meta("k", "v")
+        assert await ledger.get_meta("k") == "v"
+
+
+async def test_sqlite_not_a_database_is_permanent(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(b"this is not a database\n" * 200)
+    with pytest.raises(LedgerError, match="not a database") as caught:
+        async with SqliteLedger(path):
+            pass
+    assert not isinstance(caught.value, LedgerUnavailable)
+
+
+async def test_sqlite_iterators_page_through_ties(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_BATCH", 3)
+    async with SqliteLedger(tmp_path / "ledger.sqlite3") as ledger:
+        ends = [T0 + timedelta(minutes=n // 4) for n in range(10)]  # four rows per minute
+        recs = [rec(f"r{n:02d}", ended=e) for n, e in enumerate(ends)]
+        recs += [rec(f"u{n}", ended=None) for n in range(4)]
+        await ledger.observe(recs, max_attempts=MAX)
+        for r in recs:
+            await archive(ledger, r.id)
+        ids = [r.id async for r in ledger.iter_archived()]
+        assert ids == ["u0", "u1", "u2", "u3"] + [f"r{n:02d}" for n in range(10)]
+        since = T0 + timedelta(minutes=1)
+        assert [r.id async for r in ledger.iter_archived(since=since)] == [
+            f"r{n:02d}" for n in range(4, 10)
+        ]
+        seqs = [e.seq async for e in ledger.iter_audit()]
+        assert seqs == list(range(1, 15))
+        assert (await verify_chain(ledger.iter_audit())).ok
+
+
+async def test_ledger_must_be_open(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    with pytest.raises(LedgerError, match="not open"):
+        await ledger.summary()
+
+
+def test_open_ledger(tmp_path: Path) -> None:
+    ledger = open_ledger(path=tmp_path / "l.sqlite3", exclusive=True)
+    assert isinstance(ledger, SqliteLedger) and ledger.exclusive
+    with pytest.raises(ConfigError, match=r"ledger\.path"):
+        open_ledger()
+    with pytest.raises(ConfigError, match="unsupported scheme") as caught:
+        open_ledger(url="mysql://user:hunter2@host/db")
+    assert "hunter2" not in str(caught.value)

@@ -1,0 +1,580 @@
+"""The storage conformance suite: every backend passes the same tests.
+
+A new backend joins by adding one entry to ``BACKENDS``. Tests that depend on a filesystem (paths,
+symlinks, crash recovery, a full disk) follow the shared suite and use ``LocalStorage`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from archiver.errors import IntegrityError, PreflightError, StorageError, UnsafeValue
+from archiver.models import StoredObject
+from archiver.storage import CommitRequest, LocalStorage, MemoryStorage, StorageBackend
+
+MiB = 1 << 20
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+BackendFactory = Callable[[Path], Awaitable[StorageBackend]]
+
+
+async def _local(tmp_path: Path) -> StorageBackend:
+    # verify_on_commit so that a wrong SHA-256 is caught as it is by backends that hash themselves.
+    return LocalStorage(tmp_path / "archive", verify_on_commit=True)
+
+
+async def _memory(tmp_path: Path) -> StorageBackend:
+    return MemoryStorage()
+
+
+BACKENDS: dict[str, BackendFactory] = {"local": _local, "memory": _memory}
+
+
+@pytest.fixture(params=list(BACKENDS))
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StorageBackend]:
+    backend = await BACKENDS[request.param](tmp_path)
+    async with backend:
+        await backend.preflight()
+        yield backend
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def request_for(data: bytes) -> CommitRequest:
+    return CommitRequest(sha256=sha(data), size=len(data), content_type="video/mp4")
+
+
+async def store(
+    storage: StorageBackend, key: str, data: bytes, chunk: int = 64 * 1024
+) -> StoredObject:
+    async with await storage.begin(key, resume=False) as upload:
+        for start in range(0, len(data), chunk):
+            await upload.write(data[start : start + chunk])
+        return await upload.commit(request_for(data))
+
+
+async def read_all(storage: StorageBackend, key: str) -> bytes:
+    return b"".join([chunk async for chunk in storage.read(key)])
+
+
+async def assert_absent(storage: StorageBackend, key: str) -> None:
+    assert await storage.stat(key) is None
+    with pytest.raises(StorageError):
+        await read_all(storage, key)
+
+
+# The shared suite.
+
+
+async def test_capabilities_name_the_backend(storage: StorageBackend) -> None:
+    assert storage.capabilities.name
+    assert storage.capabilities.name in BACKENDS
+
+
+async def test_round_trip(storage: StorageBackend) -> None:
+    data = b"recording bytes " * 10_000
+    stored = await store(storage, "rooms/r1/rec-1.mp4", data)
+
+    assert stored == StoredObject(key="rooms/r1/rec-1.mp4", size=len(data), sha256=sha(data))
+    info = await storage.stat("rooms/r1/rec-1.mp4")
+    assert info is not None
+    assert (info.key, info.size) == ("rooms/r1/rec-1.mp4", len(data))
+    assert info.sha256 in (None, sha(data))
+    assert await read_all(storage, "rooms/r1/rec-1.mp4") == data
+
+
+async def test_empty_object(storage: StorageBackend) -> None:
+    stored = await store(storage, "empty.mp4", b"")
+    assert stored.size == 0
+    assert stored.sha256 == sha(b"")
+    info = await storage.stat("empty.mp4")
+    assert info is not None and info.size == 0
+    assert await read_all(storage, "empty.mp4") == b""
+
+
+async def test_nothing_visible_before_commit_or_after_abort(storage: StorageBackend) -> None:
+    upload = await storage.begin("a/b.mp4")
+    try:
+        await upload.write(b"half a recording")
+        assert upload.offset == len(b"half a recording")
+        await assert_absent(storage, "a/b.mp4")
+    finally:
+        await upload.abort()
+    await assert_absent(storage, "a/b.mp4")
+    # The aborted bytes are gone, not waiting to be resumed.
+    async with await storage.begin("a/b.mp4", resume=True) as again:
+        assert again.offset == 0
+        assert [chunk async for chunk in again.existing()] == []
+
+
+async def test_abort_is_idempotent_and_harmless_after_commit(storage: StorageBackend) -> None:
+    upload = await storage.begin("k.mp4")
+    await upload.write(b"data")
+    await upload.commit(request_for(b"data"))
+    await upload.abort()
+    await upload.abort()
+    assert await read_all(storage, "k.mp4") == b"data"
+
+    other = await storage.begin("other.mp4")
+    await other.write(b"x")
+    await other.abort()
+    await other.abort()
+    await assert_absent(storage, "other.mp4")
+
+
+@pytest.mark.parametrize("wrong", ["size", "sha256"])
+async def test_commit_with_wrong_size_or_hash_stores_nothing(
+    storage: StorageBackend, wrong: str
+) -> None:
+    data = b"the real bytes" * 1000
+    good = request_for(data)
+    bad = (
+        CommitRequest(sha256=good.sha256, size=good.size + 1)
+        if wrong == "size"
+        else CommitRequest(sha256=sha(b"other bytes"), size=good.size)
+    )
+    async with await storage.begin("x/y.mp4") as upload:
+        await upload.write(data)
+        with pytest.raises(IntegrityError):
+            await upload.commit(bad)
+        with pytest.raises(StorageError):
+            await upload.write(b"more")
+    await assert_absent(storage, "x/y.mp4")
+    async with await storage.begin("x/y.mp4", resume=True) as retry:
+        assert retry.offset == 0
+
+
+async def test_commit_with_wrong_hash_keeps_the_previous_object(storage: StorageBackend) -> None:
+    await store(storage, "keep.mp4", b"version one")
+    async with await storage.begin("keep.mp4") as upload:
+        await upload.write(b"version two")
+        with pytest.raises(IntegrityError):
+            await upload.commit(CommitRequest(sha256=sha(b"nope"), size=len(b"version two")))
+    assert await read_all(storage, "keep.mp4") == b"version one"
+
+
+async def test_restart_drops_written_bytes(storage: StorageBackend) -> None:
+    async with await storage.begin("r.mp4") as upload:
+        await upload.write(b"garbage from a broken download")
+        await upload.restart()
+        assert upload.offset == 0
+        assert [chunk async for chunk in upload.existing()] == []
+        await upload.write(b"good")
+        stored = await upload.commit(request_for(b"good"))
+    assert stored.size == 4
+    assert await read_all(storage, "r.mp4") == b"good"
+
+
+async def test_large_object_in_many_chunks(storage: StorageBackend) -> None:
+    data = os.urandom(20 * MiB + 12345)
+    stored = await store(storage, "big/rec.mp4", data, chunk=MiB)
+    assert stored.size == len(data)
+    assert stored.sha256 == sha(data)
+
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in storage.read("big/rec.mp4"):
+        assert 0 < len(chunk) <= MiB
+        digest.update(chunk)
+        size += len(chunk)
+    assert (size, digest.hexdigest()) == (len(data), sha(data))
+
+
+async def test_overwrite_replaces_only_at_commit(storage: StorageBackend) -> None:
+    await store(storage, "same.mp4", b"old" * 1000)
+    async with await storage.begin("same.mp4", resume=False) as upload:
+        assert upload.offset == 0
+        await upload.write(b"new" * 500)
+        assert await read_all(storage, "same.mp4") == b"old" * 1000
+        info = await storage.stat("same.mp4")
+        assert info is not None and info.size == 3000
+        await upload.commit(request_for(b"new" * 500))
+    assert await read_all(storage, "same.mp4") == b"new" * 500
+    info = await storage.stat("same.mp4")
+    assert info is not None and info.size == 1500
+
+
+async def test_put_bytes(storage: StorageBackend) -> None:
+    body = b'{"id": "rec-1", "status": "completed"}'
+    stored = await storage.put_bytes("meta/rec-1.json", body, content_type="application/json")
+    assert stored == StoredObject(key="meta/rec-1.json", size=len(body), sha256=sha(body))
+    assert await read_all(storage, "meta/rec-1.json") == body
+
+    again = await storage.put_bytes("meta/rec-1.json", b"{}", content_type="application/json")
+    assert again.size == 2
+    assert await read_all(storage, "meta/rec-1.json") == b"{}"
+
+
+async def test_delete(storage: StorageBackend) -> None:
+    await store(storage, "d/gone.mp4", b"bytes")
+    await store(storage, "d/kept.mp4", b"other")
+    await storage.delete("d/gone.mp4")
+    await assert_absent(storage, "d/gone.mp4")
+    assert await read_all(storage, "d/kept.mp4") == b"other"
+    await storage.delete("d/gone.mp4")  # deleting what is not there is not an error
+
+
+async def test_async_with_aborts_on_exception(storage: StorageBackend) -> None:
+    with pytest.raises(RuntimeError, match="download broke"):
+        async with await storage.begin("boom.mp4") as upload:
+            await upload.write(b"some bytes")
+            raise RuntimeError("download broke")
+    await assert_absent(storage, "boom.mp4")
+    async with await storage.begin("boom.mp4", resume=True) as again:
+        assert again.offset == 0
+
+
+async def test_async_with_aborts_when_not_committed(storage: StorageBackend) -> None:
+    async with await storage.begin("forgot.mp4") as upload:
+        await upload.write(b"some bytes")
+    await assert_absent(storage, "forgot.mp4")
+    with pytest.raises(StorageError):
+        await upload.write(b"after the end")
+
+
+async def test_abort_after_a_cancelled_write(storage: StorageBackend) -> None:
+    upload = await storage.begin("cancel.mp4")
+    write = asyncio.create_task(upload.write(os.urandom(8 * MiB)))
+    await asyncio.sleep(0)
+    write.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await write
+    await upload.abort()
+    await assert_absent(storage, "cancel.mp4")
+    async with await storage.begin("cancel.mp4", resume=True) as again:
+        assert again.offset == 0
+
+
+async def test_committed_upload_refuses_more(storage: StorageBackend) -> None:
+    async with await storage.begin("done.mp4") as upload:
+        await upload.write(b"abc")
+        await upload.commit(request_for(b"abc"))
+        with pytest.raises(StorageError):
+            await upload.write(b"d")
+        with pytest.raises(StorageError):
+            await upload.commit(request_for(b"abc"))
+    assert await read_all(storage, "done.mp4") == b"abc"
+
+
+async def test_cleanup_stale(storage: StorageBackend) -> None:
+    await store(storage, "c/committed.mp4", b"safe")
+    crashed = await storage.begin("c/crashed.mp4")
+    await crashed.write(b"left behind by a killed process")
+    del crashed  # neither committed nor aborted, as after SIGKILL
+
+    assert await storage.cleanup_stale(3600) == 0
+    removed = await storage.cleanup_stale(0)
+    assert removed == (1 if storage.capabilities.resumes_after_crash else 0)
+
+    async with await storage.begin("c/crashed.mp4", resume=True) as again:
+        assert again.offset == 0
+    assert await read_all(storage, "c/committed.mp4") == b"safe"
+    assert await storage.cleanup_stale(0) == 0
+
+
+LEXICALLY_HOSTILE_KEYS = [
+    "",
+    ".",
+    "..",
+    "../x",
+    "/etc/passwd",
+    "a/../../b",
+    "a/./b",
+    "a//b",
+    "a/",
+    "a\\b",
+    "..\\x",
+    "a\x00b",
+    "a\nb",
+    "a\x7fb",
+    "x/.y.mp4.partial",
+]
+
+
+@pytest.mark.parametrize("key", LEXICALLY_HOSTILE_KEYS)
+async def test_hostile_keys_are_refused(storage: StorageBackend, key: str) -> None:
+    with pytest.raises(UnsafeValue):
+        await storage.begin(key)
+    with pytest.raises(UnsafeValue):
+        await storage.put_bytes(key, b"x", content_type="text/plain")
+    with pytest.raises(UnsafeValue):
+        await storage.stat(key)
+    with pytest.raises(UnsafeValue):
+        await read_all(storage, key)
+    with pytest.raises(UnsafeValue):
+        await storage.delete(key)
+
+
+# LocalStorage only: paths, symlinks, crash recovery, durability, a full disk.
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir())
+
+
+@pytest.mark.parametrize(
+    "key", ["../x", "/etc/passwd", "a/../../b", "a//b", "a\\b", "a\x00b", ".", "../outside/x"]
+)
+async def test_local_hostile_keys_write_nothing(tmp_path: Path, key: str) -> None:
+    root = tmp_path / "archive"
+    (tmp_path / "outside").mkdir()
+    storage = LocalStorage(root)
+    await storage.preflight()
+    before = files_under(tmp_path)
+
+    with pytest.raises(UnsafeValue, match="storage key"):
+        await storage.begin(key)
+    with pytest.raises(UnsafeValue):
+        await storage.put_bytes(key, b"x", content_type="text/plain")
+    assert files_under(tmp_path) == before
+
+
+async def test_local_symlink_out_of_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root.mkdir()
+    (root / "escape").symlink_to(outside)
+    (root / "dangling").symlink_to(tmp_path / "nowhere")
+    (root / "file.mp4").symlink_to(outside / "victim.mp4")
+    (outside / "victim.mp4").write_bytes(b"not yours")
+    storage = LocalStorage(root)
+
+    for key in ["escape/x.mp4", "escape/deeper/x.mp4", "dangling/x.mp4"]:
+        with pytest.raises(UnsafeValue, match="outside the archive root"):
+            await storage.begin(key)
+        with pytest.raises(UnsafeValue):
+            await storage.put_bytes(key, b"x", content_type="text/plain")
+        with pytest.raises(UnsafeValue):
+            await storage.stat(key)
+    with pytest.raises(UnsafeValue):
+        await read_all(storage, "file.mp4")
+    with pytest.raises(UnsafeValue):
+        await storage.delete("file.mp4")
+
+    assert files_under(outside) == ["victim.mp4"]
+    assert (outside / "victim.mp4").read_bytes() == b"not yours"
+    assert not (tmp_path / "nowhere").exists()
+
+
+async def test_local_symlink_inside_root_is_allowed(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    (root / "real").mkdir(parents=True)
+    (root / "alias").symlink_to(root / "real")
+    storage = LocalStorage(root)
+    await store(storage, "alias/x.mp4", b"data")
+    assert (root / "real" / "x.mp4").read_bytes() == b"data"
+
+
+async def test_local_planted_partial_symlink_is_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root.mkdir()
+    (root / ".rec.mp4.partial").symlink_to(outside / "victim")
+    storage = LocalStorage(root)
+
+    with pytest.raises(UnsafeValue, match="symbolic link"):
+        await storage.begin("rec.mp4")
+    assert files_under(outside) == []
+
+
+async def test_local_partial_is_hidden_beside_target(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    async with await storage.begin("room/2024/rec.mp4") as upload:
+        await upload.write(b"bytes")
+        assert files_under(tmp_path) == ["room/2024/.rec.mp4.partial"]
+        await upload.commit(request_for(b"bytes"))
+    assert files_under(tmp_path) == ["room/2024/rec.mp4"]
+
+
+async def test_local_resume_after_crash(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path, verify_on_commit=True)
+    data = os.urandom(3 * MiB + 17)
+    first = await storage.begin("r/rec.mp4")
+    await first.write(data[:MiB])
+    await first.write(data[MiB : 2 * MiB + 5])
+    del first  # dropped without abort: the partial stays, as after SIGKILL
+
+    assert await storage.stat("r/rec.mp4") is None
+    async with await storage.begin("r/rec.mp4", resume=True) as upload:
+        assert upload.offset == 2 * MiB + 5
+        held = [chunk async for chunk in upload.existing()]
+        assert all(len(chunk) <= MiB for chunk in held)
+        assert b"".join(held) == data[: 2 * MiB + 5]
+        await upload.write(data[upload.offset :])
+        stored = await upload.commit(request_for(data))
+    assert stored.sha256 == sha(data)
+    assert (tmp_path / "r" / "rec.mp4").read_bytes() == data
+    assert files_under(tmp_path) == ["r/rec.mp4"]
+
+
+async def test_local_resume_after_sigkill(tmp_path: Path) -> None:
+    """A real killed process: its partial is found, continued and committed by the next run."""
+    script = (
+        "import asyncio, os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from archiver.storage.local import LocalStorage\n"
+        "async def main():\n"
+        "    upload = await LocalStorage(Path(sys.argv[1])).begin('rec.mp4')\n"
+        "    await upload.write(b'a' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(tmp_path), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()
+
+    storage = LocalStorage(tmp_path)
+    async with await storage.begin("rec.mp4") as upload:
+        assert upload.offset == 1000
+        await upload.write(b"b" * 24)
+        await upload.commit(request_for(b"a" * 1000 + b"b" * 24))
+    assert (tmp_path / "rec.mp4").read_bytes() == b"a" * 1000 + b"b" * 24
+
+
+async def test_local_begin_without_resume_truncates(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    first = await storage.begin("rec.mp4")
+    await first.write(b"stale bytes")
+    del first
+
+    async with await storage.begin("rec.mp4", resume=False) as upload:
+        assert upload.offset == 0
+        await upload.write(b"fresh")
+        await upload.commit(request_for(b"fresh"))
+    assert (tmp_path / "rec.mp4").read_bytes() == b"fresh"
+
+
+async def test_local_one_writer_per_key(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    async with await storage.begin("rec.mp4") as upload:
+        await upload.write(b"mine")
+        with pytest.raises(StorageError, match="another upload"):
+            await storage.begin("rec.mp4")
+        assert await storage.cleanup_stale(0) == 0  # a live upload's partial is never removed
+        await upload.commit(request_for(b"mine"))
+    assert (tmp_path / "rec.mp4").read_bytes() == b"mine"
+
+
+async def test_local_committed_files_are_durable_and_private(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await store(storage, "deep/er/rec.mp4", b"video")
+    await storage.put_bytes("deep/er/rec.json", b"{}", content_type="application/json")
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ["rec.mp4", "rec.json"]:
+        path = tmp_path / "deep" / "er" / name
+        assert path.is_file()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640 & ~umask
+    assert files_under(tmp_path) == ["deep/er/rec.json", "deep/er/rec.mp4"]
+
+
+async def test_local_verify_on_commit_off_still_checks_size(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    async with await storage.begin("rec.mp4") as upload:
+        await upload.write(b"12345")
+        with pytest.raises(IntegrityError, match="5 bytes written, 6 expected"):
+            await upload.commit(CommitRequest(sha256=sha(b"123456"), size=6))
+    assert files_under(tmp_path) == []
+
+
+async def test_local_stat_and_read_ignore_directories(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    await store(storage, "dir/rec.mp4", b"x")
+    assert await storage.stat("dir") is None
+    with pytest.raises(StorageError):
+        await read_all(storage, "dir")
+    assert await storage.stat("dir/rec.mp4/under-a-file") is None
+
+
+async def test_local_cleanup_stale_respects_age(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    for key in ["old/a.mp4", "new/b.mp4"]:
+        upload = await storage.begin(key)
+        await upload.write(b"partial")
+        del upload
+    old = tmp_path / "old" / ".a.mp4.partial"
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    (tmp_path / "old" / ".not-a-partial").write_bytes(b"left alone")
+
+    assert await storage.cleanup_stale(3600) == 1
+    assert files_under(tmp_path) == ["new/.b.mp4.partial", "old/.not-a-partial"]
+
+
+async def test_local_preflight_creates_missing_root(tmp_path: Path) -> None:
+    root = tmp_path / "not" / "yet"
+    await LocalStorage(root).preflight()
+    assert root.is_dir()
+    assert files_under(root) == []
+
+
+async def test_local_preflight_under_a_file_fails(tmp_path: Path) -> None:
+    (tmp_path / "plain-file").write_bytes(b"")
+    with pytest.raises(PreflightError, match="part of its path is a file"):
+        await LocalStorage(tmp_path / "plain-file" / "archive").preflight()
+    with pytest.raises(PreflightError, match="not a directory"):
+        await LocalStorage(tmp_path / "plain-file").preflight()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, to run out of space for real. Needs root (or CAP_SYS_ADMIN)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mount, umount = shutil.which("mount"), shutil.which("umount")
+    if mount is None or umount is None:
+        pytest.skip("mount/umount not installed")
+    proc = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run([umount, str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run([umount, "-l", str(mount_point)], check=True)
+
+
+async def test_local_disk_full(tiny_fs: Path) -> None:
+    storage = LocalStorage(tiny_fs)
+    await storage.preflight()
+    chunk = b"\x00" * (256 * 1024)
+    with pytest.raises(StorageError, match=r"disk full writing rooms/rec\.mp4"):
+        async with await storage.begin("rooms/rec.mp4") as upload:
+            for _ in range(8):
+                await upload.write(chunk)
+            await upload.commit(CommitRequest(sha256=sha(chunk * 8), size=len(chunk) * 8))
+    assert files_under(tiny_fs) == []
+    assert await storage.stat("rooms/rec.mp4") is None
+
+    with pytest.raises(StorageError, match=r"disk full writing meta\.json"):
+        await storage.put_bytes("meta.json", b"x" * (2 * MiB), content_type="application/json")
+    assert files_under(tiny_fs) == []
+
+    # The space came back: a small object fits again.
+    await store(storage, "rooms/small.mp4", b"fits")
+    assert files_under(tiny_fs) == ["rooms/small.mp4"]
