@@ -13,6 +13,9 @@ import pytest
 from archiver.config import Settings, load_settings
 from archiver.simulator import Faults, SimRecording, Simulator
 
+# Fixtures for the real S3 server and PostgreSQL live in their own modules.
+pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_pg"]
+
 API_KEY = "KEY0123456789abcdefSECRET"
 KEY_ENV = "ARCHIVER_TEST_KEY"
 

@@ -131,9 +131,7 @@ async def test_hostile_entries_fail_alone_and_nothing_escapes(sim_factory, tmp_p
     recs = make_recordings(20, seed=9)
     sim: Simulator = await sim_factory(recs)
     hostile = add_hostile_entries(sim)
-    settings = make_settings(
-        sim, tmp_path, workers__transfer_attempts=2, workers__max_attempts=2
-    )
+    settings = make_settings(sim, tmp_path, workers__transfer_attempts=2, workers__max_attempts=2)
     outside_before = sorted(p.name for p in tmp_path.parent.iterdir())
 
     report = await run(settings)
@@ -144,8 +142,13 @@ async def test_hostile_entries_fail_alone_and_nothing_escapes(sim_factory, tmp_p
     # Everything written is under the archive root or is the ledger.
     for path in tmp_path.rglob("*"):
         rel = path.relative_to(tmp_path)
-        assert rel.parts[0] in ("archive", "ledger.db", "ledger.db-wal", "ledger.db-shm",
-                                "ledger.db.lock"), rel
+        assert rel.parts[0] in (
+            "archive",
+            "ledger.db",
+            "ledger.db-wal",
+            "ledger.db-shm",
+            "ledger.db.lock",
+        ), rel
     assert sorted(p.name for p in tmp_path.parent.iterdir()) == outside_before
     async with open_ledger(path=settings.ledger.path) as ledger:
         failures = {row.id: row.last_error or "" for row in await ledger.failures(limit=100)}

@@ -4,8 +4,9 @@ One row per recording id. A row changes state only through the named transitions
 one atomic, each one written to the audit chain in the same transaction:
 
     observe   new id → pending (metadata refreshed on every sighting, state untouched)
-    claim     pending | failed (retryable) | in_progress with an expired lease → in_progress,
-              attempts += 1, lease = (owner, expiry). Returns None if the row is not claimable.
+    claim     pending | failed (retryable, attempts < max) | in_progress with an expired lease
+              (attempts < max) → in_progress, attempts += 1, lease = (owner, expiry).
+              Returns None if the row is not claimable.
     heartbeat extend a lease still held by owner.
     complete  in_progress held by owner → archived with key, size, SHA-256. Returns False (and
               changes nothing) if the lease was lost and someone else archived it meanwhile.
@@ -15,7 +16,9 @@ one atomic, each one written to the audit chain in the same transaction:
     reject    a hostile or unusable entry → failed permanently, without ever being claimed.
 
 An archived row is never claimed again: that is how nothing is fetched twice. A lease left by a
-killed process expires and the row becomes claimable for any instance.
+killed process expires and the row becomes claimable for any instance. A ledger opened by the only
+instance allowed (SQLite's exclusive lock) turns leftover in_progress rows into retryable failures
+at once ("interrupted"), since nobody else can be holding them.
 
 Every implementation passes ``tests/test_ledger_conformance.py``.
 """

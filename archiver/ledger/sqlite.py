@@ -12,6 +12,7 @@ never share a file ledger; readers (status, verify) open without it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
@@ -19,7 +20,6 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -111,7 +111,7 @@ _IN_CHUNK = 500  # ids per ``IN (...)``, far below SQLite's variable limit
 _CLAIMABLE = """(
     +state = 'pending'
     OR (+state = 'failed' AND permanent = 0 AND attempts < :max_attempts)
-    OR (+state = 'in_progress' AND lease_expires < :now)
+    OR (+state = 'in_progress' AND lease_expires < :now AND attempts < :max_attempts)
 )"""
 
 # A sighting refreshes what the API says but is no transition: updated_at stays the time of the
@@ -293,8 +293,12 @@ class SqliteLedger:
         try:
             await self._call(self._open_sync)
             await self.migrate()
+            if self.exclusive:
+                await self._call(self._recover_orphans_sync)
         except BaseException:
-            await self._shutdown()
+            # The error that stopped the opening is the one to report, not a failed close.
+            with contextlib.suppress(LedgerError, LedgerUnavailable):
+                await self._shutdown()
             raise
         return self
 
@@ -307,15 +311,17 @@ class SqliteLedger:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
-        executor = self._executor
+        executor, self._executor = self._executor, None
         if executor is None:
             return
+        # Queued behind any call still running, so the connection closes after it; the thread
+        # exits once the queue is drained. Shielded: a cancelled exit still closes the file.
+        closing = executor.submit(self._close_sync)
+        executor.shutdown(wait=False)
         try:
-            # Queued behind any call still running, so the connection closes after it.
-            await self._call(self._close_sync)
-        finally:
-            self._executor = None
-            await asyncio.to_thread(executor.shutdown, wait=True)
+            await asyncio.shield(asyncio.wrap_future(closing))
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from exc
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +381,7 @@ class SqliteLedger:
             raise LedgerError(f"the ledger {self.path} is not open (use it with 'async with')")
         return self._conn
 
-    @contextmanager
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken up front so two writers queue instead of deadlocking."""
         conn = self._db()
@@ -389,6 +395,23 @@ class SqliteLedger:
             raise
 
     # -- schema ------------------------------------------------------------------------------
+    def _recover_orphans_sync(self) -> int:
+        """With the exclusive lock held no other process can be transferring, so every
+        in_progress row was left by a killed one: count it as a failed attempt now instead of
+        waiting for its lease, so it is retried at once while attempts remain, and a recording
+        that kills the process every time ends failed rather than being retried forever."""
+        _, now = _now()
+        with self._write() as conn:
+            cursor = conn.execute(
+                """UPDATE recordings
+                   SET state = 'failed', permanent = 0, lease_owner = NULL, lease_expires = NULL,
+                       updated_at = ?,
+                       last_error = 'interrupted: the process stopped mid-transfer'
+                   WHERE state = 'in_progress'""",
+                (now,),
+            )
+            return cursor.rowcount
+
     async def migrate(self) -> int:
         """Bring the schema to ``SCHEMA_VERSION``; return the version the file is at."""
         return await self._call(self._migrate_sync)
