@@ -60,6 +60,13 @@ async def run_demo(*, count: int, directory: Path) -> int:
                 services.ledger, services.storage, deep=True, sidecars=True
             )
         downloads = sum(sim.download_completions.values())
+        injected = sim.injected
+    print(
+        "faults survived: "
+        f"{injected['list:error'] + injected['list:throttle']} failed or throttled list calls, "
+        f"{injected['download:truncate']} truncated downloads, "
+        f"{injected['list:expired_url']} expired links"
+    )
     print(
         f"verify (deep): {check.checked} recordings, {human_bytes(check.bytes)}, "
         f"{len(check.problems)} problem(s); {downloads} downloads completed this run"

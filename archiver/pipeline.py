@@ -98,6 +98,8 @@ class Engine:
         self.report = RunReport()
         self.stop = asyncio.Event()
         self._in_flight: set[str] = set()
+        # Set while ``run`` is running: how ``submit`` reaches the queue.
+        self._enqueue: Callable[[Recording], Awaitable[None]] | None = None
 
     async def run(self, produce: Produce) -> RunReport:
         """Run ``produce(lister, drain)`` with the worker pool until it returns or stop is set.
@@ -119,6 +121,39 @@ class Engine:
             max_attempts=self._max_attempts,
             stop=self.stop,
         )
+        self._enqueue = enqueue
+        try:
+            return await self._run(queue, lister, produce)
+        finally:
+            self._enqueue = None
+
+    async def submit(self, rec: Recording) -> bool:
+        """Archive one recording now, outside any listing pass (the webhook's way in).
+
+        The recording is observed in the ledger first, so it is known even if this process never
+        transfers it; it is queued only if the ledger says it needs work and no queue slot or
+        worker holds it already (the lister's dedupe set). Waits while the queue is full.
+        Returns True if it was queued; False while the engine is not running or stopping.
+        """
+        enqueue = self._enqueue
+        if enqueue is None or self.stop.is_set():
+            return False
+        needs_work = await self._ledger.observe([rec], max_attempts=self._max_attempts)
+        if rec.id not in needs_work or rec.id in self._in_flight or self.stop.is_set():
+            return False
+        if not rec.download_url and not rec.is_completed:
+            return False
+        self._in_flight.add(rec.id)
+        try:
+            await enqueue(rec)
+        except BaseException:
+            self._in_flight.discard(rec.id)
+            raise
+        return True
+
+    async def _run(
+        self, queue: asyncio.Queue[Recording | None], lister: Lister, produce: Produce
+    ) -> RunReport:
         async with asyncio.TaskGroup() as tg:
             workers = [tg.create_task(self._worker(queue)) for _ in range(self._concurrency)]
             producer = tg.create_task(produce(lister, queue.join))

@@ -15,7 +15,6 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 from archiver.pipeline import ProgressSink
@@ -54,6 +53,15 @@ class _Counts(ProgressSink):
         elif outcome.result is Result.FAILED:
             self.failed += 1
 
+    def eta(self) -> str:
+        """Time left at the average pace so far (the queue grows while listing goes on)."""
+        remaining = self.enqueued_total - self.done
+        elapsed = time.monotonic() - self.started
+        if remaining <= 0 or self.done == 0:
+            return ""
+        seconds = int(remaining * elapsed / self.done)
+        return f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
     def rate(self) -> float:
         return self.bytes / max(time.monotonic() - self.started, 1e-6)
 
@@ -76,12 +84,11 @@ class LiveProgress(_Counts):
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[eta]}"),
             console=console,
             transient=False,
         )
-        self._task = self._progress.add_task(label, total=0, detail="")
+        self._task = self._progress.add_task(label, total=None, detail="", eta="")
 
     def __enter__(self) -> Self:
         self._progress.start()
@@ -101,7 +108,11 @@ class LiveProgress(_Counts):
         if self.failed:
             detail += f" [red]{self.failed} failed[/red]"
         self._progress.update(
-            self._task, total=self.enqueued_total, completed=self.done, detail=detail
+            self._task,
+            total=self.enqueued_total or None,
+            completed=self.done,
+            detail=detail,
+            eta=self.eta(),
         )
 
     def enqueued(self, count: int) -> None:
