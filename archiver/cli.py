@@ -63,8 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     bf = sub.add_parser("backfill", help="archive every recording the filters match, then stop")
     bf.add_argument("--since", type=_date, help="ended on or after DATE (UTC, YYYY-MM-DD)")
     bf.add_argument("--until", type=_date, help="ended on or before DATE (inclusive)")
-    bf.add_argument("--dry-run", action="store_true", help="list what would be archived")
+    bf.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would be archived (and deleted at the source, if that is on)",
+    )
     _filter_flags(bf)
+
+    rn = sub.add_parser(
+        "run", help="keep the archive current: poll, archive, repeat (the systemd service)"
+    )
+    rn.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
 
     st = sub.add_parser("status", help="what the ledger holds: counts, failures, last passes")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -72,10 +81,47 @@ def build_parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="check the archive against the ledger")
     vf.add_argument("--deep", action="store_true", help="re-read and re-hash every object")
 
+    mf = sub.add_parser("manifest", help="every archived recording, for an auditor")
+    mf.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
+    _range_flags(mf)
+    mf.add_argument("--output", type=Path, help="write FILE (complete or not at all), not stdout")
+
+    au = sub.add_parser("audit", help="the append-only, hash-chained audit log")
+    au_sub = au.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+    au_sub.add_parser("verify", help="check the hash chain and print its head hash")
+    ax = au_sub.add_parser("export", help="every audit entry as JSON lines")
+    ax.add_argument("--output", type=Path, help="write FILE (complete or not at all), not stdout")
+
+    rc = sub.add_parser("reconcile", help="the source and the archive side by side")
+    _range_flags(rc)
+    rc.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pg = sub.add_parser(
+        "purge", help="delete at the source what is archived and verified (by id, one by one)"
+    )
+    _range_flags(pg)
+    pg.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+
+    lg = sub.add_parser("ledger", help="the ledger itself: schema, export, import")
+    lg_sub = lg.add_subparsers(dest="ledger_command", required=True, parser_class=_Parser)
+    lg_sub.add_parser("migrate", help="bring the schema up to date (every start does it too)")
+    lx = lg_sub.add_parser("export", help="the whole ledger as JSON lines (history included)")
+    lx.add_argument("--output", type=Path, help="write FILE (complete or not at all), not stdout")
+    li = lg_sub.add_parser("import", help="load an export into the configured, empty ledger")
+    li.add_argument("file", type=Path, help="a file written by 'archiver ledger export'")
+    li.add_argument(
+        "--force", action="store_true", help="replace whatever the ledger holds (all of it)"
+    )
+
     demo = sub.add_parser("demo", help="archive a simulated account into ./demo-archive")
     demo.add_argument("--count", type=int, default=300, help="recordings to simulate")
     demo.add_argument("--dir", type=Path, default=Path("demo-archive"))
     return parser
+
+
+def _range_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", type=_date, help="ended on or after DATE (UTC, YYYY-MM-DD)")
+    p.add_argument("--until", type=_date, help="ended on or before DATE (inclusive)")
 
 
 def _filter_flags(p: argparse.ArgumentParser) -> None:
@@ -151,10 +197,46 @@ async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
             if args.dry_run:
                 return await commands.dry_run(settings, filters)
             return await commands.backfill(settings, filters)
+        if args.command == "run":
+
+            def reopen_logs() -> None:
+                setup_logging(
+                    fmt=args.log_format or settings.logging.format,
+                    level=args.log_level or settings.logging.level,
+                    file=settings.logging.file,
+                )
+
+            return await commands.run(settings, once=args.once, reopen_logs=reopen_logs)
         if args.command == "status":
             return await commands.status(settings, as_json=args.json)
         if args.command == "verify":
             return await commands.verify(settings, deep=args.deep)
+        if args.command in ("manifest", "reconcile", "purge") and (
+            args.since and args.until and args.since > args.until
+        ):
+            raise ConfigError("--since is after --until")
+        if args.command == "manifest":
+            return await commands.manifest(
+                settings, fmt=args.format, since=args.since, until=args.until, output=args.output
+            )
+        if args.command == "audit" and args.audit_command == "verify":
+            return await commands.audit_verify(settings)
+        if args.command == "audit" and args.audit_command == "export":
+            return await commands.audit_export(settings, output=args.output)
+        if args.command == "ledger":
+            if args.ledger_command == "migrate":
+                return await commands.ledger_migrate(settings)
+            if args.ledger_command == "export":
+                return await commands.ledger_export(settings, output=args.output)
+            return await commands.ledger_import(settings, args.file, force=args.force)
+        if args.command == "reconcile":
+            return await commands.reconcile(
+                settings, since=args.since, until=args.until, as_json=args.json
+            )
+        if args.command == "purge":
+            return await commands.purge(
+                settings, since=args.since, until=args.until, dry_run=args.dry_run
+            )
     except BaseExceptionGroup as group:
         raise _first_meaningful(group) from group
     raise ConfigError(f"unknown command {args.command!r}")

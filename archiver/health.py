@@ -2,7 +2,7 @@
 ``/healthz``.
 
 Healthy means passes keep succeeding: the last successful pass is younger than the threshold
-(``max(3 × daemon.poll_interval, 60 s)``), or a pass is running and still making progress (a
+(``max(3 * daemon.poll_interval, 60 s)``), or a pass is running and still making progress (a
 first pass over a large backlog can take hours, transferring all along). Before the first pass
 has finished, the daemon's start counts as its last success. ``/healthz`` answers 200 while
 healthy and 503 otherwise; the systemd watchdog is pinged on the same condition.
@@ -84,7 +84,9 @@ def _iso(stamp: float | None) -> str | None:
 
 def metrics_app(health: Health) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def healthz(request: web.Request) -> web.Response:
         doc = health.document()

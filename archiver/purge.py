@@ -7,8 +7,9 @@ the source only when all of these hold:
   ``Ledger.complete`` recorded it (and wrote the "archived" audit entry);
 - the stored object is still there now, with that size and, where the backend records one, that
   SHA-256 (``verify.check_row``, quick);
-- where Object Lock retention is configured (``storage.s3.object_lock_mode``), the commit
-  applied it: the row carries the retain-until date the backend reported.
+- where Object Lock is on (the backend's capabilities, or ``storage.s3.object_lock_mode``), the
+  commit applied it: the row carries the retain-until date the backend reported, and the stored
+  object still reports one.
 
 Deletion is by id only (``DELETE /v2/room_recordings/{id}``, ``TelnyxClient.delete``); the bulk
 endpoint is never called. Each deletion is marked in the ledger (``mark_deleted_at_source``),
@@ -26,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
 
 from archiver.config import Settings
 from archiver.errors import ArchiverError, AuthError, NotFound
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PARALLEL = 4
 _BATCH = 64
+_T = TypeVar("_T")
 
 
 class SourceDelete(Protocol):
@@ -90,7 +93,8 @@ class SourceDeleter:
         self._api = api
         self._ledger = ledger
         self._storage = storage
-        self._retention = retention_required(settings)
+        # Either side saying Object Lock is enough to insist on retention before deleting.
+        self._retention = storage.capabilities.object_lock or retention_required(settings)
         self._deferred: list[str] | None = None
         self.report = PurgeReport()
 
@@ -115,7 +119,8 @@ class SourceDeleter:
     async def flush(self) -> None:
         if not self._deferred:
             return
-        ids, self._deferred[:] = list(self._deferred), []
+        ids = self._deferred.copy()
+        self._deferred.clear()
         await _each(ids, self._delete_id)
 
     async def sweep(
@@ -152,9 +157,15 @@ class SourceDeleter:
             return "Object Lock retention is configured but was not applied to the copy"
         try:
             problem = await check_row(row, self._storage, deep=False, sidecars=False)
+            if problem is not None:
+                return problem.what
+            if self._retention and row.storage_key:
+                info = await self._storage.stat(row.storage_key)
+                if info is None or info.retain_until is None:
+                    return "the stored object reports no Object Lock retention"
         except ArchiverError as exc:
             return f"the copy could not be checked: {redact(str(exc))}"
-        return None if problem is None else problem.what
+        return None
 
     async def delete_row(self, row: LedgerRow, *, dry_run: bool = False) -> bool:
         """Delete the recording at the source if its copy qualifies; True when it was (or, in a
@@ -164,8 +175,12 @@ class SourceDeleter:
         problem = await self.copy_problem(row)
         if problem is not None:
             self.report.kept[row.id] = problem
-            log.warning(
-                "not deleting %s at the source: %s", row.id, problem, extra={"recording_id": row.id}
+            log.log(
+                logging.INFO if dry_run else logging.WARNING,
+                "not deleting %s at the source: %s",
+                row.id,
+                problem,
+                extra={"recording_id": row.id},
             )
             return False
         if dry_run:
@@ -221,7 +236,9 @@ async def _each(items: Iterable[_T], fn: Callable[[_T], Awaitable[None]]) -> Non
 # -- which archived rows a backfill's filters cover --------------------------------------------
 
 
-def scope_of(filters: Filters) -> tuple[datetime | None, datetime | None, Callable[[LedgerRow], bool]]:
+def scope_of(
+    filters: Filters,
+) -> tuple[datetime | None, datetime | None, Callable[[LedgerRow], bool]]:
     """The ledger bounds and row test matching what a listing with ``filters`` covers, so that a
     backfill's sweep deletes no more than that backfill could have archived."""
     since, until = day_range(
@@ -234,24 +251,30 @@ def scope_of(filters: Filters) -> tuple[datetime | None, datetime | None, Callab
             wanted = getattr(filters, name)
             if wanted is not None and getattr(row, name) != wanted:
                 return False
-        started = row.started_at.date() if row.started_at else None
-        for bound, ok in (
-            (filters.date_started_at_eq, lambda d, b: d == b),
-            (filters.date_started_at_gte, lambda d, b: d >= b),
-            (filters.date_started_at_lte, lambda d, b: d <= b),
+        started = row.started_at.astimezone(UTC).date() if row.started_at else None
+        if not _within(
+            started,
+            filters.date_started_at_eq,
+            filters.date_started_at_gte,
+            filters.date_started_at_lte,
         ):
-            if bound is not None and (started is None or not ok(started, bound)):
-                return False
+            return False
         if filters.type is not None and row.metadata.get("type") != filters.type:
             return False
         duration = row.metadata.get("duration_secs")
-        for limit, ok in (
-            (filters.duration_secs_eq, lambda d, b: d == b),
-            (filters.duration_secs_gte, lambda d, b: d >= b),
-            (filters.duration_secs_lte, lambda d, b: d <= b),
-        ):
-            if limit is not None and (not isinstance(duration, int) or not ok(duration, limit)):
-                return False
-        return True
+        return _within(
+            duration if isinstance(duration, int) else None,
+            filters.duration_secs_eq,
+            filters.duration_secs_gte,
+            filters.duration_secs_lte,
+        )
 
     return since, until, match
+
+
+def _within(value: Any, eq: Any, gte: Any, lte: Any) -> bool:
+    """True when every bound given holds; an unknown value fails any bound."""
+    for bound, compare in ((eq, operator.eq), (gte, operator.ge), (lte, operator.le)):
+        if bound is not None and (value is None or not compare(value, bound)):
+            return False
+    return True

@@ -22,6 +22,7 @@ from archiver.ledger.base import Ledger, PassRecord
 from archiver.lister import Lister
 from archiver.models import utcnow
 from archiver.pipeline import Engine, ProgressSink, RunReport
+from archiver.purge import SourceDeleter, scope_of
 from archiver.storage.base import StorageBackend
 from archiver.telnyx import Filters, TelnyxClient
 from archiver.transfer import Transferer, download_session
@@ -59,6 +60,7 @@ def make_ledger(settings: Settings, *, exclusive: bool) -> Ledger:
         path=settings.ledger.path,
         url=settings.ledger.url,
         exclusive=exclusive,
+        password_file=settings.ledger.password_file,
     )
 
 
@@ -70,6 +72,8 @@ class Services:
     api: TelnyxClient | None
     http: aiohttp.ClientSession | None
     owner: str
+    # Set when ``[source] delete_after_archive`` is on and the API is open.
+    deleter: SourceDeleter | None = None
 
 
 @asynccontextmanager
@@ -89,7 +93,12 @@ async def open_services(
         if client is not None:
             await stack.enter_async_context(client)
         http = await stack.enter_async_context(download_session(settings)) if api else None
-        yield Services(settings, ledger, storage, client, http, instance_id())
+        deleter = (
+            SourceDeleter(api=client, ledger=ledger, storage=storage, settings=settings)
+            if client is not None and settings.source.delete_after_archive
+            else None
+        )
+        yield Services(settings, ledger, storage, client, http, instance_id(), deleter)
 
 
 def make_engine(services: Services, progress: ProgressSink | None = None) -> Engine:
@@ -104,6 +113,7 @@ def make_engine(services: Services, progress: ProgressSink | None = None) -> Eng
         settings=settings,
         owner=services.owner,
         on_bytes=sink.transferred,
+        after_archive=services.deleter,
     )
     return Engine(
         transferer=transferer,
@@ -127,6 +137,8 @@ async def backfill(services: Services, filters: Filters, engine: Engine) -> RunR
             started = utcnow()
             stats = await lister.list_pass(filters)
             await drain()
+            if services.deleter is not None:
+                await services.deleter.flush()
             report.passes = number
             report.rejected += stats.rejected
             await services.ledger.record_pass(
@@ -164,7 +176,17 @@ async def backfill(services: Services, filters: Filters, engine: Engine) -> RunR
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(engine.stop.wait(), timeout=wait)
 
-    return await engine.run(produce)
+    deleter = services.deleter
+    if deleter is None:
+        return await engine.run(produce)
+    # Deleting while a pass lists would shift its pages: deletions wait for the pass's end.
+    with deleter.deferred():
+        await engine.run(produce)
+    if not report.stopped:
+        # Deletions that failed earlier, and recordings archived before the option was on.
+        since, until, match = scope_of(filters)
+        await deleter.sweep(since=since, until=until, match=match)
+    return report
 
 
 def filters_label(filters: Filters) -> str:

@@ -981,12 +981,14 @@ class Simulator:
     async def _send_cached(
         self, rec: SimRecording, transport: asyncio.Transport | None, start: int, end: int
     ) -> bool:
-        """Send ``[start, end)`` from the content cache with ``sendfile``; False if there is none."""
+        """Send ``[start, end)`` from the content cache by ``sendfile``; False without a cache."""
         if self.content_cache is None or transport is None or end <= start:
             return False
-        path = await asyncio.to_thread(self.cached_content, rec)
-        with open(path, "rb") as fobj:
+        fobj = await asyncio.to_thread(lambda: self.cached_content(rec).open("rb"))
+        try:
             await asyncio.get_running_loop().sendfile(transport, fobj, start, end - start)
+        finally:
+            fobj.close()
         return True
 
 

@@ -30,6 +30,7 @@ from archiver.config import Settings
 from archiver.errors import (
     ApiError,
     ArchiverError,
+    AuthError,
     MalformedResponse,
     NetworkError,
     ProcessingAtSource,
@@ -50,12 +51,20 @@ from archiver.telnyx import wait_hint
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Chunks at least this big are hashed in a worker thread; smaller ones cost less than the hop.
+_HASH_OFF_LOOP = 256 * 1024
 
 
 class RecordingSource(Protocol):
     """What a transfer needs from the API: a fresh copy of one recording."""
 
     async def retrieve(self, recording_id: str) -> Recording: ...
+
+
+class AfterArchive(Protocol):
+    """Told of each recording this transfer archived (delete at source: ``archiver.purge``)."""
+
+    async def after_archive(self, recording_id: str) -> None: ...
 
 
 class Result(enum.StrEnum):
@@ -127,8 +136,10 @@ class Transferer:
         settings: Settings,
         owner: str,
         on_bytes: Callable[[int], None] | None = None,
+        after_archive: AfterArchive | None = None,
     ) -> None:
         self._source = source
+        self._after_archive = after_archive
         self._http = http
         self._storage = storage
         self._ledger = ledger
@@ -166,6 +177,10 @@ class Transferer:
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(progress))
             raise
+        except AuthError:
+            # A refused key is no fault of this recording: give it back and stop the run.
+            await asyncio.shield(self._give_back(progress))
+            raise
         except ProcessingAtSource as exc:
             await self._discard(progress)
             await self._ledger.release(rec.id, owner=self._owner)
@@ -192,6 +207,13 @@ class Transferer:
                 "key": stored.key,
             },
         )
+        if self._after_archive is not None:
+            # Only here: ``complete`` returned True, so the copy is committed and recorded.
+            try:
+                await self._after_archive.after_archive(rec.id)
+            except Exception:
+                # The recording is archived whatever happens at the source; a sweep retries.
+                log.exception("after archiving %s: deleting it at the source failed", rec.id)
         return Outcome(rec.id, Result.ARCHIVED, bytes=stored.size, seconds=seconds, key=stored.key)
 
     async def _fail(self, recording_id: str, exc: BaseException, attempt: int) -> Outcome:
@@ -296,22 +318,32 @@ class Transferer:
         before a connection broke is still written, so the next attempt resumes after it."""
         upload = progress.upload
         assert upload is not None
-        buffer = bytearray()
+        pieces: list[bytes] = []
+        held = 0
         limit = self._workers.chunk_size
 
         async def flush() -> None:
-            if buffer:
-                chunk = bytes(buffer)
-                buffer.clear()
-                progress.hasher.update(chunk)
-                await upload.write(chunk)
+            nonlocal held
+            if held:
+                chunk = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                held = 0
+                if len(chunk) >= _HASH_OFF_LOOP:
+                    # hashlib lets go of the GIL on big buffers: hash in a thread beside the
+                    # write, so the event loop keeps receiving for the other transfers.
+                    hashed = asyncio.to_thread(progress.hasher.update, chunk)
+                    await asyncio.gather(hashed, upload.write(chunk))
+                else:
+                    progress.hasher.update(chunk)
+                    await upload.write(chunk)
                 progress.position += len(chunk)
                 self._on_bytes(len(chunk))
 
         try:
             async for data in resp.content.iter_any():
-                buffer += data
-                if len(buffer) >= limit:
+                pieces.append(data)
+                held += len(data)
+                if held >= limit:
                     await flush()
         except (aiohttp.ClientError, TimeoutError):
             await flush()

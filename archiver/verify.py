@@ -47,8 +47,9 @@ async def verify_archive(
     *,
     deep: bool,
     sidecars: bool,
-    on_checked: Callable[[LedgerRow], None] | None = None,
+    on_checked: Callable[[LedgerRow, Problem | None], None] | None = None,
 ) -> VerifyReport:
+    """Check every archived row; ``on_checked(row, problem)`` follows each one (progress)."""
     report = VerifyReport()
     limit = asyncio.Semaphore(PARALLEL)
 
@@ -63,7 +64,7 @@ async def verify_archive(
         if problem is not None:
             report.problems.append(problem)
         if on_checked is not None:
-            on_checked(row)
+            on_checked(row, problem)
 
     batch: list[LedgerRow] = []
     async for row in ledger.iter_archived():

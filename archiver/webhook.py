@@ -205,4 +205,3 @@ class WebhookReceiver:
     async def _cancel_waiting(self, app: web.Application) -> None:
         for task in list(self._waiting):
             task.cancel()
-

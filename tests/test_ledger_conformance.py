@@ -23,8 +23,11 @@ import archiver.ledger.sqlite as sqlite_module
 from archiver.audit import GENESIS, verify_chain
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
 from archiver.ledger import Ledger, PassRecord, SqliteLedger, open_ledger
+from archiver.ledger.portable import KINDS
+from archiver.ledger.postgres import PostgresLedger
 from archiver.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION
 from archiver.models import Recording, State, StoredObject
+from tests import fixtures_pg
 
 # A backend: given the test's tmp_path, set up an empty store and yield a callable that builds
 # an unopened ledger on it (call it twice for two handles on the same store).
@@ -38,7 +41,14 @@ async def _sqlite_backend(tmp_path: Path) -> AsyncIterator[LedgerMaker]:
     yield lambda: SqliteLedger(path)
 
 
-BACKENDS: dict[str, Backend] = {"sqlite": _sqlite_backend}
+@asynccontextmanager
+async def _postgres_backend(tmp_path: Path) -> AsyncIterator[LedgerMaker]:
+    pg = fixtures_pg.cluster()
+    async with pg.database() as url:
+        yield lambda: PostgresLedger(url, password_file=pg.password_file)
+
+
+BACKENDS: dict[str, Backend] = {"sqlite": _sqlite_backend, "postgres": _postgres_backend}
 
 MAX = 3
 LEASE = 30.0
@@ -544,6 +554,133 @@ async def test_meta_round_trip(ledger: Ledger) -> None:
     await ledger.set_meta("cursor", "next")
     assert await ledger.get_meta("cursor") == "next"
     assert await ledger.get_meta("other") == ""
+
+
+async def test_advance_meta_is_a_compare_and_set(ledger_factory: LedgerMaker) -> None:
+    async with ledger_factory() as first, ledger_factory() as second:
+        assert await first.advance_meta("hwm", "2026-03-01", "2026-03-02") is False
+        assert await first.get_meta("hwm") is None
+        assert await first.advance_meta("hwm", None, "2026-03-01") is True
+        assert await second.advance_meta("hwm", None, "2026-03-09") is False
+        assert await second.get_meta("hwm") == "2026-03-01"
+        # Several instances moving the same mark from the same view: exactly one wins.
+        handles = (first, second)
+        results = await asyncio.gather(
+            *(
+                handles[n % 2].advance_meta("hwm", "2026-03-01", f"2026-03-{n + 2:02d}")
+                for n in range(10)
+            )
+        )
+        assert results.count(True) == 1
+        winner = f"2026-03-{results.index(True) + 2:02d}"
+        assert await first.get_meta("hwm") == winner
+        await second.set_meta("hwm", "reset")
+        assert await first.advance_meta("hwm", winner, "x") is False
+        assert await first.advance_meta("hwm", "reset", "2026-04-01") is True
+        assert await second.get_meta("hwm") == "2026-04-01"
+
+
+async def test_migrate_is_idempotent(ledger: Ledger) -> None:
+    version = await ledger.migrate()
+    assert version >= 1
+    assert await ledger.migrate() == version
+
+
+async def fill(ledger: Ledger) -> None:
+    """A ledger with something of everything: states, attempts, leases, audit, passes, meta."""
+    hour = timedelta(hours=1)
+    recs = [rec(f"r{n}", ended=T0 + n * hour, codec="opus") for n in range(6)]
+    await ledger.observe([*recs, rec("undated", ended=None, status="processing")], max_attempts=MAX)
+    await archive(ledger, "r0", size=10)
+    await archive(ledger, "r1", size=11)
+    await ledger.mark_deleted_at_source("r1")
+    for rec_id, permanent in (("r2", True), ("r3", False)):
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.fail(rec_id, owner="w", error=f"boom {rec_id}", permanent=permanent)
+    await ledger.claim("r4", owner="host-a:1:x", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.reject("../evil", reason="unsafe id", metadata={"id": "../evil", "n": 1.5})
+    await ledger.append_audit("verified", None, {"checked": 2, "at": T0})
+    for n in range(3):
+        await ledger.record_pass(
+            PassRecord(
+                started_at=T0 + n * hour,
+                finished_at=T0 + n * hour + timedelta(seconds=5),
+                ok=n != 1,
+                listed=n,
+                window="all" if n else None,
+                instance="host-a",
+                extra={"pass": n},
+            )
+        )
+    await ledger.set_meta("daemon.high_water_mark", "2026-03-01")
+    await ledger.set_meta("empty", "")
+
+
+async def exported(ledger: Ledger) -> list[tuple[str, dict[str, Any]]]:
+    return [item async for item in ledger.export_records()]
+
+
+async def replay(items: list[tuple[str, dict[str, Any]]]) -> AsyncIterator[tuple[str, Any]]:
+    for item in items:
+        yield item
+
+
+@pytest.mark.parametrize("target_name", sorted(BACKENDS))
+@pytest.mark.parametrize("source_name", sorted(BACKENDS))
+async def test_export_import_round_trip(source_name: str, target_name: str, tmp_path: Path) -> None:
+    async with BACKENDS[source_name](tmp_path / "a") as make_source, make_source() as source:
+        await fill(source)
+        items = await exported(source)
+        before = await source.summary()
+    kinds = [kind for kind, _ in items]
+    assert kinds == sorted(kinds, key=KINDS.index)
+    assert kinds.count("recording") == 8 and kinds.count("audit") == 7
+    assert kinds.count("pass") == 3 and kinds.count("meta") == 2
+
+    async with BACKENDS[target_name](tmp_path / "b") as make_target, make_target() as target:
+        await target.import_records(replay(items))
+        assert await exported(target) == items
+        assert await target.summary() == before
+        report = await verify_chain(target.iter_audit())
+        assert report.ok and report.entries == 7, report.problems
+        row = await target.get("r4")
+        assert row is not None and (row.state, row.lease_owner) == (
+            State.IN_PROGRESS,
+            "host-a:1:x",
+        )
+        # The chain goes on from the imported head, and the ledger works as before.
+        await target.observe([rec("r5")], max_attempts=MAX)
+        await archive(target, "r5")
+        assert (await verify_chain(target.iter_audit())).ok
+        assert await target.last_passes(limit=1) == [
+            PassRecord(
+                started_at=T0 + timedelta(hours=2),
+                finished_at=T0 + timedelta(hours=2, seconds=5),
+                ok=True,
+                listed=2,
+                window="all",
+                instance="host-a",
+                extra={"pass": 2},
+            )
+        ]
+
+        # Never mixed into a ledger that holds something: refused, and nothing changed.
+        with pytest.raises(LedgerError, match="not empty"):
+            await target.import_records(replay(items))
+        assert await state_of(target, "r5") == State.ARCHIVED
+        # Unless replacing it is asked for.
+        await target.import_records(replay(items), replace=True)
+        assert await exported(target) == items
+
+        # A failure midway leaves the ledger as it was.
+        async def broken() -> AsyncIterator[tuple[str, Any]]:
+            for item in items[:3]:
+                yield item
+            raise LedgerError("cut short")
+
+        with pytest.raises(LedgerError, match="cut short"):
+            await target.import_records(broken(), replace=True)
+        assert await exported(target) == items
 
 
 async def test_data_survives_reopening(ledger_factory: LedgerMaker) -> None:

@@ -281,3 +281,33 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     settings = load_settings(str(config), env={})
     assert settings.storage.path == config.parent / "arch"
     assert settings.ledger.path == config.parent / "l.db"
+
+
+def test_example_s3_block_is_valid_and_s3_values_are_checked(tmp_path: Path) -> None:
+    import re
+
+    text = (ROOT / "config.example.toml").read_text()
+    start = text.index("# [storage.s3]")
+    end = text.index("\n\n", start)
+    block = re.sub(r"^# ([a-z_]+ =)", r"\1", text[start:end], flags=re.M)
+    block = block.replace("# [storage.s3]", "[storage.s3]")
+    config = tmp_path / "s3.toml"
+    config.write_text(block)
+    s3 = load_settings(str(config), env={}).storage.s3
+    assert s3 is not None and s3.bucket == "recordings-archive"
+    assert s3.object_lock_mode == "COMPLIANCE" and s3.tags["source"] == "telnyx"
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            env={},
+            overrides={
+                "storage.backend": "s3",
+                "storage.s3.bucket": "b",
+                "storage.s3.sse": "rot13",
+                "storage.s3.object_lock_mode": "FOREVER",
+                "storage.s3.part_size": 1024,
+            },
+            read_files=False,
+        )
+    text = str(err.value)
+    for key in ("storage.s3.sse", "storage.s3.object_lock_mode", "part_size"):
+        assert key in text

@@ -26,10 +26,15 @@ _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_ledger(
-    *, path: Path | None = None, url: str | None = None, exclusive: bool = False
+    *,
+    path: Path | None = None,
+    url: str | None = None,
+    exclusive: bool = False,
+    password_file: Path | None = None,
 ) -> Ledger:
     """The ledger at ``url`` (``postgresql://``) if given, else the SQLite file at ``path``; not
     yet opened: use the result with ``async with``. ``exclusive`` only applies to a SQLite file;
+    ``password_file`` only to PostgreSQL (without it, ``PGPASSWORD`` is used);
     several instances may share a PostgreSQL ledger."""
     if url is None:
         if path is None:
@@ -47,4 +52,4 @@ def open_ledger(
         postgres = importlib.import_module("archiver.ledger.postgres")
     except ImportError as exc:
         raise ConfigError("ledger.url: PostgreSQL ledger is not available") from exc
-    return cast(Ledger, postgres.PostgresLedger(url))
+    return cast(Ledger, postgres.PostgresLedger(url, password_file=password_file))

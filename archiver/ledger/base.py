@@ -18,14 +18,19 @@ one atomic, each one written to the audit chain in the same transaction:
 An archived row is never claimed again: that is how nothing is fetched twice. A lease left by a
 killed process expires and the row becomes claimable for any instance. A ledger opened by the only
 instance allowed (SQLite's exclusive lock) turns leftover in_progress rows into retryable failures
-at once ("interrupted"), since nobody else can be holding them.
+at once ("interrupted"), since nobody else can be holding them. A shared ledger (PostgreSQL) never
+does that: other instances may be alive, so their rows come back only when their leases expire.
+
+Settings (``meta``) change with ``set_meta``, or with ``advance_meta``, a compare-and-set: when
+several instances share the ledger, only the one whose view is current moves a value such as the
+daemon's high-water mark.
 
 Every implementation passes ``tests/test_ledger_conformance.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -141,3 +146,27 @@ class Ledger(Protocol):
     async def get_meta(self, key: str) -> str | None: ...
 
     async def set_meta(self, key: str, value: str) -> None: ...
+
+    async def advance_meta(self, key: str, expected: str | None, new: str) -> bool:
+        """Set ``key`` to ``new`` only if it still holds ``expected`` (None: not set), atomically.
+        True if this call made the change."""
+        ...
+
+    # -- schema and moving a whole ledger -----------------------------------------------------
+    async def migrate(self) -> int:
+        """Bring the schema to this archiver's version (opening does it too); return it."""
+        ...
+
+    def export_records(self) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """Every row of every table from one consistent snapshot, as (type, record): all
+        ``recording`` rows, then ``audit`` in chain order, ``pass`` oldest first, ``meta``.
+        Fields and types: ``archiver.ledger.portable.FIELDS`` (times as datetimes)."""
+        ...
+
+    async def import_records(
+        self, records: AsyncIterable[tuple[str, Mapping[str, Any]]], *, replace: bool = False
+    ) -> None:
+        """Load what ``export_records`` produced, in that order, in one transaction, keeping
+        states, attempts and audit hashes as they are. Refuses (``LedgerError``) a ledger that
+        holds anything unless ``replace``, which empties it first in the same transaction."""
+        ...

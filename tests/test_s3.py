@@ -1,0 +1,606 @@
+"""S3Storage against a real S3 server (SeaweedFS): what the shared suite cannot see.
+
+Checksums the server verifies, multipart uploads that leave nothing behind, Object Lock, preflight
+sentences, encryption, storage class, memory and the event loop. Unit tests of the pure parts
+(request parameters, settings, error translation) come first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import (
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from archiver.config import S3Settings
+from archiver.errors import (
+    ConfigError,
+    IntegrityError,
+    NetworkError,
+    PreflightError,
+    ServerError,
+    StorageError,
+    TransientError,
+)
+from archiver.storage import CommitRequest
+from archiver.storage.s3 import S3Storage, check_settings, object_args, retain_until, translate
+from tests.fixtures_s3 import S3Server, s3_settings
+
+MiB = 1 << 20
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SMALL_PARTS = {"multipart_threshold": 5 * MiB, "part_size": 5 * MiB}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def request_for(data: bytes, **kw: Any) -> CommitRequest:
+    return CommitRequest(
+        sha256=sha(data),
+        size=len(data),
+        content_type="video/mp4",
+        metadata={"sha256": sha(data), "recording-id": "6b61621f-0000-4000-8000-000000000001"},
+        **kw,
+    )
+
+
+@asynccontextmanager
+async def open_s3(
+    server: S3Server, prefix: str, *, locked: bool = False, **kw: Any
+) -> AsyncIterator[S3Storage]:
+    async with S3Storage(s3_settings(server, prefix, locked=locked, **kw)) as storage:
+        yield storage
+
+
+async def store(storage: S3Storage, key: str, data: bytes, **kw: Any):  # type: ignore[no-untyped-def]
+    async with await storage.begin(key) as upload:
+        for start in range(0, len(data), MiB):
+            await upload.write(data[start : start + MiB])
+        return await upload.commit(request_for(data, **kw))
+
+
+def leftovers(server: S3Server, bucket: str, prefix: str) -> dict[str, list[str]]:
+    """Every version, delete marker and unfinished multipart upload under ``prefix``."""
+    client = server.client()
+    versions = client.list_object_versions(Bucket=bucket, Prefix=prefix)
+    uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return {
+        "versions": [v["Key"] for v in versions.get("Versions", [])],
+        "markers": [m["Key"] for m in versions.get("DeleteMarkers", [])],
+        "uploads": [u["Key"] for u in uploads.get("Uploads", [])],
+    }
+
+
+NOTHING: dict[str, list[str]] = {"versions": [], "markers": [], "uploads": []}
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    while not condition():  # noqa: ASYNC110 - polls an attribute another task changes
+        await asyncio.sleep(0.001)
+
+
+def close_to(actual: datetime | None, expected: datetime, seconds: float = 5) -> bool:
+    return actual is not None and abs((actual - expected).total_seconds()) <= seconds
+
+
+# -- pure parts --------------------------------------------------------------------------------
+
+
+def test_object_args_kms_tags_and_class() -> None:
+    settings = S3Settings(
+        bucket="b",
+        storage_class="GLACIER_IR",
+        sse="aws:kms",
+        kms_key_id="arn:aws:kms:eu-west-1:111122223333:key/abcd",
+        tags={"team": "voice ops", "env": "prod&eu"},
+    )
+    assert object_args(settings) == {
+        "StorageClass": "GLACIER_IR",
+        "ServerSideEncryption": "aws:kms",
+        "SSEKMSKeyId": "arn:aws:kms:eu-west-1:111122223333:key/abcd",
+        "Tagging": "team=voice%20ops&env=prod%26eu",
+    }
+    assert object_args(S3Settings(bucket="b", sse="aws:kms")) == {"ServerSideEncryption": "aws:kms"}
+    assert object_args(S3Settings(bucket="b", sse="AES256")) == {"ServerSideEncryption": "AES256"}
+    assert object_args(S3Settings(bucket="b")) == {}
+
+
+def test_object_args_lock() -> None:
+    settings = S3Settings(
+        bucket="b", object_lock_mode="COMPLIANCE", retention_days=30, legal_hold=True
+    )
+    now = datetime(2025, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+    ended = datetime(2025, 3, 5, 8, 0, 0, tzinfo=UTC)
+    args = object_args(settings, retain_from=ended, now=now)
+    assert args == {
+        "ObjectLockMode": "COMPLIANCE",
+        "ObjectLockRetainUntilDate": ended + timedelta(days=30),
+        "ObjectLockLegalHoldStatus": "ON",
+    }
+    # An end in the past counts from now, rounded up to a second (S3 keeps whole seconds).
+    past = object_args(settings, retain_from=now - timedelta(days=9), now=now)
+    assert past["ObjectLockRetainUntilDate"] == datetime(2025, 3, 31, 12, 0, 1, tzinfo=UTC)
+    assert "ObjectLockMode" not in object_args(settings, now=now, lock=False)
+    assert retain_until(S3Settings(bucket="b"), ended, now) is None
+
+
+def test_bad_settings_are_all_reported() -> None:
+    bad = S3Settings(
+        bucket="",
+        prefix="../escape",
+        part_size=MiB,
+        multipart_threshold=0,
+        object_lock_mode="compliance",
+        sse="aws:kms:dsse",
+        kms_key_id="k",
+        tags={f"t{i}": "v" for i in range(9)},
+    )
+    problems = check_settings(bad)
+    for key in ("bucket", "prefix", "part_size", "multipart_threshold", "object_lock_mode"):
+        assert any(p.startswith(f"storage.s3.{key}:") for p in problems), key
+    for key in ("retention_days", "sse", "kms_key_id", "tags"):
+        assert any(p.startswith(f"storage.s3.{key}:") for p in problems), key
+    with pytest.raises(ConfigError, match="problems"):
+        S3Storage(bad)
+    assert check_settings(S3Settings(bucket="b", legal_hold=True)) == [
+        "storage.s3.legal_hold: needs object_lock_mode (a bucket with Object Lock)"
+    ]
+
+
+def client_error(code: str, status: int, message: str = "") -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "PutObject",
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (client_error("BadDigest", 400), IntegrityError),
+        (client_error("InvalidDigest", 400), IntegrityError),
+        (client_error("XAmzContentSHA256Mismatch", 400), IntegrityError),
+        (client_error("SlowDown", 503), ServerError),
+        (client_error("InternalError", 500), ServerError),
+        (client_error("RequestTimeout", 400), ServerError),
+        (client_error("AccessDenied", 403, "Access Denied"), StorageError),
+        (client_error("NoSuchBucket", 404), StorageError),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), NetworkError),
+        (ReadTimeoutError(endpoint_url="http://127.0.0.1:9"), NetworkError),
+        (NoCredentialsError(), StorageError),
+    ],
+)
+def test_translate(exc: Exception, kind: type[Exception]) -> None:
+    translated = translate(exc, "write k.mp4")
+    assert type(translated) is kind
+    assert str(translated).startswith("cannot write k.mp4: ")
+    assert isinstance(translated, TransientError) == (kind in (ServerError, NetworkError))
+
+
+# -- the real server -------------------------------------------------------------------------
+
+
+async def test_single_put_round_trip(s3_server: S3Server, s3_prefix: str) -> None:
+    data = os.urandom(3 * MiB + 7)
+    async with open_s3(s3_server, s3_prefix) as storage:
+        stored = await store(storage, "rooms/r/rec.mp4", data)
+        info = await storage.stat("rooms/r/rec.mp4")
+        back = b"".join([chunk async for chunk in storage.read("rooms/r/rec.mp4")])
+    assert (stored.size, stored.sha256) == (len(data), sha(data))
+    assert info is not None and info.sha256 == sha(data) and info.version_id == stored.version_id
+    assert back == data
+    head = s3_server.client().head_object(
+        Bucket=s3_server.bucket, Key=f"{s3_prefix}rooms/r/rec.mp4", ChecksumMode="ENABLED"
+    )
+    assert head["Metadata"] == {
+        "sha256": sha(data),
+        "recording-id": "6b61621f-0000-4000-8000-000000000001",
+    }
+    assert head["ContentType"] == "video/mp4"
+    assert "-" not in head["ChecksumSHA256"]  # one PutObject, checked whole by the server
+
+
+async def test_multipart_round_trip(s3_server: S3Server, s3_prefix: str) -> None:
+    data = os.urandom(20 * MiB + 123)
+    async with open_s3(s3_server, s3_prefix, **SMALL_PARTS) as storage:
+        stored = await store(storage, "big/rec.mp4", data)
+        info = await storage.stat("big/rec.mp4")
+        back = b"".join([chunk async for chunk in storage.read("big/rec.mp4")])
+    assert (stored.size, stored.sha256) == (len(data), sha(data))
+    assert info is not None and info.sha256 == sha(data) and info.size == len(data)
+    assert back == data
+    client = s3_server.client()
+    key = f"{s3_prefix}big/rec.mp4"
+    head = client.head_object(Bucket=s3_server.bucket, Key=key, ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"].endswith("-5")  # composite: five parts, each checked
+    assert head["ContentType"] == "video/mp4"  # from the key: S3 wants it when the upload starts
+    tags = {
+        t["Key"]: t["Value"]
+        for t in client.get_object_tagging(Bucket=s3_server.bucket, Key=key)["TagSet"]
+    }
+    assert tags == {"sha256": sha(data), "recording-id": "6b61621f-0000-4000-8000-000000000001"}
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix)["uploads"] == []
+
+
+async def test_wrong_checksum_is_refused_by_the_server(s3_server: S3Server, s3_prefix: str) -> None:
+    data = b"the real bytes" * 1000
+    async with open_s3(s3_server, s3_prefix) as storage:
+        upload = await storage.begin("bad.mp4")
+        await upload.write(data)
+        with pytest.raises(IntegrityError, match="BadDigest"):
+            await upload.commit(CommitRequest(sha256=sha(b"other"), size=len(data)))
+        assert await storage.stat("bad.mp4") is None
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix) == NOTHING
+
+
+async def test_wrong_checksum_of_a_multipart_upload(s3_server: S3Server, s3_prefix: str) -> None:
+    data = os.urandom(11 * MiB)
+    async with open_s3(s3_server, s3_prefix, **SMALL_PARTS) as storage:
+        upload = await storage.begin("bad.mp4")
+        for start in range(0, len(data), MiB):
+            await upload.write(data[start : start + MiB])
+        assert leftovers(s3_server, s3_server.bucket, s3_prefix)["uploads"] == [
+            f"{s3_prefix}bad.mp4"
+        ]
+        with pytest.raises(IntegrityError, match="SHA-256 of the bytes written"):
+            await upload.commit(CommitRequest(sha256=sha(b"other"), size=len(data)))
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix) == NOTHING
+
+
+async def test_cancelled_write_leaves_nothing(s3_server: S3Server, s3_prefix: str) -> None:
+    async with open_s3(s3_server, s3_prefix, **SMALL_PARTS) as storage:
+        upload = await storage.begin("cancel.mp4")
+        chunk = os.urandom(MiB)
+
+        async def writer() -> None:
+            for _ in range(40):
+                await upload.write(chunk)
+
+        task = asyncio.create_task(writer())
+        await wait_for(lambda: upload.offset >= 12 * MiB)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with pytest.raises(StorageError, match=r"interrupted|aborted"):
+            await upload.write(chunk)
+        await upload.abort()
+        assert await storage.stat("cancel.mp4") is None
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix) == NOTHING
+
+
+async def test_cancelled_task_aborts_on_the_way_out(s3_server: S3Server, s3_prefix: str) -> None:
+    """``async with`` in a task that is cancelled: the abort runs although the task is cancelled."""
+    started = asyncio.Event()
+    async with open_s3(s3_server, s3_prefix, **SMALL_PARTS) as storage:
+
+        async def transfer() -> None:
+            async with await storage.begin("cancel.mp4") as upload:
+                for _ in range(40):
+                    await upload.write(os.urandom(MiB))
+                    if upload.offset > 11 * MiB:
+                        started.set()
+
+        task = asyncio.create_task(transfer())
+        await started.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Closing the storage waited for the abort's thread.
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix) == NOTHING
+
+
+async def test_abandoned_upload_is_cleaned_up(s3_server: S3Server, s3_prefix: str) -> None:
+    async with open_s3(s3_server, s3_prefix, **SMALL_PARTS) as storage:
+        upload = await storage.begin("crashed.mp4")
+        for _ in range(11):
+            await upload.write(b"c" * MiB)
+        del upload  # neither committed nor aborted, as if the process had been killed
+        assert len(leftovers(s3_server, s3_server.bucket, s3_prefix)["uploads"]) == 1
+        assert await storage.cleanup_stale(3600) == 0
+        assert await storage.cleanup_stale(0) == 1
+        assert await storage.cleanup_stale(0) == 0
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix) == NOTHING
+
+
+KILLED = """
+import asyncio, json, os, signal, sys
+from archiver.config import S3Settings
+from archiver.storage.s3 import S3Storage
+
+async def main():
+    async with S3Storage(S3Settings(**json.loads(sys.argv[1]))) as storage:
+        upload = await storage.begin("killed.mp4")
+        for _ in range(12):
+            await upload.write(b"k" * (1 << 20))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+
+
+async def test_killed_process_upload_is_aborted_by_the_next_run(
+    s3_server: S3Server, s3_prefix: str
+) -> None:
+    settings = s3_settings(s3_server, s3_prefix, **SMALL_PARTS)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        KILLED,
+        json.dumps(asdict(settings)),
+        env=child_env(),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix)["uploads"] == [
+        f"{s3_prefix}killed.mp4"
+    ]
+    async with S3Storage(settings) as storage:
+        assert await storage.cleanup_stale(3600) == 0  # too young for the start-up limit
+        await asyncio.sleep(1.2)
+        assert await storage.cleanup_stale(1) == 1
+        assert await storage.stat("killed.mp4") is None
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix) == NOTHING
+
+
+async def test_object_lock_compliance(s3_server: S3Server, s3_prefix: str) -> None:
+    lock = {"object_lock_mode": "COMPLIANCE", "retention_days": 30, "legal_hold": True}
+    async with open_s3(s3_server, s3_prefix, locked=True, **lock, **SMALL_PARTS) as storage:
+        assert storage.capabilities.object_lock
+        await storage.preflight()
+        # Ended long ago: retained from now. Ended "later" (a clock ahead): from its end.
+        now = datetime.now(UTC)
+        old = await store(storage, "old.mp4", b"o" * 1000, retain_from=now - timedelta(days=5))
+        ahead = now + timedelta(days=3)
+        big = await store(storage, "big.mp4", os.urandom(12 * MiB), retain_from=ahead)
+        sidecar = await storage.put_bytes(
+            "big.mp4.json", b"{}", content_type="application/json", retain_from=ahead
+        )
+        assert close_to(old.retain_until, now + timedelta(days=30))
+        # The multipart upload started with "now + 30 d"; commit extended it to the caller's date.
+        assert close_to(big.retain_until, ahead + timedelta(days=30))
+        assert close_to(sidecar.retain_until, ahead + timedelta(days=30))
+        for key, stored in [("old.mp4", old), ("big.mp4", big), ("big.mp4.json", sidecar)]:
+            info = await storage.stat(key)
+            assert info is not None and info.legal_hold is True
+            assert info.retain_until == stored.retain_until
+            assert stored.version_id is not None
+            with pytest.raises(StorageError, match="Object Lock"):
+                await storage.delete_version(key, stored.version_id)
+        # A plain delete of a versioned object only hides it behind a delete marker.
+        await storage.delete("old.mp4")
+        assert await storage.stat("old.mp4") is None
+    left = leftovers(s3_server, s3_server.locked_bucket, s3_prefix)
+    assert sorted(left["versions"]) == [
+        f"{s3_prefix}{k}" for k in ("big.mp4", "big.mp4.json", "old.mp4")
+    ]
+    assert left["markers"] == [f"{s3_prefix}old.mp4"]
+    assert left["uploads"] == []
+    head = s3_server.client().head_object(
+        Bucket=s3_server.locked_bucket, Key=f"{s3_prefix}big.mp4", VersionId=big.version_id
+    )
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+
+
+async def test_object_lock_without_legal_hold(s3_server: S3Server, s3_prefix: str) -> None:
+    lock = {"object_lock_mode": "COMPLIANCE", "retention_days": 30}
+    async with open_s3(s3_server, s3_prefix, locked=True, **lock) as storage:
+        stored = await store(storage, "rec.mp4", b"r" * 100)
+        info = await storage.stat("rec.mp4")
+    assert info is not None and not info.legal_hold
+    assert close_to(info.retain_until, datetime.now(UTC) + timedelta(days=30))
+    assert stored.retain_until == info.retain_until
+
+
+async def test_preflight_passes_and_leaves_no_probe(s3_server: S3Server, s3_prefix: str) -> None:
+    lock = {"object_lock_mode": "COMPLIANCE", "retention_days": 30, "legal_hold": True}
+    async with open_s3(s3_server, s3_prefix, locked=True, **lock) as storage:
+        await storage.preflight()
+    async with open_s3(s3_server, s3_prefix) as storage:
+        await storage.preflight()
+    assert leftovers(s3_server, s3_server.locked_bucket, s3_prefix) == NOTHING
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix) == NOTHING
+
+
+async def test_preflight_missing_bucket(s3_server: S3Server, s3_prefix: str) -> None:
+    settings = s3_settings(s3_server, s3_prefix, bucket="no-such-bucket")
+    async with S3Storage(settings) as storage:
+        with pytest.raises(PreflightError) as caught:
+            await storage.preflight()
+    assert str(caught.value) == (
+        f"S3 bucket 'no-such-bucket' does not exist (endpoint {s3_server.endpoint_url})"
+    )
+
+
+async def test_preflight_bucket_without_object_lock(s3_server: S3Server, s3_prefix: str) -> None:
+    lock = {"object_lock_mode": "COMPLIANCE", "retention_days": 30}
+    async with open_s3(s3_server, s3_prefix, **lock) as storage:
+        with pytest.raises(PreflightError) as caught:
+            await storage.preflight()
+    assert str(caught.value) == (
+        "S3 bucket 'plain' has Object Lock disabled but storage.s3.object_lock_mode = COMPLIANCE"
+    )
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_unreachable_endpoint(s3_server: S3Server, s3_prefix: str) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    settings = s3_settings(s3_server, s3_prefix, endpoint_url=endpoint)
+    async with S3Storage(settings) as storage:
+        with pytest.raises(PreflightError) as caught:
+            await storage.preflight()
+        assert str(caught.value) == (
+            f"S3 endpoint {endpoint} cannot be reached: EndpointConnectionError"
+        )
+        # In a transfer the same failure is transient: archiver's retry policy takes it, boto3
+        # does not retry on its own.
+        with pytest.raises(NetworkError):
+            await storage.stat("rec.mp4")
+        assert storage.client.meta.config.retries == {"total_max_attempts": 1, "mode": "standard"}
+
+
+async def test_wrong_credentials(
+    s3_server: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-4242")
+    async with open_s3(s3_server, s3_prefix) as storage:
+        with pytest.raises(
+            PreflightError, match=r"^access to S3 bucket 'plain' is denied"
+        ) as caught:
+            await storage.preflight()
+        with pytest.raises(StorageError, match="SignatureDoesNotMatch") as denied:
+            await storage.put_bytes("x.json", b"{}", content_type="application/json")
+    for message in (str(caught.value), str(denied.value)):
+        assert "wrong-secret-value-4242" not in message and s3_server.access_key not in message
+
+
+async def test_encryption_storage_class_and_tags(s3_server: S3Server, s3_prefix: str) -> None:
+    extra = {"sse": "AES256", "storage_class": "STANDARD_IA", "tags": {"team": "voice ops"}}
+    async with open_s3(s3_server, s3_prefix, **extra, **SMALL_PARTS) as storage:
+        await storage.preflight()
+        small = b"s" * 1000
+        big = os.urandom(6 * MiB)
+        await store(storage, "small.ogg", small)
+        await store(storage, "big.ogg", big)
+    client = s3_server.client()
+    for key in ("small.ogg", "big.ogg"):
+        head = client.head_object(Bucket=s3_server.bucket, Key=f"{s3_prefix}{key}")
+        assert head["ServerSideEncryption"] == "AES256"
+        assert head["StorageClass"] == "STANDARD_IA"
+        tagging = client.get_object_tagging(Bucket=s3_server.bucket, Key=f"{s3_prefix}{key}")
+        tags = {t["Key"]: t["Value"] for t in tagging["TagSet"]}
+        assert tags["team"] == "voice ops"
+    assert tags["sha256"] == sha(big)  # the multipart one keeps its hash in a tag
+
+
+async def test_prefix_is_a_folder(s3_server: S3Server, s3_prefix: str) -> None:
+    async with open_s3(s3_server, s3_prefix.rstrip("/")) as storage:
+        await storage.put_bytes("a/b.json", b"{}", content_type="application/json")
+    assert leftovers(s3_server, s3_server.bucket, s3_prefix)["versions"] == [f"{s3_prefix}a/b.json"]
+
+
+async def test_closed_storage_refuses_work(s3_server: S3Server, s3_prefix: str) -> None:
+    storage = S3Storage(s3_settings(s3_server, s3_prefix))
+    with pytest.raises(StorageError, match="not open"):
+        await storage.begin("rec.mp4")
+    with pytest.raises(StorageError, match="not open"):
+        await storage.stat("rec.mp4")
+
+
+async def test_event_loop_keeps_running_during_uploads(s3_server: S3Server, s3_prefix: str) -> None:
+    """Hashing and sending parts happen in threads: the loop never stalls behind S3."""
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with open_s3(s3_server, s3_prefix, max_threads=4, **SMALL_PARTS) as storage:
+        tick = asyncio.create_task(ticker())
+        data = os.urandom(16 * MiB)
+        await asyncio.gather(*(store(storage, f"r{i}.mp4", data) for i in range(3)))
+        stop.set()
+        await tick
+    assert max(gaps) < 0.25, max(gaps)
+
+
+# ru_maxrss survives exec: a child of pytest starts with pytest's peak. A fork gets a fresh count,
+# so the upload runs in a grandchild forked before anything is imported.
+MEMORY = """
+import os, sys
+pid = os.fork()
+if pid:
+    os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+import asyncio, hashlib, json, resource
+from archiver.config import S3Settings
+from archiver.storage import CommitRequest
+from archiver.storage.s3 import S3Storage
+
+MiB = 1 << 20
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def current_mb():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+
+async def main():
+    async with S3Storage(S3Settings(**json.loads(sys.argv[1]))) as storage:
+        await storage.put_bytes("warm-up.json", b"{}", content_type="application/json")
+        chunk = os.urandom(MiB)
+        before = {"peak": peak_mb(), "current": current_mb()}
+        digest = hashlib.sha256()
+        async with await storage.begin("big.bin") as upload:
+            for _ in range(300):
+                await upload.write(chunk)
+                digest.update(chunk)
+            await upload.commit(CommitRequest(sha256=digest.hexdigest(), size=300 * MiB))
+        print(json.dumps({**before, "after": peak_mb()}))
+
+asyncio.run(main())
+"""
+
+
+async def test_memory_stays_bounded(s3_server: S3Server, s3_prefix: str) -> None:
+    """A 300 MiB upload in 1 MiB chunks, alone in a process, with the default 16 MiB parts."""
+    settings = s3_settings(s3_server, s3_prefix)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        MEMORY,
+        json.dumps(asdict(settings)),
+        env=child_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    figures = json.loads(stdout)
+    # Against the RSS in use just before the upload, not the earlier peak: the stricter measure.
+    growth = figures["after"] - figures["current"]
+    print(
+        f"\n300 MiB upload in 1 MiB chunks, 16 MiB parts: RSS {figures['current']:.0f} MB before "
+        f"(peak {figures['peak']:.0f} MB), peak {figures['after']:.0f} MB after: "
+        f"growth {growth:.1f} MB"
+    )
+    assert growth < 100
