@@ -463,21 +463,9 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
         )
 
 
+
 def _check_s3(s3: S3Settings, problems: list[str]) -> None:
-    if s3.sse not in (None, "AES256", "aws:kms"):
-        problems.append(f"storage.s3.sse: must be 'AES256' or 'aws:kms', not {s3.sse!r}")
-    if s3.object_lock_mode not in (None, "GOVERNANCE", "COMPLIANCE"):
-        problems.append(
-            "storage.s3.object_lock_mode: must be 'GOVERNANCE' or 'COMPLIANCE', "
-            f"not {s3.object_lock_mode!r}"
-        )
-    if s3.object_lock_mode and not s3.retention_days:
-        problems.append("storage.s3.retention_days: required with object_lock_mode")
-    if s3.retention_days is not None and s3.retention_days < 1:
-        problems.append("storage.s3.retention_days: must be at least 1")
-    if s3.part_size < 5 * 1024 * 1024 or s3.multipart_threshold < 5 * 1024 * 1024:
-        problems.append("storage.s3.part_size / multipart_threshold: S3 needs at least 5 MiB")
-    if not 1 <= s3.max_threads <= 64:
-        problems.append("storage.s3.max_threads: must be between 1 and 64")
-    if s3.prefix.startswith("/") or ".." in s3.prefix.split("/"):
-        problems.append("storage.s3.prefix: must be a relative prefix without '..'")
+    # The S3 backend owns its rules (S3's limits, Object Lock, tags); loaded only when used.
+    from archiver.storage.s3 import check_settings
+
+    problems.extend(p for p in check_settings(s3) if not p.startswith("storage.s3.bucket:"))

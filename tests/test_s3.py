@@ -521,7 +521,9 @@ async def test_closed_storage_refuses_work(s3_server: S3Server, s3_prefix: str) 
 
 
 async def test_event_loop_keeps_running_during_uploads(s3_server: S3Server, s3_prefix: str) -> None:
-    """Hashing and sending parts happen in threads: the loop never stalls behind S3."""
+    """S3 calls and hashing happen in threads: the loop never waits for S3. One 16 MiB part sent
+    from the loop would stall it for 0.4 s here (SeaweedFS takes ~40 MB/s on this machine); the
+    stalls left are the scheduler's, with weed and the upload threads on the same few cores."""
     gaps: list[float] = []
     stop = asyncio.Event()
 
@@ -533,13 +535,23 @@ async def test_event_loop_keeps_running_during_uploads(s3_server: S3Server, s3_p
             gaps.append(now - last)
             last = now
 
-    async with open_s3(s3_server, s3_prefix, max_threads=4, **SMALL_PARTS) as storage:
+    data = os.urandom(32 * MiB)
+    request = request_for(data)
+    parts = {"multipart_threshold": 16 * MiB, "part_size": 16 * MiB}
+
+    async def upload(key: str) -> None:
+        async with await storage.begin(key) as upload:
+            for start in range(0, len(data), MiB):
+                await upload.write(data[start : start + MiB])
+            await upload.commit(request)
+
+    async with open_s3(s3_server, s3_prefix, max_threads=4, **parts) as storage:
         tick = asyncio.create_task(ticker())
-        data = os.urandom(16 * MiB)
-        await asyncio.gather(*(store(storage, f"r{i}.mp4", data) for i in range(3)))
+        await asyncio.gather(upload("a.mp4"), upload("b.mp4"))
         stop.set()
         await tick
-    assert max(gaps) < 0.25, max(gaps)
+    print(f"\nlongest event-loop stall during 2 concurrent uploads: {max(gaps) * 1000:.0f} ms")
+    assert max(gaps) < 0.2, max(gaps)
 
 
 # ru_maxrss survives exec: a child of pytest starts with pytest's peak. A fork gets a fresh count,

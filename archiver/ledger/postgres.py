@@ -28,6 +28,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -311,6 +312,8 @@ def _is_transient(exc: BaseException | None) -> bool:
     """Worth retrying the transaction: the server or the connection, not the statement."""
     seen = 0
     while exc is not None and seen < 5:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return False  # a certificate the server will keep presenting
         if isinstance(
             exc,
             OSError

@@ -413,7 +413,10 @@ class LocalStorage:
         return target
 
     def _make_parents(self, key: str, parts: list[str]) -> Path:
-        self._resolve(key, parts)  # refuse a symlink out of root before creating anything
+        # Refuse a symlink out of root before creating anything.
+        target = self._resolve(key, parts)
+        if target.parent.is_dir():
+            return target  # the usual case: nothing to create, so nothing to resolve again
         root = self._root.resolve()
         try:
             if not root.is_dir():

@@ -249,8 +249,9 @@ def _client_error(exc: ClientError) -> tuple[str, int | None, str]:
 
 
 def _is_missing(exc: ClientError) -> bool:
+    """No such key (or version): not a missing bucket, which is an error, not an absence."""
     code, status, _ = _client_error(exc)
-    return status == 404 or code in _MISSING_CODES
+    return code not in _NO_BUCKET_CODES and (status == 404 or code in _MISSING_CODES)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -895,15 +896,7 @@ class S3Storage:
         version = head.get("VersionId")
         sha256 = head.get("Metadata", {}).get("sha256")
         if sha256 is None and head.get("TagCount"):
-            kwargs: dict[str, Any] = {"VersionId": version} if version else {}
-            tags = self._call(
-                f"read the tags of {key}",
-                self.client.get_object_tagging,
-                Bucket=self.bucket,
-                Key=self.full_key(key),
-                **kwargs,
-            )
-            sha256 = next((t["Value"] for t in tags["TagSet"] if t["Key"] == "sha256"), None)
+            sha256 = self._tagged_sha256(key, version)
         held = head.get("ObjectLockRetainUntilDate")
         hold = head.get("ObjectLockLegalHoldStatus")
         return ObjectInfo(
@@ -914,6 +907,22 @@ class S3Storage:
             retain_until=_aware(held) if held is not None else None,
             legal_hold=None if hold is None else hold == "ON",
         )
+
+    def _tagged_sha256(self, key: str, version: str | None) -> str | None:
+        kwargs: dict[str, Any] = {"VersionId": version} if version else {}
+        try:
+            tags = self._call(
+                f"read the tags of {key}",
+                self.client.get_object_tagging,
+                Bucket=self.bucket,
+                Key=self.full_key(key),
+                **kwargs,
+            )
+        except StorageError as exc:
+            # Without s3:GetObjectTagging the hash is just unknown here (the ledger has it).
+            log.debug("no SHA-256 tag for %s: %s", key, exc)
+            return None
+        return next((t["Value"] for t in tags["TagSet"] if t["Key"] == "sha256"), None)
 
     def _open(self, key: str) -> StreamingBody:
         try:

@@ -1,0 +1,332 @@
+"""What only the PostgreSQL ledger has: a shared server that can vanish, answers that can be
+lost after a commit, a password, and the move of a SQLite ledger into it.
+
+The protocol itself is covered for both backends by ``test_ledger_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from archiver.audit import verify_chain
+from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
+from archiver.ledger import open_ledger
+from archiver.ledger.base import PassRecord
+from archiver.ledger.postgres import SCHEMA_VERSION, PostgresLedger, describe_url
+from archiver.models import State
+from archiver.retry import RetryPolicy
+from archiver.simulator import Simulator, make_recordings
+from tests.conftest import ARCHIVER, cli_env
+from tests.conftest import write_config as write_sqlite_config
+from tests.fixtures_pg import PG_PASSWORD, PgCluster
+from tests.test_ledger_conformance import LEASE, MAX, T0, rec, stored
+from tests.test_postgres_multi import write_config as write_pg_config
+
+FAST = RetryPolicy(attempts=6, total_seconds=30, initial_backoff=0.01, max_backoff=0.05)
+
+
+def ledger_at(url: str, pg: PgCluster, **kw: Any) -> PostgresLedger:
+    return PostgresLedger(url, password_file=pg.password_file, retry=FAST, **kw)
+
+
+class LoseAnswers:
+    """Stands in for the ledger's pool: the next ``lose`` transactions commit, then the
+    connection "drops" before the answer arrives, as when the server dies right after a commit."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.lose = 0
+        self.lost = 0
+
+    def acquire(self) -> Any:
+        outer = self
+
+        class Acquire:
+            async def __aenter__(self) -> Any:
+                self.inner = outer.pool.acquire()
+                return await self.inner.__aenter__()
+
+            async def __aexit__(self, *exc: Any) -> None:
+                await self.inner.__aexit__(*exc)
+                if exc[0] is None and outer.lose > 0:
+                    outer.lose -= 1
+                    outer.lost += 1
+                    raise asyncpg.ConnectionDoesNotExistError(
+                        "connection was closed in the middle of operation"
+                    )
+
+        return Acquire()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+async def test_a_call_retried_after_its_answer_was_lost_is_applied_once(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    async with ledger_at(pg_url, pg_cluster) as ledger:
+        pool = ledger._pool = LoseAnswers(ledger._pool)
+
+        pool.lose = 1
+        assert await ledger.observe([rec("a"), rec("b"), rec("c")], max_attempts=MAX) == {
+            "a",
+            "b",
+            "c",
+        }
+        pool.lose = 1
+        assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
+        pool.lose = 1
+        assert await ledger.complete("a", owner="w", stored=stored("a")) is True
+        row = await ledger.get("a")
+        assert row is not None and (row.state, row.attempts) == (State.ARCHIVED, 1)
+
+        await ledger.claim("b", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        pool.lose = 1
+        await ledger.fail("b", owner="w", error="boom", permanent=False)
+        await ledger.claim("c", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        pool.lose = 1
+        await ledger.release("c", owner="w")
+        row = await ledger.get("c")
+        assert row is not None and (row.state, row.attempts) == (State.PENDING, 0)
+
+        pool.lose = 1
+        note = await ledger.append_audit("note", None, {"n": 1})
+        pool.lose = 1
+        assert await ledger.advance_meta("hwm", None, "2026-03-01") is True
+        pool.lose = 1
+        assert await ledger.advance_meta("hwm", "2026-03-01", "2026-03-02") is True
+        pool.lose = 1
+        await ledger.record_pass(PassRecord(started_at=T0, finished_at=T0, ok=True))
+
+        assert pool.lost == 9
+        entries = [e async for e in ledger.iter_audit()]
+        assert [(e.action, e.recording_id) for e in entries] == [
+            ("archived", "a"),
+            ("failed", "b"),
+            ("note", None),
+        ]
+        assert entries[-1] == note
+        assert (await verify_chain(ledger.iter_audit())).ok
+        assert await ledger.get_meta("hwm") == "2026-03-02"
+        assert len(await ledger.last_passes()) == 1
+
+
+async def test_a_lost_claim_answer_never_hands_the_row_to_two_owners(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    async with ledger_at(pg_url, pg_cluster) as first, ledger_at(pg_url, pg_cluster) as second:
+        await first.observe([rec("a")], max_attempts=MAX)
+        pool = first._pool = LoseAnswers(first._pool)
+        pool.lose = 1
+        assert await first.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) == 1
+        assert await second.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
+        # A second, separate claim by the same owner is still refused (it is a new call).
+        assert await first.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) is None
+
+
+async def test_many_writers_keep_one_audit_chain(pg_cluster: PgCluster, pg_url: str) -> None:
+    ids = [f"r{n:03d}" for n in range(90)]
+    async with contextlib.AsyncExitStack() as stack:
+        ledgers = [await stack.enter_async_context(ledger_at(pg_url, pg_cluster)) for _ in range(3)]
+        await ledgers[0].observe([rec(i) for i in ids], max_attempts=MAX)
+
+        async def work(n: int) -> None:
+            ledger = ledgers[n % 3]
+            rec_id = ids[n]
+            await ledger.claim(rec_id, owner=f"w{n}", lease_seconds=LEASE, max_attempts=MAX)
+            if n % 4:
+                await ledger.complete(rec_id, owner=f"w{n}", stored=stored(rec_id))
+            else:
+                await ledger.fail(rec_id, owner=f"w{n}", error="x", permanent=False)
+            await ledger.append_audit("note", rec_id, {"n": n})
+
+        await asyncio.gather(*(work(n) for n in range(len(ids))))
+        entries = [e async for e in ledgers[1].iter_audit()]
+        assert [e.seq for e in entries] == list(range(1, 2 * len(ids) + 1))
+        assert all(a.at <= b.at for a, b in itertools.pairwise(entries))
+        report = await verify_chain(ledgers[2].iter_audit())
+        assert report.ok, report.problems
+
+
+async def test_the_database_restarting_under_a_ledger(
+    pg_cluster: PgCluster, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = [f"r{n:03d}" for n in range(150)]
+    policy = RetryPolicy(attempts=40, total_seconds=60, initial_backoff=0.05, max_backoff=0.5)
+    async with PostgresLedger(pg_url, password_file=pg_cluster.password_file, retry=policy) as led:
+        await led.observe([rec(i) for i in ids], max_attempts=MAX)
+
+        async def archive_all() -> None:
+            for rec_id in ids:
+                assert await led.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+                assert await led.complete(rec_id, owner="w", stored=stored(rec_id))
+                await asyncio.sleep(0.005)
+
+        worker = asyncio.create_task(archive_all())
+        await asyncio.sleep(0.2)
+        assert not worker.done()
+        await asyncio.to_thread(pg_cluster.restart)
+        await asyncio.wait_for(worker, 60)
+        # The calls caught by the restart were retried whole (and nothing was applied twice).
+        assert any("retrying" in r.getMessage() for r in caplog.records)
+        summary = await led.summary()
+        assert summary.counts[State.ARCHIVED] == len(ids)
+        entries = [e async for e in led.iter_audit()]
+        assert sorted(e.recording_id or "" for e in entries) == ids
+        assert (await verify_chain(led.iter_audit())).ok
+
+
+async def test_errors_are_translated_and_never_show_the_password(
+    pg_cluster: PgCluster, pg_url: str, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password-1234\n")
+    with pytest.raises(LedgerError) as caught:
+        async with PostgresLedger(pg_url, password_file=wrong, retry=FAST):
+            pass
+    assert not isinstance(caught.value, LedgerUnavailable)  # refused, not worth retrying
+    assert "not-the-password-1234" not in str(caught.value)
+    assert describe_url(pg_url) in str(caught.value)
+    assert isinstance(caught.value.__cause__, asyncpg.InvalidPasswordError)
+
+    # Nobody listening: transient, retried, then given up.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = f"postgresql://postgres@127.0.0.1:{port}/db"
+    with pytest.raises(LedgerUnavailable, match="unavailable right now"):
+        async with PostgresLedger(down, password_file=pg_cluster.password_file, retry=FAST):
+            pass
+
+    # A password in the URL is refused without repeating it.
+    for url in (
+        f"postgresql://postgres:{PG_PASSWORD}@127.0.0.1/db",
+        f"postgresql://postgres@127.0.0.1/db?password={PG_PASSWORD}",
+    ):
+        with pytest.raises(ConfigError, match="must not contain a password") as refused:
+            PostgresLedger(url)
+        assert PG_PASSWORD not in str(refused.value)
+    with pytest.raises(ConfigError, match="password_file"):
+        async with PostgresLedger(pg_url, password_file=tmp_path / "missing"):
+            pass
+
+    # PGPASSWORD works when no file is given; open_ledger passes the file through.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSWORD", PG_PASSWORD)
+        async with open_ledger(url=pg_url) as ledger:
+            assert await ledger.migrate() == SCHEMA_VERSION
+    async with open_ledger(url=pg_url, password_file=pg_cluster.password_file) as ledger:
+        assert await ledger.get("nothing") is None
+        assert repr(ledger) == f"PostgresLedger({describe_url(pg_url)!r})"
+
+
+async def test_a_newer_schema_is_refused(pg_cluster: PgCluster, pg_url: str) -> None:
+    async with ledger_at(pg_url, pg_cluster):
+        pass
+    conn = await asyncpg.connect(pg_url, password=PG_PASSWORD)
+    try:
+        await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    ledger = ledger_at(pg_url, pg_cluster)
+    with pytest.raises(LedgerError, match=r"newer than the \d+ this archiver knows"):
+        await ledger.__aenter__()
+    with pytest.raises(LedgerError, match="not open"):
+        await ledger.get("a")
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *ARCHIVER,
+        *args,
+        env=cli_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_moving_a_sqlite_ledger_into_postgres(
+    sim_factory: Any, tmp_path: Path, pg_cluster: PgCluster, pg_url: str
+) -> None:
+    recs = make_recordings(40, seed=61)
+    sim: Simulator = await sim_factory(recs)
+    old = tmp_path / "old"
+    old.mkdir()
+    sqlite_config = write_sqlite_config(sim, old)
+    code, out, err = await cli("--config", str(sqlite_config), "backfill")
+    assert code == 0, err
+    code, _, err = await cli("--config", str(sqlite_config), "verify")  # one more audit entry
+    assert code == 0, err
+
+    export = tmp_path / "ledger.jsonl"
+    code, out, err = await cli(
+        "--config", str(sqlite_config), "ledger", "export", "--output", str(export)
+    )
+    assert code == 0, err
+    assert "exported 40 recordings, 41 audit entries" in err
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    assert lines[0]["type"] == "header" and lines[0]["backend"] == "sqlite"
+    counts = lines[-1]["counts"]
+    assert (counts["recording"], counts["audit"]) == (40, 41) and counts["pass"] >= 1
+
+    # The same archive, now with a PostgreSQL ledger.
+    new = tmp_path / "new"
+    new.mkdir()
+    pg_config = write_pg_config(sim, new, pg_url, pg_cluster, lease=30)
+    pg_config.write_text(pg_config.read_text().replace(str(new / "archive"), str(old / "archive")))
+    code, out, err = await cli("--config", str(pg_config), "ledger", "import", str(export))
+    assert code == 0, err + out
+    assert f"imported 40 recordings, 41 audit entries, {counts['pass']} passes" in out
+    assert "audit chain: 41 entries, ok" in out
+    code, out, err = await cli("--config", str(pg_config), "audit", "verify")
+    assert code == 0, err + out
+    code, out, _ = await cli("--config", str(pg_config), "status", "--json")
+    assert json.loads(out)["counts"]["archived"] == 40
+
+    # What came out of SQLite comes out of PostgreSQL unchanged (the header aside).
+    code, again, err = await cli("--config", str(pg_config), "ledger", "export")
+    assert code == 0, err
+    assert again.splitlines()[1:] == export.read_text().splitlines()[1:]
+
+    # Nothing is fetched twice after the move.
+    code, out, err = await cli("--config", str(pg_config), "backfill")
+    assert code == 0, err
+    assert out.startswith("0 archived")
+    assert all(sim.download_completions[r.id] == 1 for r in recs)
+
+    # A ledger with history is never overwritten by accident.
+    code, out, err = await cli("--config", str(pg_config), "ledger", "import", str(export))
+    assert code == 2 and "not empty" in err
+    code, out, err = await cli(
+        "--config", str(pg_config), "ledger", "import", str(export), "--force"
+    )
+    assert code == 0, err
+    # A cut-short or edited export is refused, and changes nothing.
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(export.read_text().splitlines()[:-1]) + "\n")
+    code, out, err = await cli("--config", str(pg_config), "ledger", "import", str(cut), "--force")
+    assert code == 2 and "cut short" in err
+    edited = tmp_path / "edited.jsonl"
+    text = export.read_text().splitlines()
+    first_audit = next(n for n, line in enumerate(text) if '"type":"audit"' in line)
+    text[first_audit] = text[first_audit].replace('"size":', '"size":1', 1)
+    edited.write_text("\n".join(text) + "\n")
+    code, out, err = await cli(
+        "--config", str(pg_config), "ledger", "import", str(edited), "--force"
+    )
+    assert code == 2 and "does not match its hash" in err
+    code, out, _ = await cli("--config", str(pg_config), "status", "--json")
+    assert json.loads(out)["counts"]["archived"] == 40
+    assert PG_PASSWORD not in out + err
