@@ -463,7 +463,6 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
         )
 
 
-
 def _check_s3(s3: S3Settings, problems: list[str]) -> None:
     # The S3 backend owns its rules (S3's limits, Object Lock, tags); loaded only when used.
     from archiver.storage.s3 import check_settings

@@ -24,6 +24,7 @@ re-raised ``from`` the original so the cause is kept.
         ├── StorageError            the archive refused a write
         │   └── StorageFull         no space left: the run stops instead of failing everything
         ├── ProcessingAtSource      no download yet: picked up by a later pass, not a failure
+        ├── LeaseLost               another worker holds the recording now: this one stops
         ├── PreflightError          the archive or source is unusable; nothing started
         └── LedgerError             the ledger is unusable or inconsistent
 """
@@ -123,6 +124,10 @@ class StorageFull(StorageError):
 
 class ProcessingAtSource(PermanentError):
     """The recording is not downloadable yet (still processing): try on a later pass."""
+
+
+class LeaseLost(PermanentError):
+    """Our claim on a recording expired and the ledger gave it to another worker."""
 
 
 class PreflightError(PermanentError):

@@ -10,8 +10,9 @@ here and a later pass catches what a shift hid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,15 +67,16 @@ class Lister:
     async def list_pass(self, filters: Filters) -> PassStats:
         stats = PassStats()
         seen: set[str] = set()
-        async for page in self._source.iter_pages(filters):
-            stats.pages += 1
-            stats.listed += len(page.recordings) + len(page.malformed)
-            if page.total_results is not None:
-                stats.total_results = max(stats.total_results or 0, page.total_results)
-            await self._take_page(page, seen, stats)
-            if self._stop.is_set():
-                log.info("stop requested: listing ends after page %d", page.number)
-                break
+        async with contextlib.aclosing(_read_ahead(self._source.iter_pages(filters))) as pages:
+            async for page in pages:
+                stats.pages += 1
+                stats.listed += len(page.recordings) + len(page.malformed)
+                if page.total_results is not None:
+                    stats.total_results = max(stats.total_results or 0, page.total_results)
+                await self._take_page(page, seen, stats)
+                if self._stop.is_set():
+                    log.info("stop requested: listing ends after page %d", page.number)
+                    break
         stats.unique = len(seen)
         return stats
 
@@ -116,3 +118,30 @@ class Lister:
                 stats.enqueued += 1
                 self._in_flight.add(rec.id)
                 await self._enqueue(rec)
+
+
+async def _read_ahead(pages: AsyncIterator[Page]) -> AsyncGenerator[Page, None]:
+    """Yield each page while the next one is already being fetched: the API's latency overlaps
+    the ledger's work on the page before, instead of adding to it."""
+
+    async def following() -> Page:
+        return await anext(pages)
+
+    ahead = asyncio.ensure_future(following())
+    try:
+        while True:
+            try:
+                page = await ahead
+            except StopAsyncIteration:
+                return
+            ahead = asyncio.ensure_future(following())
+            yield page
+    finally:
+        if not ahead.done():
+            ahead.cancel()
+        await asyncio.wait([ahead])
+        if not ahead.cancelled():
+            ahead.exception()  # retrieved: a page nobody asked for fails nobody
+        aclose = getattr(pages, "aclose", None)
+        if aclose is not None:
+            await aclose()

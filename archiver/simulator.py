@@ -482,6 +482,7 @@ class Simulator:
         self.host = host
         self._ports = (api_port, download_port)
         self.content_cache = content_cache
+        self._cached: dict[tuple[str, int], Path] = {}  # content files known to be written
         self._seed = seed
         self._rng = Random(seed)
         self._secret = secrets.token_bytes(32)
@@ -591,6 +592,7 @@ class Simulator:
                 for chunk in iter_content(rec):
                     out.write(chunk)
             os.replace(temp, path)
+        self._cached[rec.id, rec.size] = path
         return path
 
     def warm_content_cache(self) -> None:
@@ -622,6 +624,11 @@ class Simulator:
         if self._order is None:
             self._order = sorted(self.recordings.values(), key=_sort_key, reverse=True)
         return self._order
+
+    def _matching(self, preds: list[_Pred]) -> list[SimRecording]:
+        ordered = self._ordered()
+        # Unfiltered, the cached order itself (only read): no copy of 100,000 entries per page.
+        return [r for r in ordered if all(p(r) for p in preds)] if preds else ordered
 
     def _expired_in_lists(self, rec: SimRecording) -> bool:
         # Stable per recording (not per call): hash of seed + id.
@@ -797,12 +804,12 @@ class Simulator:
         if fault == 2:
             return self._malformed_page()
 
-        matching = [r for r in self._ordered() if all(p(r) for p in preds)]
+        matching = self._matching(preds)
         if f.shift_on_page is not None and page_number == f.shift_on_page:
             f.shift_on_page = None  # one-shot; set it again to re-arm
             self.injected["list:shift"] += 1
             self._shift(matching)
-            matching = [r for r in self._ordered() if all(p(r) for p in preds)]
+            matching = self._matching(preds)
 
         first = (page_number - 1) * page_size
         page = matching[first : first + page_size]
@@ -984,7 +991,11 @@ class Simulator:
         """Send ``[start, end)`` from the content cache by ``sendfile``; False without a cache."""
         if self.content_cache is None or transport is None or end <= start:
             return False
-        fobj = await asyncio.to_thread(lambda: self.cached_content(rec).open("rb"))
+        known = self._cached.get((rec.id, rec.size))
+        if known is not None:  # opening a file that exists costs less than a thread hop
+            fobj = known.open("rb")
+        else:
+            fobj = await asyncio.to_thread(lambda: self.cached_content(rec).open("rb"))
         try:
             await asyncio.get_running_loop().sendfile(transport, fobj, start, end - start)
         finally:

@@ -31,6 +31,7 @@ from archiver.errors import (
     ApiError,
     ArchiverError,
     AuthError,
+    LeaseLost,
     MalformedResponse,
     NetworkError,
     ProcessingAtSource,
@@ -105,6 +106,12 @@ class _Progress:
     content_type: str | None = None
     need_fresh_url: bool = False
     resumes: int = 0
+    # Set by the heartbeat when the ledger no longer gives us the lease: stop, store nothing.
+    lease_lost: bool = False
+
+    def check_lease(self) -> None:
+        if self.lease_lost:
+            raise LeaseLost(f"{self.rec.id}: the lease passed to another worker; stopping")
 
     def reset_hash(self) -> None:
         self.hasher = hashlib.sha256()
@@ -168,7 +175,7 @@ class Transferer:
         progress = _Progress(rec=rec)
         progress.reset_hash()
         metrics.IN_FLIGHT.inc()
-        heartbeat = asyncio.create_task(self._heartbeat(rec.id))
+        heartbeat = asyncio.create_task(self._heartbeat(progress))
         try:
             stored = await self._fetch(progress)
             if not await self._ledger.complete(rec.id, owner=self._owner, stored=stored):
@@ -181,6 +188,11 @@ class Transferer:
             # A refused key is no fault of this recording: give it back and stop the run.
             await asyncio.shield(self._give_back(progress))
             raise
+        except LeaseLost as exc:
+            # The row is someone else's now: leave it to them, touch nothing in the ledger.
+            await self._discard(progress)
+            log.warning("%s", exc)
+            return Outcome(rec.id, Result.SKIPPED, error=str(exc))
         except ProcessingAtSource as exc:
             await self._discard(progress)
             await self._ledger.release(rec.id, owner=self._owner)
@@ -255,7 +267,8 @@ class Transferer:
                 log.exception("could not discard the partial upload of %s", progress.rec.id)
             progress.upload = None
 
-    async def _heartbeat(self, recording_id: str) -> None:
+    async def _heartbeat(self, progress: _Progress) -> None:
+        recording_id = progress.rec.id
         interval = max(self._workers.lease_seconds / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
@@ -267,7 +280,8 @@ class Transferer:
                 log.warning("lease heartbeat for %s failed: %s", recording_id, exc)
                 continue
             if not held:
-                log.warning("lost the lease on %s; another worker may take it", recording_id)
+                # Another worker may be fetching it already; going on would fetch it twice.
+                progress.lease_lost = True
                 return
 
     # -- the transfer proper ----------------------------------------------------------------
@@ -314,30 +328,48 @@ class Transferer:
             raise TruncatedBody(f"{rec.id}: got {progress.position} of {total} bytes")
 
     async def _stream(self, progress: _Progress, resp: aiohttp.ClientResponse) -> None:
-        """Copy the body into the upload in chunks of about ``chunk_size``. Whatever arrived
-        before a connection broke is still written, so the next attempt resumes after it."""
+        """Copy the body into the upload in chunks of about ``chunk_size``, hashing on the way.
+        One chunk is hashed and written while the next one arrives, so memory stays at about two
+        chunks. Whatever arrived before a connection broke is still written, so the next attempt
+        resumes after it."""
         upload = progress.upload
         assert upload is not None
         pieces: list[bytes] = []
         held = 0
         limit = self._workers.chunk_size
+        writing: asyncio.Task[None] | None = None
 
-        async def flush() -> None:
-            nonlocal held
+        async def put(chunk: bytes) -> None:
+            progress.check_lease()
+            if len(chunk) >= _HASH_OFF_LOOP:
+                # hashlib lets go of the GIL on big buffers: hash in a thread beside the
+                # write, so the event loop keeps receiving for the other transfers.
+                hashed = asyncio.to_thread(progress.hasher.update, chunk)
+                await asyncio.gather(hashed, upload.write(chunk))
+            else:
+                progress.hasher.update(chunk)
+                await upload.write(chunk)
+            progress.position += len(chunk)
+            self._on_bytes(len(chunk))
+
+        async def settle() -> None:
+            """Wait for the chunk in flight; a failed write raises here."""
+            nonlocal writing
+            if writing is not None:
+                done, writing = writing, None
+                await done
+
+        async def flush(last: bool = False) -> None:
+            nonlocal held, writing
+            await settle()
             if held:
                 chunk = pieces[0] if len(pieces) == 1 else b"".join(pieces)
                 pieces.clear()
                 held = 0
-                if len(chunk) >= _HASH_OFF_LOOP:
-                    # hashlib lets go of the GIL on big buffers: hash in a thread beside the
-                    # write, so the event loop keeps receiving for the other transfers.
-                    hashed = asyncio.to_thread(progress.hasher.update, chunk)
-                    await asyncio.gather(hashed, upload.write(chunk))
+                if last:
+                    await put(chunk)
                 else:
-                    progress.hasher.update(chunk)
-                    await upload.write(chunk)
-                progress.position += len(chunk)
-                self._on_bytes(len(chunk))
+                    writing = asyncio.create_task(put(chunk))
 
         try:
             async for data in resp.content.iter_any():
@@ -346,9 +378,16 @@ class Transferer:
                 if held >= limit:
                     await flush()
         except (aiohttp.ClientError, TimeoutError):
-            await flush()
+            await flush(last=True)
             raise
-        await flush()
+        except BaseException:
+            # Cancelled: the write in flight finishes before the upload can be discarded.
+            if writing is not None:
+                await asyncio.wait([writing])
+                if not writing.cancelled():
+                    writing.exception()  # retrieved; the cancellation is what counts
+            raise
+        await flush(last=True)
 
     async def _check_status(self, progress: _Progress, resp: aiohttp.ClientResponse) -> None:
         status = resp.status
@@ -405,6 +444,7 @@ class Transferer:
         progress.reset_hash()
 
     async def _store(self, progress: _Progress, upload: Upload) -> StoredObject:
+        progress.check_lease()
         rec = progress.rec
         sha256 = progress.hasher.hexdigest()
         retain_from = max(rec.ended_at or utcnow(), utcnow())

@@ -241,3 +241,39 @@ async def test_key_revoked_mid_run_stops_without_failing_recordings(sim_factory,
         summary = await ledger.summary()
     assert summary.counts[State.ARCHIVED] == 0
     assert summary.permanent_failures == 0
+
+
+async def test_a_lost_lease_stops_the_transfer_and_stores_nothing(sim_factory, tmp_path):
+    import asyncio
+    import sqlite3
+
+    recs = make_recordings(1, seed=17, size=2_000_000)
+    sim: Simulator = await sim_factory(recs, Faults(slow_chunk_delay=0.05))
+    settings = make_settings(sim, tmp_path, workers__lease_seconds=0.3)
+    rid = recs[0].id
+
+    async def steal() -> None:
+        # Wait until the worker holds the row, then hand it to someone else, as an instance
+        # whose lease expired during a partition would find it.
+        while True:
+            await asyncio.sleep(0.05)
+            with sqlite3.connect(settings.ledger.path) as db:
+                moved = db.execute(
+                    "UPDATE recordings SET lease_owner = 'thief', "
+                    "lease_expires = '2999-01-01T00:00:00.000000+00:00' "
+                    "WHERE id = ? AND state = 'in_progress'",
+                    (rid,),
+                ).rowcount
+            if moved:
+                return
+
+    thief = asyncio.create_task(steal())
+    report = await run(settings)
+    await thief
+    assert report.archived == 0 and report.skipped >= 1
+    assert sim.download_completions[rid] == 0  # stopped mid-body: not fetched to the end
+    assert archived_files(tmp_path) == {}
+    assert list((tmp_path / "archive").rglob("*.partial")) == []
+    async with open_ledger(path=settings.ledger.path) as ledger:
+        row = await ledger.get(rid)
+    assert row is not None and row.state is State.IN_PROGRESS and row.lease_owner == "thief"

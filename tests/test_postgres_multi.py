@@ -301,7 +301,8 @@ async def test_three_instances_share_a_backlog(sim_factory, tmp_path, pg_cluster
         "3 x archiver run",
         instances,
         total,
-        {"wall (start to all archived)": elapsed, "per recording": elapsed / total},
+        {"wall (start to all archived)": elapsed},
+        f" ({total / elapsed:.0f} recordings/s, process start-up included)",
     )
 
 

@@ -470,6 +470,12 @@ class SqliteLedger:
 
     def _observe_sync(self, recordings: list[Recording], max_attempts: int) -> set[str]:
         _, now = _now()
+        # A sighting never changes an archived row (the upsert skips them): leave those out, so a
+        # pass over an archive that is up to date reads one index lookup per id and writes nothing.
+        archived = self._archived_among(list(dict.fromkeys(rec.id for rec in recordings)))
+        recordings = [rec for rec in recordings if rec.id not in archived]
+        if not recordings:
+            return set()
         rows = [
             (
                 rec.id,
@@ -497,6 +503,17 @@ class SqliteLedger:
                 query = f"SELECT id FROM recordings WHERE id IN ({placeholders}) AND {_CLAIMABLE}"
                 need_work.update(row[0] for row in conn.execute(query, params))
         return need_work
+
+    def _archived_among(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            placeholders = ", ".join("?" * len(chunk))
+            query = (
+                f"SELECT id FROM recordings WHERE id IN ({placeholders}) AND +state = 'archived'"
+            )
+            found.update(row[0] for row in self._db().execute(query, chunk))
+        return found
 
     async def claim(
         self, recording_id: str, *, owner: str, lease_seconds: float, max_attempts: int
@@ -1030,7 +1047,9 @@ class SqliteLedger:
             if batch:
                 await self._call(self._import_batch_sync, batch_kind, batch)
         except BaseException:
-            await asyncio.shield(self._call(self._exec_sync, "ROLLBACK"))
+            # The error that stopped the import is the one to report, not a failed rollback.
+            with contextlib.suppress(LedgerError, LedgerUnavailable):
+                await asyncio.shield(self._call(self._exec_sync, "ROLLBACK"))
             raise
         await self._call(self._exec_sync, "COMMIT")
 

@@ -7,7 +7,8 @@ or the complete new one, also after a power cut. The partial is ``flock``-ed whi
 it, so two writers of one key (say, a worker whose lease expired and its successor) cannot mix their
 bytes, and ``cleanup_stale`` never removes a partial that is being written.
 
-All file IO runs in worker threads, one hop per call, so the event loop never waits on the disk.
+All file IO runs in worker threads (a pool of its own), one hop per call, so the event loop never
+waits on the disk.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import secrets
@@ -23,11 +25,12 @@ import stat
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, ParamSpec, Self, TypeVar
 
 from archiver.errors import (
     IntegrityError,
@@ -49,13 +52,31 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOLCK})
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+# The threads for file IO wait on the disk (write-back, fsync) far more than they use a CPU, so
+# there are more of them than in asyncio's default executor (cores + 4): a write never queues
+# behind the hashing that runs there, and concurrent fsyncs reach the journal together.
+_IO_THREADS = 32
+_io_pool: ThreadPoolExecutor | None = None
+
+
+async def _in_io_thread(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    global _io_pool
+    if _io_pool is None:
+        _io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="archiver-disk")
+    call = functools.partial(fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_io_pool, call)
+
 
 def check_key(key: str) -> list[str]:
     """Split a storage key into its path components; raise UnsafeValue for anything hostile."""
     if not isinstance(key, str) or not key:
         raise UnsafeValue("storage key is empty")
     shown = f"{key!r:.120}"
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in key):
+    # Printable ASCII (every key archiver makes) has neither; only others need the slow look.
+    plain = key.isascii() and key.isprintable()
+    if not plain and any(unicodedata.category(c) in ("Cc", "Cs") for c in key):
         raise UnsafeValue(f"storage key {shown} contains a control character")
     if "\\" in key:
         raise UnsafeValue(f"storage key {shown} contains a backslash")
@@ -290,7 +311,7 @@ class LocalUpload:
         limit = self._file.size
         pos = 0
         while pos < limit:
-            chunk = await asyncio.to_thread(self._file.read_at, pos, min(CHUNK_SIZE, limit - pos))
+            chunk = await _in_io_thread(self._file.read_at, pos, min(CHUNK_SIZE, limit - pos))
             if not chunk:
                 raise StorageError(f"partial upload of {self.key} shrank while being read")
             pos += len(chunk)
@@ -299,19 +320,19 @@ class LocalUpload:
     async def write(self, chunk: bytes) -> None:
         self._file.check_open()
         if chunk:
-            await asyncio.to_thread(self._file.write, chunk)
+            await _in_io_thread(self._file.write, chunk)
 
     async def restart(self) -> None:
         self._file.check_open()
-        await asyncio.to_thread(self._file.truncate)
+        await _in_io_thread(self._file.truncate)
 
     async def commit(self, request: CommitRequest) -> StoredObject:
         self._file.check_open()
-        return await asyncio.to_thread(self._file.commit, request)
+        return await _in_io_thread(self._file.commit, request)
 
     async def abort(self) -> None:
         if self._file.state == "open":
-            await asyncio.to_thread(self._file.abort)
+            await _in_io_thread(self._file.abort)
 
     async def __aenter__(self) -> Self:
         return self
@@ -361,37 +382,37 @@ class LocalStorage:
         return None
 
     async def preflight(self) -> None:
-        await asyncio.to_thread(self._preflight)
+        await _in_io_thread(self._preflight)
 
     async def begin(self, key: str, *, resume: bool = True) -> LocalUpload:
         parts = check_key(key)
-        return await asyncio.to_thread(self._begin, key, parts, resume)
+        return await _in_io_thread(self._begin, key, parts, resume)
 
     async def put_bytes(
         self, key: str, data: bytes, *, content_type: str, retain_from: datetime | None = None
     ) -> StoredObject:
         parts = check_key(key)
-        return await asyncio.to_thread(self._put_bytes, key, parts, data)
+        return await _in_io_thread(self._put_bytes, key, parts, data)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         parts = check_key(key)
-        return await asyncio.to_thread(self._stat, key, parts)
+        return await _in_io_thread(self._stat, key, parts)
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
         parts = check_key(key)
-        fd = await asyncio.to_thread(self._open_for_reading, key, parts)
+        fd = await _in_io_thread(self._open_for_reading, key, parts)
         try:
-            while chunk := await asyncio.to_thread(self._read_chunk, key, fd):
+            while chunk := await _in_io_thread(self._read_chunk, key, fd):
                 yield chunk
         finally:
             os.close(fd)
 
     async def delete(self, key: str) -> None:
         parts = check_key(key)
-        await asyncio.to_thread(self._delete, key, parts)
+        await _in_io_thread(self._delete, key, parts)
 
     async def cleanup_stale(self, older_than_seconds: float) -> int:
-        return await asyncio.to_thread(self._cleanup_stale, time.time() - older_than_seconds)
+        return await _in_io_thread(self._cleanup_stale, time.time() - older_than_seconds)
 
     # The methods below run in a worker thread.
 
