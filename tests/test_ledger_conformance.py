@@ -447,6 +447,14 @@ async def test_summary(ledger: Ledger) -> None:
     assert summary.oldest_unarchived_ended_at == T0 + 2 * day
     assert summary.archived_bytes == 123
 
+    # A permanent failure is counted apart; it does not hold the lag forever.
+    await ledger.observe([rec("ancient", ended=T0 - day)], max_attempts=MAX)
+    assert (await ledger.summary()).oldest_unarchived_ended_at == T0 - day
+    await ledger.reject("ancient", reason="unsafe id")
+    after = await ledger.summary()
+    assert after.oldest_unarchived_ended_at == T0 + 2 * day
+    assert after.permanent_failures == 2
+
 
 async def test_failures_newest_first(ledger: Ledger) -> None:
     await ledger.observe([rec("a"), rec("b"), rec("c"), rec("ok")], max_attempts=MAX)

@@ -44,7 +44,8 @@ class Summary:
     counts: Mapping[State, int]
     permanent_failures: int
     retryable_failures: int
-    # ended_at of the oldest recording seen but not archived: the lag an operator alerts on.
+    # ended_at of the oldest recording seen but not archived, permanent failures aside (they
+    # are counted apart and would hold the alert forever): the lag an operator alerts on.
     oldest_unarchived_ended_at: datetime | None
     archived_bytes: int
 

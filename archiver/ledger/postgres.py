@@ -729,7 +729,8 @@ class PostgresLedger:
                 list[Any],
                 await conn.fetch(
                     """SELECT state, count(*) AS n, count(*) FILTER (WHERE permanent) AS perm,
-                              min(ended_at) AS oldest, coalesce(sum(size), 0) AS bytes
+                              min(ended_at) FILTER (WHERE NOT permanent) AS oldest,
+                              coalesce(sum(size), 0) AS bytes
                        FROM recordings GROUP BY state"""
                 ),
             )

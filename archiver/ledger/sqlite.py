@@ -790,8 +790,8 @@ class SqliteLedger:
         permanent = retryable = archived_bytes = 0
         oldest: str | None = None
         rows = self._db().execute(
-            """SELECT state, count(*), coalesce(sum(permanent), 0), min(ended_at),
-                      coalesce(sum(size), 0)
+            """SELECT state, count(*), coalesce(sum(permanent), 0),
+                      min(CASE WHEN permanent = 0 THEN ended_at END), coalesce(sum(size), 0)
                FROM recordings GROUP BY state"""
         )
         for state_text, count, permanent_count, min_ended, size_sum in rows:
