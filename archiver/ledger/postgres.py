@@ -50,6 +50,7 @@ from archiver import audit
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
 from archiver.ledger.base import AuditEntry, PassRecord, Summary
 from archiver.ledger.portable import AUDIT_FIELDS, PASS_FIELDS, RECORDING_FIELDS
+from archiver.ledger.rows import decode_audit, decode_pass, decode_row, dumps, json_object
 from archiver.models import LedgerRow, Recording, State, StoredObject
 from archiver.redact import redact, register_secret
 from archiver.retry import RetryPolicy, call_with_retry
@@ -202,10 +203,6 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _dumps(value: Mapping[str, Any]) -> str:
-    return json.dumps(dict(value), sort_keys=True, separators=(",", ":"), default=str)
-
-
 def _clean(value: Any) -> Any:
     """What PostgreSQL text and jsonb can hold: no NUL, no lone surrogates (SQLite takes both)."""
     if isinstance(value, str):
@@ -220,22 +217,10 @@ def _clean(value: Any) -> Any:
 
 
 def _jsonb(value: Mapping[str, Any]) -> str:
-    text = _dumps(value)  # ASCII: whatever jsonb refuses shows as a \u escape
+    text = dumps(value)  # ASCII: whatever jsonb refuses shows as a \u escape
     if "\\u0000" in text or "\\ud" in text:
-        return _dumps(_clean(value))
+        return dumps(_clean(value))
     return text
-
-
-def _json_object(text: str | None, what: str) -> dict[str, Any]:
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise LedgerError(f"the ledger holds unreadable JSON in {what}: {exc}") from exc
-    if not isinstance(value, dict):
-        raise LedgerError(f"the ledger holds {type(value).__name__} in {what}, not an object")
-    return value
 
 
 def _utc(value: Any) -> datetime | None:
@@ -244,68 +229,6 @@ def _utc(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         raise LedgerError(f"the ledger holds {type(value).__name__} where a time belongs")
     return value.astimezone(UTC)
-
-
-def _decode_row(row: Any) -> LedgerRow:
-    try:
-        return LedgerRow(
-            id=row["id"],
-            state=State(row["state"]),
-            attempts=row["attempts"],
-            last_error=row["last_error"],
-            storage_key=row["storage_key"],
-            size=row["size"],
-            sha256=row["sha256"],
-            source_status=row["source_status"],
-            room_id=row["room_id"],
-            session_id=row["session_id"],
-            participant_id=row["participant_id"],
-            started_at=_utc(row["started_at"]),
-            ended_at=_utc(row["ended_at"]),
-            metadata=_json_object(row["metadata"], f"the metadata of {row['id']!r}"),
-            lease_owner=row["lease_owner"],
-            lease_expires=_utc(row["lease_expires"]),
-            first_seen_at=_utc(row["first_seen_at"]),
-            updated_at=_utc(row["updated_at"]),
-            archived_at=_utc(row["archived_at"]),
-            retain_until=_utc(row["retain_until"]),
-            version_id=row["version_id"],
-            deleted_at_source=_utc(row["deleted_at_source"]),
-        )
-    except ValueError as exc:
-        raise LedgerError(f"the ledger row {row['id']!r} cannot be read: {exc}") from exc
-
-
-def _decode_audit(row: Any) -> AuditEntry:
-    at = _utc(row["at"])
-    assert at is not None
-    return AuditEntry(
-        seq=row["seq"],
-        at=at,
-        action=row["action"],
-        recording_id=row["recording_id"],
-        details=_json_object(row["details"], f"audit entry {row['seq']}"),
-        prev_hash=row["prev_hash"],
-        hash=row["hash"],
-    )
-
-
-def _decode_pass(row: Any) -> PassRecord:
-    started, finished = _utc(row["started_at"]), _utc(row["finished_at"])
-    assert started is not None and finished is not None
-    return PassRecord(
-        started_at=started,
-        finished_at=finished,
-        ok=row["ok"],
-        listed=row["listed"],
-        enqueued=row["enqueued"],
-        archived=row["archived"],
-        failed=row["failed"],
-        window=row["listing_window"],
-        error=row["error"],
-        instance=row["instance"],
-        extra=_json_object(row["extra"], f"pass {row['id']}"),
-    )
 
 
 def _is_transient(exc: BaseException | None) -> bool:
@@ -703,7 +626,7 @@ class PostgresLedger:
     async def get(self, recording_id: str) -> LedgerRow | None:
         async def read(conn: Any) -> LedgerRow | None:
             row = await conn.fetchrow("SELECT * FROM recordings WHERE id = $1", recording_id)
-            return None if row is None else _decode_row(row)
+            return None if row is None else decode_row(row, _utc)
 
         return await self._run("get", read, transaction=False)
 
@@ -767,7 +690,7 @@ class PostgresLedger:
                    ORDER BY updated_at DESC, id LIMIT $1""",
                 limit,
             )
-            return [_decode_row(row) for row in rows]
+            return [decode_row(row, _utc) for row in rows]
 
         return await self._run("failures", read, transaction=False)
 
@@ -811,7 +734,7 @@ class PostgresLedger:
 
     async def _archived_batch(self, query: str, *args: Any) -> list[LedgerRow]:
         async def read(conn: Any) -> list[LedgerRow]:
-            return [_decode_row(row) for row in await conn.fetch(query, *args)]
+            return [decode_row(row, _utc) for row in await conn.fetch(query, *args)]
 
         return await self._run("iter_archived", read, transaction=False)
 
@@ -824,7 +747,7 @@ class PostgresLedger:
         async def tx(conn: Any) -> AuditEntry:
             mine = await conn.fetchrow("SELECT * FROM audit WHERE token = $1", token)
             if mine is not None:  # this very call, retried after its answer was lost
-                return _decode_audit(mine)
+                return decode_audit(mine, _utc)
             return await self._append_audit_tx(conn, action, recording_id, details, token)
 
         return await self._run("append_audit", tx)
@@ -848,7 +771,7 @@ class PostgresLedger:
         seq, prev_hash = int(head["seq"]) + 1, str(head["hash"])
         at = _utc(head["at"])
         assert at is not None
-        details_text = _dumps(details)
+        details_text = dumps(details)
         # Hash what will be read back, so the entry re-verifies whatever ``details`` held.
         stored_details = json.loads(details_text)
         digest = audit.entry_hash(prev_hash, seq, at, action, recording_id, stored_details)
@@ -886,7 +809,7 @@ class PostgresLedger:
                 rows = await conn.fetch(
                     "SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2", after, _BATCH
                 )
-                return [_decode_audit(row) for row in rows]
+                return [decode_audit(row, _utc) for row in rows]
 
             batch = await self._run("iter_audit", read, transaction=False)
             if not batch:
@@ -926,7 +849,7 @@ class PostgresLedger:
             rows = await conn.fetch(
                 "SELECT * FROM passes ORDER BY finished_at DESC, id DESC LIMIT $1", limit
             )
-            return [_decode_pass(row) for row in rows]
+            return [decode_pass(row, _utc) for row in rows]
 
         return await self._run("last_passes", read, transaction=False)
 
@@ -1064,11 +987,11 @@ class PostgresLedger:
 def _export_record(kind: str, row: Any) -> dict[str, Any]:
     record = dict(row.items())
     if kind == "recording":
-        record["metadata"] = _json_object(record["metadata"], f"the metadata of {row['id']!r}")
+        record["metadata"] = json_object(record["metadata"], f"the metadata of {row['id']!r}")
     elif kind == "audit":
-        record["details"] = _json_object(record["details"], f"audit entry {row['seq']}")
+        record["details"] = json_object(record["details"], f"audit entry {row['seq']}")
     elif kind == "pass":
-        record["extra"] = _json_object(record["extra"], "a pass")
+        record["extra"] = json_object(record["extra"], "a pass")
     for name, value in record.items():
         if isinstance(value, datetime):
             record[name] = value.astimezone(UTC)
@@ -1086,7 +1009,7 @@ async def _import_batch(conn: Any, kind: str, records: list[Mapping[str, Any]]) 
     elif kind == "audit":
         columns = list(AUDIT_FIELDS)
         rows = [
-            tuple(_dumps(r[name]) if name == "details" else r[name] for name in columns)
+            tuple(dumps(r[name]) if name == "details" else r[name] for name in columns)
             for r in records
         ]
         await conn.copy_records_to_table("audit", records=rows, columns=columns)

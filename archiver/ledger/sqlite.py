@@ -41,6 +41,7 @@ from archiver import audit
 from archiver.errors import LedgerError, LedgerUnavailable
 from archiver.ledger.base import AuditEntry, PassRecord, Summary
 from archiver.ledger.portable import RECORDING_FIELDS
+from archiver.ledger.rows import decode_audit, decode_pass, decode_row, dumps, json_object
 from archiver.models import LedgerRow, Recording, State, StoredObject, utcnow
 
 _P = ParamSpec("_P")
@@ -172,89 +173,6 @@ def _now() -> tuple[datetime, str]:
     parsed = _dt(text)
     assert parsed is not None
     return parsed, text
-
-
-def _dumps(value: Mapping[str, Any]) -> str:
-    return json.dumps(dict(value), sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _json_object(text: str | None, what: str) -> dict[str, Any]:
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise LedgerError(f"the ledger holds unreadable JSON in {what}: {exc}") from exc
-    if not isinstance(value, dict):
-        raise LedgerError(f"the ledger holds {type(value).__name__} in {what}, not an object")
-    return value
-
-
-def _decode_row(row: sqlite3.Row) -> LedgerRow:
-    try:
-        return LedgerRow(
-            id=row["id"],
-            state=State(row["state"]),
-            attempts=row["attempts"],
-            last_error=row["last_error"],
-            storage_key=row["storage_key"],
-            size=row["size"],
-            sha256=row["sha256"],
-            source_status=row["source_status"],
-            room_id=row["room_id"],
-            session_id=row["session_id"],
-            participant_id=row["participant_id"],
-            started_at=_dt(row["started_at"]),
-            ended_at=_dt(row["ended_at"]),
-            metadata=_json_object(row["metadata"], f"the metadata of {row['id']!r}"),
-            lease_owner=row["lease_owner"],
-            lease_expires=_dt(row["lease_expires"]),
-            first_seen_at=_dt(row["first_seen_at"]),
-            updated_at=_dt(row["updated_at"]),
-            archived_at=_dt(row["archived_at"]),
-            retain_until=_dt(row["retain_until"]),
-            version_id=row["version_id"],
-            deleted_at_source=_dt(row["deleted_at_source"]),
-        )
-    except (ValueError, TypeError) as exc:
-        raise LedgerError(f"the ledger row {row['id']!r} cannot be read: {exc}") from exc
-
-
-def _decode_audit(row: sqlite3.Row) -> AuditEntry:
-    try:
-        at = _dt(row["at"])
-    except (ValueError, TypeError) as exc:
-        raise LedgerError(f"audit entry {row['seq']} has an unreadable time: {exc}") from exc
-    if at is None:
-        raise LedgerError(f"audit entry {row['seq']} has no time")
-    return AuditEntry(
-        seq=row["seq"],
-        at=at,
-        action=row["action"],
-        recording_id=row["recording_id"],
-        details=_json_object(row["details"], f"audit entry {row['seq']}"),
-        prev_hash=row["prev_hash"],
-        hash=row["hash"],
-    )
-
-
-def _decode_pass(row: sqlite3.Row) -> PassRecord:
-    started, finished = _dt(row["started_at"]), _dt(row["finished_at"])
-    if started is None or finished is None:
-        raise LedgerError(f"pass {row['id']} has no start or finish time")
-    return PassRecord(
-        started_at=started,
-        finished_at=finished,
-        ok=bool(row["ok"]),
-        listed=row["listed"],
-        enqueued=row["enqueued"],
-        archived=row["archived"],
-        failed=row["failed"],
-        window=row["listing_window"],
-        error=row["error"],
-        instance=row["instance"],
-        extra=_json_object(row["extra"], f"pass {row['id']}"),
-    )
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -485,7 +403,7 @@ class SqliteLedger:
                 rec.participant_id,
                 _ts_or_none(rec.started_at),
                 _ts_or_none(rec.ended_at),
-                _dumps(rec.metadata),
+                dumps(rec.metadata),
                 now,
                 now,
             )
@@ -723,7 +641,7 @@ class SqliteLedger:
                 {
                     "id": recording_id,
                     "reason": reason,
-                    "metadata": None if metadata is None else _dumps(metadata),
+                    "metadata": None if metadata is None else dumps(metadata),
                     "now": now,
                 },
             ).fetchall()
@@ -759,7 +677,7 @@ class SqliteLedger:
     def _get_sync(self, recording_id: str) -> LedgerRow | None:
         row = self._db().execute("SELECT * FROM recordings WHERE id = ?", (recording_id,))
         found = row.fetchone()
-        return None if found is None else _decode_row(found)
+        return None if found is None else decode_row(found, _dt)
 
     async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
         if not recording_ids:
@@ -823,7 +741,7 @@ class SqliteLedger:
                ORDER BY updated_at DESC, id LIMIT ?""",
             (limit,),
         )
-        return [_decode_row(row) for row in rows]
+        return [decode_row(row, _dt) for row in rows]
 
     async def iter_archived(
         self, *, since: datetime | None = None, until: datetime | None = None
@@ -852,7 +770,7 @@ class SqliteLedger:
                ORDER BY id LIMIT ?""",
             (after_id, _BATCH),
         )
-        return [_decode_row(row) for row in rows]
+        return [decode_row(row, _dt) for row in rows]
 
     def _archived_dated_sync(
         self, since: str | None, until: str | None, after: tuple[str, str] | None
@@ -873,7 +791,7 @@ class SqliteLedger:
                 ORDER BY ended_at, id LIMIT :limit""",
             params,
         )
-        return [_decode_row(row) for row in rows]
+        return [decode_row(row, _dt) for row in rows]
 
     # -- audit chain, passes, settings -------------------------------------------------------
     async def append_audit(
@@ -900,7 +818,7 @@ class SqliteLedger:
         """Chain one entry inside the caller's write transaction."""
         last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev_hash = (1, audit.GENESIS) if last is None else (last[0] + 1, last[1])
-        details_text = _dumps(details)
+        details_text = dumps(details)
         # Hash what will be read back, so the entry re-verifies whatever ``details`` held.
         stored_details = json.loads(details_text)
         digest = audit.entry_hash(prev_hash, seq, at, action, recording_id, stored_details)
@@ -930,7 +848,7 @@ class SqliteLedger:
         rows = self._db().execute(
             "SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, _BATCH)
         )
-        return [_decode_audit(row) for row in rows]
+        return [decode_audit(row, _dt) for row in rows]
 
     async def record_pass(self, record: PassRecord) -> None:
         await self._call(self._record_pass_sync, record)
@@ -953,7 +871,7 @@ class SqliteLedger:
                     record.window,
                     record.error,
                     record.instance,
-                    _dumps(record.extra),
+                    dumps(record.extra),
                 ),
             )
 
@@ -964,7 +882,7 @@ class SqliteLedger:
         rows = self._db().execute(
             "SELECT * FROM passes ORDER BY finished_at DESC, id DESC LIMIT ?", (limit,)
         )
-        return [_decode_pass(row) for row in rows]
+        return [decode_pass(row, _dt) for row in rows]
 
     async def get_meta(self, key: str) -> str | None:
         return await self._call(self._get_meta_sync, key)
@@ -1089,7 +1007,7 @@ class SqliteLedger:
                         _ts(r["at"]),
                         r["action"],
                         r["recording_id"],
-                        _dumps(r["details"]),
+                        dumps(r["details"]),
                         r["prev_hash"],
                         r["hash"],
                     )
@@ -1114,7 +1032,7 @@ class SqliteLedger:
                         r["window"],
                         r["error"],
                         r["instance"],
-                        _dumps(r["extra"]),
+                        dumps(r["extra"]),
                     )
                     for r in records
                 ],
@@ -1145,7 +1063,7 @@ def _import_value(name: str, value: Any) -> Any:
     if kind.startswith("ts"):
         return _ts(value)
     if kind == "object":
-        return _dumps(value)
+        return dumps(value)
     if kind == "bool":
         return int(value)
     return value
@@ -1159,13 +1077,13 @@ def _export_record(kind: str, row: sqlite3.Row) -> dict[str, Any]:
             if field_kind.startswith("ts"):
                 value = _dt(value)
             elif field_kind == "object":
-                value = _json_object(value, f"the {name} of {row['id']!r}")
+                value = json_object(value, f"the {name} of {row['id']!r}")
             elif field_kind == "bool":
                 value = bool(value)
             record[name] = value
         return record
     if kind == "audit":
-        entry = _decode_audit(row)
+        entry = decode_audit(row, _dt)
         return {
             "seq": entry.seq,
             "at": entry.at,
@@ -1176,7 +1094,7 @@ def _export_record(kind: str, row: sqlite3.Row) -> dict[str, Any]:
             "hash": entry.hash,
         }
     if kind == "pass":
-        done = _decode_pass(row)
+        done = decode_pass(row, _dt)
         return {
             "started_at": done.started_at,
             "finished_at": done.finished_at,
