@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Chunks at least this big are hashed in a worker thread; smaller ones cost less than the hop.
 _HASH_OFF_LOOP = 256 * 1024
+_BLOCK = 4096
 
 
 class RecordingSource(Protocol):
@@ -363,16 +364,30 @@ class Transferer:
             nonlocal held, writing
             await settle()
             if held:
-                chunk = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                head: list[bytes | memoryview] = list(pieces)
+                carry = b""
+                extra = held % _BLOCK
+                if not last and extra and len(pieces[-1]) > extra:
+                    # Whole 4 KiB blocks only, the rest starts the next chunk: storage that
+                    # writes past the page cache (direct IO) takes nothing else.
+                    split = len(pieces[-1]) - extra
+                    carry = pieces[-1][split:]
+                    head[-1] = memoryview(pieces[-1])[:split]
+                first = head[0]
+                chunk = first if len(head) == 1 and isinstance(first, bytes) else b"".join(head)
                 pieces.clear()
                 held = 0
+                if carry:
+                    pieces.append(carry)
+                    held = len(carry)
                 if last:
                     await put(chunk)
                 else:
                     writing = asyncio.create_task(put(chunk))
 
         try:
-            async for data in resp.content.iter_any():
+            # Buffer by buffer as received: iter_any would first join what is buffered (a copy).
+            async for data, _ in resp.content.iter_chunks():
                 pieces.append(data)
                 held += len(data)
                 if held >= limit:

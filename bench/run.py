@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -54,6 +55,11 @@ MB = 1_000_000
 GB = 1_000_000_000
 CONCURRENCY = 8
 S3_KEY, S3_SECRET, S3_BUCKET = "benchkey", "benchsecret", "bench"
+# GNU time (Debian package "time") measures each contender's peak RSS; see run_measured.
+TIME = shutil.which("time", path="/usr/bin:/bin")
+# The archiver under test runs from here (``-m archiver.cli`` imports from the working
+# directory); ``--archiver-src`` points it at another checkout to compare before and after.
+ARCHIVER_SRC = ROOT
 
 
 @dataclass(frozen=True)
@@ -64,10 +70,13 @@ class Plan:
     scale_counts: tuple[int, int]
     runs: int
     timeout: float  # seconds one contender run may take before it counts as hung
+    # Full passes over the larger scale set (each takes minutes); its no-op pass still runs
+    # ``runs`` times, over the ledger the last full pass left.
+    large_full_runs: int = 1
 
 
 FULL = Plan("full", ((500, 4 * MB), (20, 100 * MB)), GB, (10_000, 100_000), 3, 1800)
-QUICK = Plan("quick", ((24, 256_000), (4, 4 * MB)), 32 * MB, (300, 1_500), 1, 120)
+QUICK = Plan("quick", ((24, 256_000), (4, 4 * MB)), 32 * MB, (200, 1_000), 1, 120, 1)
 
 # Acceptance targets (full mode).
 TARGETS = {
@@ -114,14 +123,24 @@ def run_measured(
     timeout: float,
     env: dict[str, str] | None = None,
     stdin: Path | None = None,
+    cwd: Path = ROOT,
 ) -> Measure:
-    """Run ``cmd`` to completion and return its wall time, CPU time and peak RSS (wait4)."""
+    """Run ``cmd`` to completion and return its wall time, CPU time (wait4) and peak RSS.
+
+    The peak RSS comes from GNU time's own child: Linux carries a process's ``ru_maxrss`` over
+    ``execve``, so a child spawned straight from this (large) process would report at least this
+    process's RSS, whatever its own."""
+    rss_path = log_path.with_name(log_path.name + ".rss")
+    if TIME is not None:
+        cmd = [TIME, "-f", "%M", "-o", str(rss_path), *cmd]
     with (
         open(log_path, "ab") as out,
         open(stdin if stdin is not None else os.devnull, "rb") as inp,
     ):
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=inp, stdout=out, stderr=out, env=env, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd, stdin=inp, stdout=out, stderr=out, env=env, cwd=cwd, start_new_session=True
+        )
         watchdog = threading.Timer(timeout, _kill_quietly, (proc.pid,))
         watchdog.start()
         try:
@@ -133,12 +152,16 @@ def run_measured(
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise BenchError(f"{cmd[0]} exited {proc.returncode} after {seconds:.1f}s:\n{tail}")
-    return Measure(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    peak_kb = usage.ru_maxrss
+    if TIME is not None:
+        peak_kb = int(rss_path.read_text().split()[-1])
+        rss_path.unlink()
+    return Measure(seconds, usage.ru_utime + usage.ru_stime, peak_kb / 1024)
 
 
 def _kill_quietly(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
 
 
 def clean(path: Path) -> None:
@@ -264,6 +287,7 @@ def run_archiver(
         log_path=out / "archiver.log",
         timeout=plan.timeout,
         env=archiver_env(env),
+        cwd=ARCHIVER_SRC,
     )
 
 
@@ -314,7 +338,7 @@ def throughput_contenders(sim: Simulator, work: Path, plan: Plan) -> list[Conten
         check_files(out / "dl", count, size)
         return measure
 
-    def curl(to_disk: bool) -> Callable[[Path], Measure]:
+    def curl(to_disk: bool, durable: bool = False) -> Callable[[Path], Measure]:
         def run(out: Path) -> Measure:
             (out / "dl").mkdir(parents=True)
             pairs = out / "pairs.txt"
@@ -328,6 +352,15 @@ def throughput_contenders(sim: Simulator, work: Path, plan: Plan) -> list[Conten
             measure = run_measured(
                 cmd, log_path=out.with_suffix(".log"), timeout=plan.timeout, stdin=pairs
             )
+            if durable:
+                # What the archiver's promise costs on top: every file fsync'd (coreutils sync).
+                files = [str(p) for p in (out / "dl").iterdir()]
+                synced = run_measured(
+                    ["sync", *files], log_path=out.with_suffix(".log"), timeout=plan.timeout
+                )
+                measure = Measure(
+                    measure.seconds + synced.seconds, measure.cpu + synced.cpu, measure.rss_mb
+                )
             if to_disk:
                 check_files(out / "dl", count, size)
             return measure
@@ -339,6 +372,7 @@ def throughput_contenders(sim: Simulator, work: Path, plan: Plan) -> list[Conten
         Contender(f"aria2c -j {CONCURRENCY}", aria2),
         Contender(f"curl -o FILE x{CONCURRENCY} (ceiling)", curl(True)),
         Contender(f"curl -o /dev/null x{CONCURRENCY} (network)", curl(False)),
+        Contender(f"curl -o FILE x{CONCURRENCY}, then sync", curl(True, durable=True)),
     ]
 
 
@@ -458,6 +492,9 @@ def seaweedfs(work: Path) -> Iterator[str]:
         proc.kill()  # SIGTERM takes ~14 s; the data dir is thrown away
         proc.wait()
         shutil.rmtree(run, ignore_errors=True)
+        for port in ports:  # the gRPC sockets weed leaves in /tmp
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def s3_env() -> dict[str, str]:
@@ -490,10 +527,17 @@ def make_bucket(endpoint: str) -> None:
 
 
 def s3_unavailable() -> str | None:
-    try:
-        import archiver.storage.s3  # noqa: F401
-    except ImportError as exc:
-        return f"archiver has no S3 backend here ({exc})"
+    """Why the archiver under test cannot store to S3, if it cannot (an older checkout)."""
+    probe = subprocess.run(
+        [PY, "-c", "import archiver.storage.s3"],
+        cwd=ARCHIVER_SRC,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+        return f"no S3 backend in this archiver ({last[:60]})"
     return None
 
 
@@ -560,24 +604,32 @@ def scale(work: Path, plan: Plan, results: dict[str, Any]) -> None:
         runs: dict[int, dict[str, list[Any]]] = {
             n: {"full": [], "noop": [], "ledger_bytes": []} for n in sims
         }
+        full_runs = {small: plan.runs, large: min(plan.runs, plan.large_full_runs)}
+        last: dict[int, Path] = {}
         for round_ in range(plan.runs):
             order = [small, large] if round_ % 2 == 0 else [large, small]
             for n in order:
-                out = work / "out" / f"scale-{n}-{round_}"
-                clean(out)
-                log(f"scale: full pass over {n:,} recordings of 1 KB, round {round_ + 1}")
-                full = run_archiver(sims[n].api, out, plan)
-                check_archived(out, n)
-                log(f"  {full.seconds:.1f} s; no-op pass")
+                if round_ < full_runs[n]:
+                    out = last[n] = work / "out" / f"scale-{n}-{round_}"
+                    clean(out)
+                    log(f"scale: full pass over {n:,} recordings of 1 KB, round {round_ + 1}")
+                    full = run_archiver(sims[n].api, out, plan)
+                    check_archived(out, n)
+                    log(f"  {full.seconds:.1f} s")
+                    runs[n]["full"].append(asdict(full))
+                    runs[n]["ledger_bytes"].append(ledger_bytes(out))
+                # Kept until the section ends: ext4 skips inodes freed in the last ~30 s when it
+                # allocates new ones, so deleting 200,000 files here would slow the next pass's
+                # file creation, which no real archive (that only grows) pays for.
+                out = last[n]
                 (out / "archiver.log").unlink()
+                log(f"scale: no-op pass over {n:,} archived recordings, round {round_ + 1}")
                 noop = run_archiver(sims[n].api, out, plan)
                 check_archived(out, 0)
                 log(f"  {noop.seconds:.1f} s")
-                runs[n]["full"].append(asdict(full))
                 runs[n]["noop"].append(asdict(noop))
-                runs[n]["ledger_bytes"].append(ledger_bytes(out))
-                clean(out)
         results["scale"] = {"size": size, "runs": {str(n): r for n, r in runs.items()}}
+    clean(work / "out")
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -611,7 +663,7 @@ class Table:
         verdict = "" if ok is None else ("PASS" if ok else "FAIL")
         if ok is not None:
             self.checks.append((label, ok))
-        self.lines.append(f"  {label:<40}{value:>11}   {target:<18}{verdict}")
+        self.lines.append(f"  {label:<40}{value:>11}   {target:<22}{verdict}".rstrip())
 
 
 def median_of(runs: list[dict[str, float]], key: str) -> float:
@@ -656,6 +708,9 @@ def report(results: dict[str, Any], plan: Plan) -> Table:
             f">= {need}",
             ratio >= need if full else None,
         )
+        if len(names) > 4:
+            ratio = archiver / rates[names[4]]
+            t.target("archiver / (curl -o FILE, then sync)", f"{ratio:.2f}", "(no target)", None)
     mem = results.get("memory")
     if mem:
         t.section(f"Memory: peak RSS of archiver backfill, one {human(plan.memory_size)} recording")
@@ -686,7 +741,8 @@ def report(results: dict[str, Any], plan: Plan) -> Table:
                 med = statistics.median(secs)
                 per_rec[(kind, n)] = med / n
                 t.row(
-                    f"{'full' if kind == 'full' else 'no-op'} pass, {n:,}",
+                    f"{'full' if kind == 'full' else 'no-op'} pass, {n:,}"
+                    + (f" ({len(runs)} run)" if len(runs) < plan.runs else ""),
                     f"{med:.1f}",
                     f"({min(secs):.1f}-{max(secs):.1f})",
                     f"{n / med:,.0f}",
@@ -727,9 +783,9 @@ def report(results: dict[str, Any], plan: Plan) -> Table:
 
 
 def ensure_peers() -> None:
-    missing = [
-        pkg for tool, pkg in (("aria2c", "aria2"), ("curl", "curl")) if not shutil.which(tool)
-    ]
+    global TIME
+    peers = (("aria2c", "aria2"), ("curl", "curl"), ("/usr/bin/time", "time"))
+    missing = [pkg for tool, pkg in peers if not shutil.which(tool)]
     if not missing:
         return
     if os.geteuid() != 0:
@@ -738,6 +794,7 @@ def ensure_peers() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+    TIME = shutil.which("time", path="/usr/bin:/bin")
 
 
 def version(cmd: list[str]) -> str:
@@ -767,23 +824,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="throughput,memory,scale", help="comma-separated sections to run"
     )
+    parser.add_argument(
+        "--large-full-runs",
+        type=int,
+        help="full passes over the larger scale set (default 1: each takes minutes)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where the JSON goes (default: bench/results)"
+    )
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: under results)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--archiver-src",
+        type=Path,
+        help="run the archiver from this checkout (e.g. an older commit, to compare)",
+    )
     args = parser.parse_args(argv)
+    global ARCHIVER_SRC
+    if args.archiver_src is not None:
+        ARCHIVER_SRC = args.archiver_src.resolve()
+        if not (ARCHIVER_SRC / "archiver" / "cli.py").is_file():
+            parser.error(f"{ARCHIVER_SRC} holds no archiver/cli.py")
     plan = QUICK if args.quick else FULL
     if args.runs:
-        plan = Plan(
-            plan.name, plan.sets, plan.memory_size, plan.scale_counts, args.runs, plan.timeout
-        )
+        plan = dataclasses.replace(plan, runs=args.runs)
+    if args.large_full_runs:
+        plan = dataclasses.replace(plan, large_full_runs=args.large_full_runs)
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = sections - {"throughput", "memory", "scale"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
     ensure_peers()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_dir: Path = args.results.resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    work = args.workdir or RESULTS / f"work-{stamp}-{os.getpid()}"
+    work = args.workdir or results_dir / f"work-{stamp}-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free
     if free < needed_space(plan, sections):
@@ -801,30 +877,44 @@ def main(argv: list[str] | None = None) -> int:
             "aria2c": version(["aria2c", "--version"]),
             "curl": version(["curl", "--version"]),
             "sections": sorted(sections),
+            "archiver_src": str(ARCHIVER_SRC.relative_to(ROOT))
+            if ARCHIVER_SRC.is_relative_to(ROOT)
+            else ARCHIVER_SRC.name,
         },
         "throughput": [],
         "memory": {},
     }
     started = time.monotonic()
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("throughput", lambda: throughput(work, plan, results)),
+        ("memory", lambda: memory(work, plan, results, skip_s3=args.skip_s3)),
+        ("scale", lambda: scale(work, plan, results)),
+    ]
+    errors: dict[str, str] = {}
     try:
-        if "throughput" in sections:
-            throughput(work, plan, results)
-        if "memory" in sections:
-            memory(work, plan, results, skip_s3=args.skip_s3)
-        if "scale" in sections:
-            scale(work, plan, results)
+        for name, step in steps:
+            if name in sections:
+                try:
+                    step()
+                except BenchError as exc:  # report the other sections all the same
+                    log(f"{name} failed: {exc}")
+                    errors[name] = str(exc)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     results["meta"]["load_after"] = os.getloadavg()[0]
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["errors"] = errors
     table = report(results, plan)
+    for name, error in errors.items():
+        table.lines += ["", f"{name}: FAILED: {error.splitlines()[0]}"]
     results["table"] = table.lines
-    out = RESULTS / f"{stamp}-{plan.name}.json"
+    out = results_dir / f"{stamp}-{plan.name}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(table.lines))
-    print(f"\n(raw figures: {out.relative_to(ROOT)}; {results['meta']['seconds']:.0f} s in all)")
-    return 0
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    print(f"\n(raw figures: {shown}; {results['meta']['seconds']:.0f} s in all)")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

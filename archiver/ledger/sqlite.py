@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import sqlite3
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -175,6 +176,20 @@ def _now() -> tuple[datetime, str]:
     return parsed, text
 
 
+def _enable_wal(conn: sqlite3.Connection, patience: float) -> None:
+    """Switch a new file to WAL. Several processes opening it at once race for that switch, and
+    SQLite answers "locked" at once rather than through the busy handler: wait and try again."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _statements(script: str) -> Iterator[str]:
     """Split a migration into statements; ``executescript`` would commit our transaction."""
     pending = ""
@@ -267,7 +282,7 @@ class SqliteLedger:
         try:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            _enable_wal(conn, self.busy_timeout)
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
