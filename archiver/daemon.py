@@ -104,9 +104,6 @@ class PassTracker(ProgressSink):
         # Ids whose outcome leaves them to be retried: they hold the high-water mark.
         self.unfinished: set[str] = set()
 
-    def listed(self, count: int) -> None:
-        self._health.touch()
-
     def enqueued(self, count: int) -> None:
         self._health.touch()
 

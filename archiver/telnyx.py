@@ -37,8 +37,6 @@ from archiver.retry import RetryPolicy, call_with_retry
 
 log = logging.getLogger(__name__)
 
-MAX_PAGE_SIZE = 250
-
 
 @dataclass(frozen=True, slots=True)
 class Filters:

@@ -106,7 +106,6 @@ class _Progress:
     position: int = 0
     content_type: str | None = None
     need_fresh_url: bool = False
-    resumes: int = 0
     # Set by the heartbeat when the ledger no longer gives us the lease: stop, store nothing.
     lease_lost: bool = False
 
@@ -323,7 +322,7 @@ class Transferer:
             ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise NetworkError(
-                redact(f"{rec.id}: download from {safe_url(url)} failed: {type(exc).__name__}")
+                f"{rec.id}: download from {safe_url(url)} failed: {type(exc).__name__}"
             ) from exc
         if total is not None and progress.position != total:
             raise TruncatedBody(f"{rec.id}: got {progress.position} of {total} bytes")
@@ -415,8 +414,9 @@ class Transferer:
             progress.need_fresh_url = True
             raise UrlExpired(f"{where}; fetching a fresh URL", retry_after=0)
         if status == 416:
+            asked = progress.position
             await self._restart(progress)
-            raise _Again(f"{where} for bytes={progress.position}-; starting over")
+            raise _Again(f"{where} for bytes={asked}-; starting over")
         if status == 429:
             raise RateLimited(where, retry_after=wait_hint(resp.headers))
         if status == 408 or status >= 500:
@@ -444,7 +444,6 @@ class Transferer:
             if match is None or int(match.group(1)) != progress.position:
                 await self._restart(progress)
                 raise _Again(f"{progress.rec.id}: unusable Content-Range; starting over")
-            progress.resumes += 1
             return None if match.group(3) == "*" else int(match.group(3))
         if progress.position > 0:
             # A 200 to a Range request: the server ignored it, so take the whole body again.
