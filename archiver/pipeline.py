@@ -153,7 +153,9 @@ class Engine:
         self, queue: asyncio.Queue[Recording | None], lister: Lister, produce: Produce
     ) -> RunReport:
         async with asyncio.TaskGroup() as tg:
-            workers = [tg.create_task(self._worker(queue)) for _ in range(self._concurrency)]
+            # Twice as many workers as downloads (the transferer bounds those): while one worker
+            # commits its file and records it, the next download is already streaming.
+            workers = [tg.create_task(self._worker(queue)) for _ in range(self._concurrency * 2)]
             producer = tg.create_task(produce(lister, queue.join))
             stopper = tg.create_task(self.stop.wait())
             await asyncio.wait({producer, stopper}, return_when=asyncio.FIRST_COMPLETED)

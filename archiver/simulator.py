@@ -505,6 +505,8 @@ class Simulator:
         self._api_port: int | None = None
         self._dl_port: int | None = None
         self._streaming: set[asyncio.Transport] = set()  # downloads mid-body
+        # The most download bodies ever in flight at once (the client's concurrency, seen here).
+        self.max_streaming = 0
         if recordings:
             self.add(recordings)
 
@@ -954,6 +956,7 @@ class Simulator:
         transport = request.transport
         if transport is not None:
             self._streaming.add(transport)
+            self.max_streaming = max(self.max_streaming, len(self._streaming))
         try:
             await resp.prepare(request)
             sent = cut is None and not slow and await self._send_cached(rec, transport, start, end)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -46,14 +47,12 @@ from archiver.ledger.base import Ledger
 from archiver.models import Recording, StoredObject, utcnow
 from archiver.redact import redact, safe_url
 from archiver.retry import RetryPolicy, retrying
-from archiver.storage.base import CommitRequest, StorageBackend, Upload
+from archiver.storage.base import CommitRequest, Companion, StorageBackend, Upload
 from archiver.telnyx import wait_hint
 
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-# Chunks at least this big are hashed in a worker thread; smaller ones cost less than the hop.
-_HASH_OFF_LOOP = 256 * 1024
 _BLOCK = 4096
 
 
@@ -108,6 +107,8 @@ class _Progress:
     need_fresh_url: bool = False
     # Set by the heartbeat when the ledger no longer gives us the lease: stop, store nothing.
     lease_lost: bool = False
+    # A write failed after its chunk was hashed: hash and upload may disagree.
+    hash_suspect: bool = False
 
     def check_lease(self) -> None:
         if self.lease_lost:
@@ -154,6 +155,9 @@ class Transferer:
         self._workers = settings.workers
         self._owner = owner
         self._on_bytes = on_bytes or (lambda n: None)
+        # ``workers.concurrency`` bounds the downloads in flight, not the transfers: a transfer
+        # that is claiming, committing or recording its result holds no connection.
+        self._download_slots = asyncio.Semaphore(settings.workers.concurrency)
         self._policy = RetryPolicy(
             attempts=settings.workers.transfer_attempts,
             # Time spent streaming counts too, so the cap is on attempts, not on the clock.
@@ -307,11 +311,13 @@ class Transferer:
             if not rec.download_url:
                 raise ProcessingAtSource(f"{rec.id} is {rec.status or 'not ready'} at the source")
         url = layout.check_download_url(rec.download_url or "")
+        if progress.hash_suspect:
+            await self._restart(progress)
         headers = {"Accept-Encoding": "identity"}
         if progress.position > 0:
             headers["Range"] = f"bytes={progress.position}-"
         try:
-            async with self._http.get(url, headers=headers) as resp:
+            async with self._download_slots, self._http.get(url, headers=headers) as resp:
                 metrics.DOWNLOAD_RESPONSES.labels(status=str(resp.status)).inc()
                 await self._check_status(progress, resp)
                 total = await self._prepare(progress, resp)
@@ -341,14 +347,13 @@ class Transferer:
 
         async def put(chunk: bytes) -> None:
             progress.check_lease()
-            if len(chunk) >= _HASH_OFF_LOOP:
-                # hashlib lets go of the GIL on big buffers: hash in a thread beside the
-                # write, so the event loop keeps receiving for the other transfers.
-                hashed = asyncio.to_thread(progress.hasher.update, chunk)
-                await asyncio.gather(hashed, upload.write(chunk))
-            else:
-                progress.hasher.update(chunk)
-                await upload.write(chunk)
+            try:
+                # The storage hashes beside its write, in the same hand-off to a disk thread.
+                await upload.write(chunk, digest=progress.hasher)
+            except Exception:
+                # The hash may hold bytes the upload does not: the next attempt starts over.
+                progress.hash_suspect = True
+                raise
             progress.position += len(chunk)
             self._on_bytes(len(chunk))
 
@@ -456,12 +461,20 @@ class Transferer:
         if progress.upload is not None:
             await progress.upload.restart()
         progress.reset_hash()
+        progress.hash_suspect = False
 
     async def _store(self, progress: _Progress, upload: Upload) -> StoredObject:
         progress.check_lease()
         rec = progress.rec
         sha256 = progress.hasher.hexdigest()
         retain_from = max(rec.ended_at or utcnow(), utcnow())
+        sidecar = None
+        if self._settings.storage.sidecar:
+            sidecar = Companion(
+                key=layout.sidecar_key(upload.key),
+                render=functools.partial(sidecar_json, rec),
+                content_type="application/json",
+            )
         stored = await upload.commit(
             CommitRequest(
                 sha256=sha256,
@@ -469,16 +482,10 @@ class Transferer:
                 content_type=progress.content_type,
                 metadata={"sha256": sha256, "recording-id": rec.id},
                 retain_from=retain_from,
+                companion=sidecar,
             )
         )
         progress.upload = None
-        if self._settings.storage.sidecar:
-            await self._storage.put_bytes(
-                layout.sidecar_key(stored.key),
-                sidecar_json(rec, stored),
-                content_type="application/json",
-                retain_from=retain_from,
-            )
         return stored
 
 
@@ -494,4 +501,5 @@ def sidecar_json(rec: Recording, stored: StoredObject) -> bytes:
             "retain_until": stored.retain_until.isoformat() if stored.retain_until else None,
         },
     }
-    return json.dumps(doc, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    # One line: json's C encoder does not indent, and a sidecar per recording adds up.
+    return json.dumps(doc, sort_keys=True, default=str).encode() + b"\n"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
+from archiver.errors import NetworkError
 from archiver.ledger import open_ledger
 from archiver.models import State
 from archiver.pipeline import RunReport
@@ -277,3 +279,72 @@ async def test_a_lost_lease_stops_the_transfer_and_stores_nothing(sim_factory, t
     async with open_ledger(path=settings.ledger.path) as ledger:
         row = await ledger.get(rid)
     assert row is not None and row.state is State.IN_PROGRESS and row.lease_owner == "thief"
+
+
+class _FlakyUpload:
+    """A real upload whose second write fails after its chunk was hashed, as an S3 part upload
+    cut off by the network does (the digest is fed before the part goes up)."""
+
+    def __init__(self, upload, failures: list[str]) -> None:  # type: ignore[no-untyped-def]
+        self._upload = upload
+        self._failures = failures
+        self._writes = 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._upload, name)
+
+    async def __aenter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._upload.abort()
+
+    async def write(self, chunk: bytes, *, digest=None) -> None:  # type: ignore[no-untyped-def]
+        self._writes += 1
+        if self._writes == 2 and self._upload.key not in self._failures:
+            self._failures.append(self._upload.key)
+            if digest is not None:
+                digest.update(chunk)
+            raise NetworkError(f"{self._upload.key}: connection reset while sending a part")
+        await self._upload.write(chunk, digest=digest)
+
+
+async def test_a_write_failing_after_its_chunk_was_hashed_records_the_true_hash(
+    sim_factory, tmp_path
+):
+    recs = make_recordings(4, seed=29, size=3_500_000)
+    sim: Simulator = await sim_factory(recs, Faults())
+    settings = make_settings(sim, tmp_path)
+    failures: list[str] = []
+    async with open_services(settings) as services:
+        real = services.storage
+
+        class FlakyStorage:
+            def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+                return getattr(real, name)
+
+            async def begin(self, key: str, *, resume: bool = True):  # type: ignore[no-untyped-def]
+                return _FlakyUpload(await real.begin(key, resume=resume), failures)
+
+        flaky = dataclasses.replace(services, storage=FlakyStorage())
+        report = await backfill(flaky, Filters(), make_engine(flaky))
+    assert report.archived == len(recs) and not report.failed
+    assert len(failures) == len(recs)  # every transfer went through the failure once
+    files = archived_files(tmp_path)
+    async with open_ledger(path=settings.ledger.path) as ledger:
+        for rec in recs:
+            row = await ledger.get(rec.id)
+            assert row is not None and row.sha256 == sha(files[rec.id]), rec.id
+    async with open_services(settings, api=False) as services:
+        verified = await verify_archive(services.ledger, services.storage, deep=True, sidecars=True)
+    assert verified.checked == len(recs) and verified.problems == []
+
+
+async def test_concurrency_bounds_the_downloads_in_flight(sim_factory, tmp_path):
+    # Twice as many workers as downloads: the extra ones claim and commit, never download.
+    recs = make_recordings(12, seed=31, size=400_000)
+    sim: Simulator = await sim_factory(recs, Faults(slow_chunk_delay=0.01, slow_rate=1.0))
+    settings = make_settings(sim, tmp_path, workers__concurrency=3)
+    report = await run(settings)
+    assert report.archived == len(recs)
+    assert sim.max_streaming == 3

@@ -249,6 +249,34 @@ async def test_complete_without_claim_is_refused(ledger: Ledger) -> None:
     assert await audit_actions(ledger) == []
 
 
+async def test_transitions_at_once_succeed_or_fail_alone(ledger: Ledger) -> None:
+    """Issued together (SQLite runs them in one group transaction), one refused transition
+    undoes nothing of the others, and each caller gets its own answer."""
+    ids = [f"r{i}" for i in range(12)]
+    await ledger.observe([rec(i) for i in [*ids, "never"]], max_attempts=MAX)
+    claims = await asyncio.gather(
+        *(ledger.claim(i, owner="w", lease_seconds=LEASE, max_attempts=MAX) for i in ids),
+        ledger.claim("unknown", owner="w", lease_seconds=LEASE, max_attempts=MAX),
+    )
+    assert claims == [1] * len(ids) + [None]
+    results = await asyncio.gather(
+        *(ledger.complete(i, owner="w", stored=stored(i)) for i in ids[:6]),
+        ledger.complete("never", owner="w", stored=stored("never")),
+        *(ledger.heartbeat(i, owner="w", lease_seconds=LEASE) for i in ids[6:]),
+        ledger.heartbeat("never", owner="w", lease_seconds=LEASE),
+        return_exceptions=True,
+    )
+    assert results[:6] == [True] * 6
+    assert isinstance(results[6], LedgerError) and "never claimed" in str(results[6])
+    assert results[7:] == [True] * 6 + [False]
+    for i in ids[:6]:
+        assert await state_of(ledger, i) == State.ARCHIVED
+    for i in ids[6:]:
+        assert await state_of(ledger, i) == State.IN_PROGRESS
+    assert await state_of(ledger, "never") == State.PENDING
+    assert sorted(await audit_actions(ledger)) == [("archived", i) for i in ids[:6]]
+
+
 async def test_leased_row_is_not_claimable_until_the_lease_expires(ledger: Ledger) -> None:
     await ledger.observe([rec("a")], max_attempts=MAX)
     assert await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE, max_attempts=MAX) == 1

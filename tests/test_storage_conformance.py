@@ -25,6 +25,7 @@ import pytest
 from archiver.errors import IntegrityError, PreflightError, StorageError, UnsafeValue
 from archiver.models import StoredObject
 from archiver.storage import CommitRequest, LocalStorage, MemoryStorage, StorageBackend
+from archiver.storage.base import Companion
 
 MiB = 1 << 20
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -235,6 +236,50 @@ async def test_put_bytes(storage: StorageBackend) -> None:
     again = await storage.put_bytes("meta/rec-1.json", b"{}", content_type="application/json")
     assert again.size == 2
     assert await read_all(storage, "meta/rec-1.json") == b"{}"
+
+
+async def test_digest_is_fed_exactly_the_bytes_written(storage: StorageBackend) -> None:
+    data = os.urandom(3 * MiB + 777)
+    digest = hashlib.sha256()
+    async with await storage.begin("fed/rec.mp4", resume=False) as upload:
+        for start in range(0, len(data), MiB):
+            await upload.write(data[start : start + MiB], digest=digest)
+        await upload.write(b"", digest=digest)  # nothing written, nothing fed
+        assert digest.hexdigest() == sha(data)
+        stored = await upload.commit(request_for(data))
+    assert stored.sha256 == sha(data)
+    assert await read_all(storage, "fed/rec.mp4") == data
+
+
+async def test_commit_stores_the_companion_after_the_object(storage: StorageBackend) -> None:
+    data = b"media" * 1000
+    seen: list[StoredObject] = []
+
+    def render(stored: StoredObject) -> bytes:
+        seen.append(stored)
+        return f'{{"sha256": "{stored.sha256}"}}'.encode()
+
+    companion = Companion(key="rooms/r1/rec.mp4.json", render=render)
+    async with await storage.begin("rooms/r1/rec.mp4", resume=False) as upload:
+        await upload.write(data)
+        stored = await upload.commit(dataclasses.replace(request_for(data), companion=companion))
+    assert seen == [stored]
+    assert await read_all(storage, "rooms/r1/rec.mp4") == data
+    assert await read_all(storage, companion.key) == f'{{"sha256": "{sha(data)}"}}'.encode()
+
+
+async def test_a_failed_companion_fails_the_commit_but_keeps_the_object(
+    storage: StorageBackend,
+) -> None:
+    data = b"media" * 1000
+    # A key no backend accepts: the companion cannot be stored.
+    companion = Companion(key="rooms/../escape.json", render=lambda stored: b"{}")
+    async with await storage.begin("rooms/r2/rec.mp4", resume=False) as upload:
+        await upload.write(data)
+        with pytest.raises((StorageError, UnsafeValue)):
+            await upload.commit(dataclasses.replace(request_for(data), companion=companion))
+    assert await read_all(storage, "rooms/r2/rec.mp4") == data
+    await assert_absent(storage, "escape.json")
 
 
 async def test_delete(storage: StorageBackend) -> None:

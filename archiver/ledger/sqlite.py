@@ -3,10 +3,11 @@
 Every call runs on one dedicated thread that alone owns the connection, so the event loop never
 blocks on disk and sqlite3 is never shared between threads. Each transition is one
 ``BEGIN IMMEDIATE`` transaction that also appends its audit entry. WAL with ``synchronous=FULL``:
-once ``complete`` returns, the archived row survives a power cut. ``complete`` calls that arrive
-while a commit is on its way to the disk share the next commit (group commit), so N workers
-finishing together cost one fsync. Transitions whose loss in a power cut is harmless (a sighting,
-a claim, a heartbeat) commit without waiting for the disk; the next durable commit makes them
+once ``complete`` returns, the archived row survives a power cut. The busy transitions (``claim``,
+``heartbeat``, ``complete``) that arrive while the thread is busy share its next transaction
+(group commit), so N workers finishing together cost one thread hop and one fsync. Transitions
+whose loss in a power cut is harmless (a sighting, a claim, a heartbeat) commit without waiting
+for the disk when no completion shares their transaction; the next durable commit makes them
 durable too, in order.
 
 ``exclusive=True`` (backfill, run) takes an ``flock`` on ``<path>.lock`` so that two instances
@@ -33,6 +34,7 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -147,6 +149,16 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE state != 'archived'
 """
 
+
+@dataclass(slots=True)
+class _Grouped:
+    """A transition waiting for the next group transaction (see ``SqliteLedger._grouped``)."""
+
+    apply: Callable[[sqlite3.Connection], Any]
+    durable: bool
+    waiter: asyncio.Future[Any]
+
+
 _TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "database or disk is full")
 
 
@@ -223,9 +235,9 @@ class SqliteLedger:
         # Touched only on the executor's thread.
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
-        # Touched only on the event loop: completions waiting for the next group commit.
-        self._completions: list[tuple[str, str, StoredObject, asyncio.Future[bool]]] = []
-        self._completer: asyncio.Task[None] | None = None
+        # Touched only on the event loop: transitions waiting for the next group transaction.
+        self._pending: list[_Grouped] = []
+        self._writer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteLedger({str(self.path)!r}, exclusive={self.exclusive})"
@@ -451,150 +463,165 @@ class SqliteLedger:
     async def claim(
         self, recording_id: str, *, owner: str, lease_seconds: float, max_attempts: int
     ) -> int | None:
-        return await self._call(self._claim_sync, recording_id, owner, lease_seconds, max_attempts)
+        apply = functools.partial(self._claim_tx, recording_id, owner, lease_seconds, max_attempts)
+        result: int | None = await self._grouped(apply, durable=False)
+        return result
 
-    def _claim_sync(
-        self, recording_id: str, owner: str, lease_seconds: float, max_attempts: int
+    @staticmethod
+    def _claim_tx(
+        recording_id: str,
+        owner: str,
+        lease_seconds: float,
+        max_attempts: int,
+        conn: sqlite3.Connection,
     ) -> int | None:
         now_dt, now = _now()
-        with self._write(durable=False) as conn:
-            rows = conn.execute(
-                f"""UPDATE recordings
-                    SET state = 'in_progress', attempts = attempts + 1, lease_owner = :owner,
-                        lease_expires = :expires, updated_at = :now
-                    WHERE id = :id AND {_CLAIMABLE}
-                    RETURNING attempts""",
-                {
-                    "id": recording_id,
-                    "owner": owner,
-                    "expires": _ts(now_dt + timedelta(seconds=lease_seconds)),
-                    "now": now,
-                    "max_attempts": max_attempts,
-                },
-            ).fetchall()
+        rows = conn.execute(
+            f"""UPDATE recordings
+                SET state = 'in_progress', attempts = attempts + 1, lease_owner = :owner,
+                    lease_expires = :expires, updated_at = :now
+                WHERE id = :id AND {_CLAIMABLE}
+                RETURNING attempts""",
+            {
+                "id": recording_id,
+                "owner": owner,
+                "expires": _ts(now_dt + timedelta(seconds=lease_seconds)),
+                "now": now,
+                "max_attempts": max_attempts,
+            },
+        ).fetchall()
         return int(rows[0][0]) if rows else None
 
     async def heartbeat(self, recording_id: str, *, owner: str, lease_seconds: float) -> bool:
-        return await self._call(self._heartbeat_sync, recording_id, owner, lease_seconds)
+        apply = functools.partial(self._heartbeat_tx, recording_id, owner, lease_seconds)
+        held: bool = await self._grouped(apply, durable=False)
+        return held
 
-    def _heartbeat_sync(self, recording_id: str, owner: str, lease_seconds: float) -> bool:
+    @staticmethod
+    def _heartbeat_tx(
+        recording_id: str, owner: str, lease_seconds: float, conn: sqlite3.Connection
+    ) -> bool:
         now_dt, now = _now()
-        with self._write(durable=False) as conn:
-            cursor = conn.execute(
-                """UPDATE recordings SET lease_expires = ?, updated_at = ?
-                   WHERE id = ? AND state = 'in_progress' AND lease_owner = ?""",
-                (_ts(now_dt + timedelta(seconds=lease_seconds)), now, recording_id, owner),
-            )
-            return cursor.rowcount == 1
+        cursor = conn.execute(
+            """UPDATE recordings SET lease_expires = ?, updated_at = ?
+               WHERE id = ? AND state = 'in_progress' AND lease_owner = ?""",
+            (_ts(now_dt + timedelta(seconds=lease_seconds)), now, recording_id, owner),
+        )
+        return cursor.rowcount == 1
 
     async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool:
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._completions.append((recording_id, owner, stored, waiter))
-        if self._completer is None:
-            self._completer = asyncio.create_task(self._commit_completions())
+        apply = functools.partial(self._complete_tx, recording_id, owner, stored)
+        done: bool = await self._grouped(apply, durable=True)
+        return done
+
+    async def _grouped(self, apply: Callable[[sqlite3.Connection], Any], *, durable: bool) -> Any:
+        """Run ``apply`` in the next group transaction; return what it returns."""
+        if self._executor is None:
+            raise LedgerError(f"the ledger {self.path} is not open (use it with 'async with')")
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Grouped(apply, durable, waiter))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_groups())
         return await waiter
 
-    async def _commit_completions(self) -> None:
-        """Group commit: one batch at a time; what arrives meanwhile goes in the next batch."""
+    async def _write_groups(self) -> None:
+        """One group at a time on the ledger thread; what arrives meanwhile forms the next."""
         try:
-            while self._completions:
-                batch, self._completions = self._completions, []
-                items = [(rec_id, owner, stored) for rec_id, owner, stored, _ in batch]
-                results: list[bool | Exception]
+            while self._pending:
+                batch, self._pending = self._pending, []
+                durable = any(item.durable for item in batch)
+                results: list[Any]
                 try:
-                    results = await self._call(self._complete_many_sync, items)
+                    results = await self._call(
+                        self._apply_group_sync, [item.apply for item in batch], durable
+                    )
                 except asyncio.CancelledError:
-                    for *_, waiter in batch + self._completions:
-                        waiter.cancel()
-                    self._completions = []
+                    for item in batch + self._pending:
+                        item.waiter.cancel()
+                    self._pending = []
                     raise
                 except Exception as exc:
                     results = [exc] * len(batch)
-                for (*_, waiter), result in zip(batch, results, strict=True):
-                    if waiter.done():  # its caller was cancelled; the row is archived all the same
+                for item, result in zip(batch, results, strict=True):
+                    if item.waiter.done():  # its caller was cancelled; the change stands
                         continue
                     if isinstance(result, Exception):
-                        waiter.set_exception(result)
+                        item.waiter.set_exception(result)
                     else:
-                        waiter.set_result(result)
+                        item.waiter.set_result(result)
         finally:
-            self._completer = None
+            self._writer = None
 
-    def _complete_many_sync(
-        self, items: list[tuple[str, str, StoredObject]]
-    ) -> list[bool | Exception]:
-        """Several completions in one durable commit; an error in one fails that one alone."""
-        results: list[bool | Exception] = []
-        with self._write() as conn:
-            for recording_id, owner, stored in items:
-                conn.execute("SAVEPOINT complete_one")
+    def _apply_group_sync(
+        self, applies: list[Callable[[sqlite3.Connection], Any]], durable: bool
+    ) -> list[Any]:
+        """Several transitions in one transaction; a LedgerError in one undoes that one alone.
+        A database error rolls the whole group back and is raised to all of them."""
+        results: list[Any] = []
+        with self._write(durable=durable) as conn:
+            for apply in applies:
+                conn.execute("SAVEPOINT one")
                 try:
-                    results.append(self._complete_sync(recording_id, owner, stored, conn))
+                    results.append(apply(conn))
                 except LedgerError as exc:
-                    conn.execute("ROLLBACK TO complete_one")
+                    conn.execute("ROLLBACK TO one")
                     results.append(exc)
-                conn.execute("RELEASE complete_one")
+                conn.execute("RELEASE one")
         return results
 
-    def _complete_sync(
-        self,
-        recording_id: str,
-        owner: str,
-        stored: StoredObject,
-        conn: sqlite3.Connection | None = None,
+    def _complete_tx(
+        self, recording_id: str, owner: str, stored: StoredObject, conn: sqlite3.Connection
     ) -> bool:
-        """One completion, in its own transaction or in the caller's ``conn``."""
         now_dt, now = _now()
-        with self._write() if conn is None else contextlib.nullcontext(conn) as conn:
-            row = conn.execute(
-                "SELECT state, lease_owner, attempts FROM recordings WHERE id = ?",
-                (recording_id,),
-            ).fetchone()
-            if row is None:
-                raise LedgerError(f"complete: the ledger has no row for {recording_id!r}")
-            if row["state"] == State.ARCHIVED:
-                return False
-            held = row["state"] == State.IN_PROGRESS and row["lease_owner"] == owner
-            # A lost lease (another owner now, or released, or failed by them) is still
-            # accepted: our bytes are stored and verified, and recording that is the truth;
-            # the other worker's complete then returns False. Only a row nobody ever claimed
-            # (attempts == 0; claims that count are never undone) is a caller's bug.
-            if not held and row["attempts"] == 0:
-                raise LedgerError(
-                    f"complete: {recording_id!r} was never claimed; claim it before completing"
-                )
-            retain_until = _ts_or_none(stored.retain_until)
-            conn.execute(
-                """UPDATE recordings
-                   SET state = 'archived', storage_key = ?, size = ?, sha256 = ?,
-                       version_id = ?, retain_until = ?, permanent = 0, last_error = NULL,
-                       lease_owner = NULL, lease_expires = NULL, archived_at = ?, updated_at = ?
-                   WHERE id = ?""",
-                (
-                    stored.key,
-                    stored.size,
-                    stored.sha256,
-                    stored.version_id,
-                    retain_until,
-                    now,
-                    now,
-                    recording_id,
-                ),
+        row = conn.execute(
+            "SELECT state, lease_owner, attempts FROM recordings WHERE id = ?",
+            (recording_id,),
+        ).fetchone()
+        if row is None:
+            raise LedgerError(f"complete: the ledger has no row for {recording_id!r}")
+        if row["state"] == State.ARCHIVED:
+            return False
+        held = row["state"] == State.IN_PROGRESS and row["lease_owner"] == owner
+        # A lost lease (another owner now, or released, or failed by them) is still
+        # accepted: our bytes are stored and verified, and recording that is the truth;
+        # the other worker's complete then returns False. Only a row nobody ever claimed
+        # (attempts == 0; claims that count are never undone) is a caller's bug.
+        if not held and row["attempts"] == 0:
+            raise LedgerError(
+                f"complete: {recording_id!r} was never claimed; claim it before completing"
             )
-            self._append_audit_tx(
-                conn,
-                now_dt,
+        retain_until = _ts_or_none(stored.retain_until)
+        conn.execute(
+            """UPDATE recordings
+               SET state = 'archived', storage_key = ?, size = ?, sha256 = ?,
+                   version_id = ?, retain_until = ?, permanent = 0, last_error = NULL,
+                   lease_owner = NULL, lease_expires = NULL, archived_at = ?, updated_at = ?
+               WHERE id = ?""",
+            (
+                stored.key,
+                stored.size,
+                stored.sha256,
+                stored.version_id,
+                retain_until,
                 now,
-                "archived",
+                now,
                 recording_id,
-                {
-                    "key": stored.key,
-                    "size": stored.size,
-                    "sha256": stored.sha256,
-                    "version_id": stored.version_id,
-                    "retain_until": retain_until,
-                },
-            )
+            ),
+        )
+        self._append_audit_tx(
+            conn,
+            now_dt,
+            now,
+            "archived",
+            recording_id,
+            {
+                "key": stored.key,
+                "size": stored.size,
+                "sha256": stored.sha256,
+                "version_id": stored.version_id,
+                "retain_until": retain_until,
+            },
+        )
         return True
 
     async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:

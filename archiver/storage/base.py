@@ -12,7 +12,7 @@ Every backend passes the shared conformance suite in ``tests/test_storage_confor
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -44,6 +44,16 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Companion:
+    """A small object stored by the same commit, right after the main one (its JSON sidecar).
+    ``render`` is given what was stored, so it can describe it (retention included)."""
+
+    key: str
+    render: Callable[[StoredObject], bytes]
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
 class CommitRequest:
     """What the caller asserts about the bytes it wrote, checked before anything becomes visible."""
 
@@ -53,6 +63,15 @@ class CommitRequest:
     metadata: Mapping[str, str] | None = None
     # Object Lock retention is counted from here (the recording's end, or now if later).
     retain_from: datetime | None = None
+    # Stored after the object, before commit returns. Should it fail, commit raises and the
+    # object stays committed (a retry stores both again).
+    companion: Companion | None = None
+
+
+class Digest(Protocol):
+    """A running hash (``hashlib`` objects are): what ``Upload.write`` feeds beside the write."""
+
+    def update(self, data: bytes, /) -> None: ...
 
 
 class Upload(Protocol):
@@ -70,7 +89,11 @@ class Upload(Protocol):
         """The bytes already held (``offset`` of them), so the caller can seed its hash."""
         ...
 
-    async def write(self, chunk: bytes) -> None: ...
+    async def write(self, chunk: bytes, *, digest: Digest | None = None) -> None:
+        """Append ``chunk``. ``digest`` is fed the chunk first, where the write happens (on a disk
+        thread, the hash costs no extra hand-off). After a failed write, the upload and the
+        digest may disagree: the caller starts both over."""
+        ...
 
     async def restart(self) -> None:
         """Drop everything written so far; the next write starts at byte 0."""

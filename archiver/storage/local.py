@@ -41,7 +41,7 @@ from archiver.errors import (
     UnsafeValue,
 )
 from archiver.models import StoredObject
-from archiver.storage.base import Capabilities, CommitRequest, ObjectInfo
+from archiver.storage.base import Capabilities, CommitRequest, Companion, Digest, ObjectInfo
 
 CHUNK_SIZE = 1 << 20
 FILE_MODE = 0o640
@@ -181,7 +181,15 @@ class _PartialFile:
     never keeps the upload itself alive: dropping an upload releases the file at once.
     """
 
-    def __init__(self, key: str, target: Path, fd: int, *, verify: bool) -> None:
+    def __init__(
+        self,
+        key: str,
+        target: Path,
+        fd: int,
+        *,
+        verify: bool,
+        store_companion: Callable[[Companion, StoredObject], Path],
+    ) -> None:
         self.key = key
         self.target = target
         self.path = partial_path(target)
@@ -189,6 +197,8 @@ class _PartialFile:
         self.state: Literal["open", "committed", "aborted"] = "open"
         self._fd = fd
         self._verify = verify
+        # Writes a companion durably and renames it in place; returns the directory to fsync.
+        self._store_companion = store_companion
         # The same open file without the page cache, and a page-aligned buffer for it (see
         # _write_direct); opened on the first big write, None once found unusable.
         self._direct: int | None = None
@@ -210,9 +220,11 @@ class _PartialFile:
             except OSError as exc:
                 raise _storage_error(exc, self.key, "read the partial upload of") from exc
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes, digest: Digest | None) -> None:
         with self._lock:
             self.check_open()
+            if digest is not None:
+                digest.update(chunk)
             try:
                 with memoryview(chunk) as view:
                     done = self._write_direct(view)
@@ -289,15 +301,27 @@ class _PartialFile:
             except BaseException:
                 self._discard()
                 raise
+            stored = StoredObject(key=self.key, size=size, sha256=expected)
+            # The companion's rename shares the directory fsync below when it sits beside us.
+            synced = {self.target.parent}
+            companion_error: Exception | None = None
+            if request.companion is not None:
+                try:
+                    synced.add(self._store_companion(request.companion, stored))
+                except Exception as exc:
+                    companion_error = exc
             try:
-                _fsync_dir(self.target.parent)
+                for directory in synced:
+                    _fsync_dir(directory)
             except OSError as exc:
                 # The rename might not survive a crash; a failed commit leaves nothing behind.
                 _unlink_quietly(self.target)
                 self._close("aborted")
                 raise _storage_error(exc, self.key, "commit") from exc
             self._close("committed")
-            return StoredObject(key=self.key, size=size, sha256=expected)
+            if companion_error is not None:
+                raise companion_error
+            return stored
 
     def abort(self) -> None:
         with self._lock:
@@ -368,10 +392,10 @@ class LocalUpload:
             pos += len(chunk)
             yield chunk
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes, *, digest: Digest | None = None) -> None:
         self._file.check_open()
         if chunk:
-            await _in_io_thread(self._file.write, chunk)
+            await _in_io_thread(self._file.write, chunk, digest)
 
     async def restart(self) -> None:
         self._file.check_open()
@@ -409,6 +433,7 @@ class LocalStorage:
 
     def __init__(self, root: Path, *, verify_on_commit: bool = False) -> None:
         self._root = Path(root).absolute()
+        self._resolved_root: Path | None = None
         # Re-read and re-hash every upload at commit instead of trusting the caller's running hash.
         self._verify = verify_on_commit
         self._capabilities = Capabilities(name="local", resumes_after_crash=True)
@@ -467,10 +492,40 @@ class LocalStorage:
 
     # The methods below run in a worker thread.
 
-    def _resolve(self, key: str, parts: list[str]) -> Path:
-        """The key's path, its existing symlinks followed, refused unless it stays inside root."""
+    def _real_root(self) -> Path:
+        """The root with its own symlinks resolved; looked up once it exists."""
+        if self._resolved_root is not None:
+            return self._resolved_root
         try:
             root = self._root.resolve()
+        except OSError as exc:
+            raise StorageError(f"cannot look up the archive root {self._root}: {exc}") from exc
+        if root.is_dir():
+            self._resolved_root = root
+        return root
+
+    def _resolve(self, key: str, parts: list[str]) -> Path:
+        """The key's path, its existing symlinks followed, refused unless it stays inside root."""
+        root = self._real_root()
+        # One lstat per component while none is a symlink (the usual case); a symlink, or a
+        # file where a directory should be, takes the thorough path.
+        here = root
+        for part in parts:
+            here = here / part
+            try:
+                mode = os.lstat(here).st_mode
+            except FileNotFoundError:
+                return root.joinpath(*parts)  # nothing exists from here on, so nothing to follow
+            except NotADirectoryError:
+                return self._resolve_following(key, parts, root)
+            except OSError as exc:
+                raise _storage_error(exc, key, "look up") from exc
+            if stat.S_ISLNK(mode):
+                return self._resolve_following(key, parts, root)
+        return here
+
+    def _resolve_following(self, key: str, parts: list[str], root: Path) -> Path:
+        try:
             parent = root.joinpath(*parts[:-1]).resolve()
             target = parent / parts[-1]
             seen = target.resolve() if target.is_symlink() else target
@@ -489,7 +544,7 @@ class LocalStorage:
         target = self._resolve(key, parts)
         if target.parent.is_dir():
             return target  # the usual case: nothing to create, so nothing to resolve again
-        root = self._root.resolve()
+        root = self._real_root()
         try:
             if not root.is_dir():
                 root.mkdir(parents=True, exist_ok=True)
@@ -530,7 +585,14 @@ class LocalStorage:
                 if _same_file(fd, partial):
                     if not resume:
                         os.ftruncate(fd, 0)
-                    return LocalUpload(_PartialFile(key, target, fd, verify=self._verify))
+                    file = _PartialFile(
+                        key,
+                        target,
+                        fd,
+                        verify=self._verify,
+                        store_companion=self._store_companion,
+                    )
+                    return LocalUpload(file)
             except OSError as exc:
                 os.close(fd)
                 raise _storage_error(exc, key, "start writing") from exc
@@ -541,10 +603,24 @@ class LocalStorage:
         raise StorageError(f"cannot start writing {key}: its partial upload keeps disappearing")
 
     def _put_bytes(self, key: str, parts: list[str], data: bytes) -> StoredObject:
+        target = self._write_beside(key, parts, data)
+        try:
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            _unlink_quietly(target)
+            raise _storage_error(exc, key, "write") from exc
+        return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def _store_companion(self, companion: Companion, stored: StoredObject) -> Path:
+        parts = check_key(companion.key)
+        return self._write_beside(companion.key, parts, companion.render(stored)).parent
+
+    def _write_beside(self, key: str, parts: list[str], data: bytes) -> Path:
+        """Write ``data`` to a fresh temporary file beside the key's path, fsync it and rename it
+        over that path; the caller fsyncs the directory."""
         target = self._make_parents(key, parts)
-        digest = hashlib.sha256(data).hexdigest()
         while True:
-            # A unique name: sidecars are not resumed, and two writers must not share a file.
+            # A unique name: these writes are not resumed, and two writers must not share a file.
             temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
             try:
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
@@ -563,12 +639,7 @@ class LocalStorage:
         except OSError as exc:
             _unlink_quietly(temp)
             raise _storage_error(exc, key, "write") from exc
-        try:
-            _fsync_dir(target.parent)
-        except OSError as exc:
-            _unlink_quietly(target)
-            raise _storage_error(exc, key, "write") from exc
-        return StoredObject(key=key, size=len(data), sha256=digest)
+        return target
 
     def _stat(self, key: str, parts: list[str]) -> ObjectInfo | None:
         target = self._resolve(key, parts)

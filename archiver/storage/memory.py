@@ -16,7 +16,7 @@ from typing import Literal, Self
 
 from archiver.errors import IntegrityError, StorageError
 from archiver.models import StoredObject
-from archiver.storage.base import Capabilities, CommitRequest, ObjectInfo
+from archiver.storage.base import Capabilities, CommitRequest, Digest, ObjectInfo
 from archiver.storage.local import CHUNK_SIZE, check_key
 
 
@@ -47,8 +47,10 @@ class MemoryUpload:
         for start in range(0, len(held), CHUNK_SIZE):
             yield held[start : start + CHUNK_SIZE]
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes, *, digest: Digest | None = None) -> None:
         self._check_open()
+        if digest is not None:
+            digest.update(chunk)
         self._buffer += chunk
 
     async def restart(self) -> None:
@@ -70,7 +72,12 @@ class MemoryUpload:
             )
         self._storage._objects[self._key] = _Stored(data, expected, request.content_type)
         self._close("committed")
-        return StoredObject(key=self._key, size=len(data), sha256=expected)
+        stored = StoredObject(key=self._key, size=len(data), sha256=expected)
+        if (companion := request.companion) is not None:
+            await self._storage.put_bytes(
+                companion.key, companion.render(stored), content_type=companion.content_type
+            )
+        return stored
 
     async def abort(self) -> None:
         if self._state == "open":

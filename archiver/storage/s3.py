@@ -66,7 +66,7 @@ from archiver.errors import (
 )
 from archiver.models import StoredObject
 from archiver.redact import redact, safe_url
-from archiver.storage.base import Capabilities, CommitRequest, ObjectInfo
+from archiver.storage.base import Capabilities, CommitRequest, Digest, ObjectInfo
 from archiver.storage.local import CHUNK_SIZE, check_key
 
 if TYPE_CHECKING:
@@ -88,6 +88,8 @@ MAX_CONFIGURED_TAGS = 8
 LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 SSE_MODES = ("AES256", "aws:kms")
 
+# Chunks at least this big are hashed in a worker thread; smaller ones cost less than the hop.
+_HASH_OFF_LOOP = 256 * 1024
 _INTEGRITY_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
 _TRANSIENT_CODES = frozenset(
     {
@@ -437,10 +439,16 @@ class S3Upload:
         for start in range(0, len(held), CHUNK_SIZE):
             yield held[start : start + CHUNK_SIZE]
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes, *, digest: Digest | None = None) -> None:
         self._check_writable()
         if not chunk:
             return
+        if digest is not None:
+            if len(chunk) >= _HASH_OFF_LOOP:
+                # hashlib lets go of the GIL on big buffers: the event loop carries on meanwhile.
+                await asyncio.to_thread(digest.update, chunk)
+            else:
+                digest.update(chunk)
         # Full parts go up before the chunk joins the buffer: a failed write changes nothing, so
         # the caller's retry can send the same bytes again.
         await self._send_parts(force=False)
@@ -484,6 +492,13 @@ class S3Upload:
             raise
         self._state = "committed"
         self._buffer = bytearray()
+        if (companion := request.companion) is not None:
+            await self._storage.put_bytes(
+                companion.key,
+                companion.render(stored),
+                content_type=companion.content_type,
+                retain_from=request.retain_from,
+            )
         return stored
 
     async def abort(self) -> None:
