@@ -89,7 +89,9 @@ class Engine:
         self._transferer = transferer
         self._source = source
         self._ledger = ledger
-        self._concurrency = concurrency
+        # Twice as many workers as downloads (the transferer bounds those): while one worker
+        # commits its file and records it, the next download is already streaming.
+        self._workers = concurrency * 2
         self._max_attempts = max_attempts
         self._grace = shutdown_grace
         self.progress = progress or ProgressSink()
@@ -104,7 +106,8 @@ class Engine:
 
         ``drain()`` waits until everything enqueued so far has been transferred.
         """
-        queue: asyncio.Queue[Recording | None] = asyncio.Queue(maxsize=self._concurrency * 2)
+        # One slot per worker: room for every worker's stop marker once the queue is drained.
+        queue: asyncio.Queue[Recording | None] = asyncio.Queue(maxsize=self._workers)
 
         async def enqueue(rec: Recording) -> None:
             await queue.put(rec)
@@ -153,9 +156,7 @@ class Engine:
         self, queue: asyncio.Queue[Recording | None], lister: Lister, produce: Produce
     ) -> RunReport:
         async with asyncio.TaskGroup() as tg:
-            # Twice as many workers as downloads (the transferer bounds those): while one worker
-            # commits its file and records it, the next download is already streaming.
-            workers = [tg.create_task(self._worker(queue)) for _ in range(self._concurrency * 2)]
+            workers = [tg.create_task(self._worker(queue)) for _ in range(self._workers)]
             producer = tg.create_task(produce(lister, queue.join))
             stopper = tg.create_task(self.stop.wait())
             await asyncio.wait({producer, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,9 +1,10 @@
 """One recording: claim → (fresh URL) → stream and hash → commit with sidecar → complete.
 
 The bytes flow from the download host straight into a storage ``Upload`` in chunks, hashed on
-the way (by the storage, beside each write); memory stays at about one chunk whatever the recording's size. A transfer cut off midway
-continues with a Range request from the bytes already written (the hash carries on), asking the
-API for a fresh URL when the old one expired; a server that ignores Range makes it start over.
+the way (by the storage, beside each write); memory stays at about one chunk whatever the
+recording's size. A transfer cut off midway continues with a Range request from the bytes already
+written (the hash carries on), asking the API for a fresh URL when the old one expired; a server
+that ignores Range makes it start over.
 Nothing becomes visible in the archive until size and SHA-256 check out, and the ledger row is
 marked archived only after that. A transfer that gives up leaves nothing behind.
 """

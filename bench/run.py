@@ -731,7 +731,7 @@ def report(results: dict[str, Any], plan: Plan) -> Table:
     sc = results.get("scale")
     if sc:
         small, large = plan.scale_counts
-        t.section(f"Scale: recordings of 1 KB, {CONCURRENCY} workers, SQLite ledger")
+        t.section(f"Scale: recordings of 1 KB, concurrency {CONCURRENCY}, SQLite ledger")
         t.row("pass", "seconds", "(min-max)", "rec/s", "ledger ops/s")
         per_rec: dict[tuple[str, int], float] = {}
         for kind, ops_per_rec in (("full", 3), ("noop", 1)):
