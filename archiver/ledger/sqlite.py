@@ -43,7 +43,7 @@ from typing import Any, ParamSpec, Self, TypeVar
 from archiver import audit
 from archiver.errors import LedgerError, LedgerUnavailable
 from archiver.ledger.base import AuditEntry, PassRecord, Summary
-from archiver.ledger.portable import RECORDING_FIELDS
+from archiver.ledger.portable import FIELDS, RECORDING_FIELDS
 from archiver.ledger.rows import decode_audit, decode_pass, decode_row, dumps, json_object
 from archiver.models import LedgerRow, Recording, State, StoredObject, utcnow
 
@@ -1124,30 +1124,11 @@ def _export_record(kind: str, row: sqlite3.Row) -> dict[str, Any]:
                 value = bool(value)
             record[name] = value
         return record
-    if kind == "audit":
-        entry = decode_audit(row, _dt)
+    if kind in ("audit", "pass"):
+        # The decoded entry has the exported fields as attributes, objects as read-only mappings.
+        decoded = decode_audit(row, _dt) if kind == "audit" else decode_pass(row, _dt)
         return {
-            "seq": entry.seq,
-            "at": entry.at,
-            "action": entry.action,
-            "recording_id": entry.recording_id,
-            "details": dict(entry.details),
-            "prev_hash": entry.prev_hash,
-            "hash": entry.hash,
-        }
-    if kind == "pass":
-        done = decode_pass(row, _dt)
-        return {
-            "started_at": done.started_at,
-            "finished_at": done.finished_at,
-            "ok": done.ok,
-            "listed": done.listed,
-            "enqueued": done.enqueued,
-            "archived": done.archived,
-            "failed": done.failed,
-            "window": done.window,
-            "error": done.error,
-            "instance": done.instance,
-            "extra": dict(done.extra),
+            name: dict(getattr(decoded, name)) if field_kind == "object" else getattr(decoded, name)
+            for name, field_kind in FIELDS[kind].items()
         }
     return {"key": row["key"], "value": row["value"]}
