@@ -29,6 +29,19 @@ async def cli(
     return proc.returncode, out.decode(), err.decode()
 
 
+async def start_backfill(config: Path) -> asyncio.subprocess.Process:
+    """``archiver backfill`` in a subprocess, its output discarded."""
+    return await asyncio.create_subprocess_exec(
+        *ARCHIVER,
+        "--config",
+        str(config),
+        "backfill",
+        env=cli_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 def partials(root: Path) -> list[Path]:
     return [p for p in root.rglob("*.partial")]
 
@@ -110,15 +123,7 @@ async def test_sigkill_at_any_moment_then_rerun_archives_each_once(sim_factory, 
     rng = random.Random(5)
     kills = 0
     for _ in range(4):
-        proc = await asyncio.create_subprocess_exec(
-            *ARCHIVER,
-            "--config",
-            str(config),
-            "backfill",
-            env=cli_env(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        proc = await start_backfill(config)
         await asyncio.sleep(rng.uniform(0.6, 2.0))
         if proc.returncode is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -184,15 +189,7 @@ async def test_second_instance_on_same_sqlite_ledger_refuses(sim_factory, tmp_pa
     recs = make_recordings(20, seed=61, size=400_000)
     sim: Simulator = await sim_factory(recs, Faults(slow_chunk_delay=0.05))
     config = write_config(sim, tmp_path)
-    first = await asyncio.create_subprocess_exec(
-        *ARCHIVER,
-        "--config",
-        str(config),
-        "backfill",
-        env=cli_env(),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    first = await start_backfill(config)
     try:
         await asyncio.sleep(0.8)
         code, _, err = await cli("--config", str(config), "backfill")
