@@ -4,17 +4,57 @@ Two aiohttp servers on loopback ephemeral ports:
 
 * the API host: ``GET /v2/room_recordings`` (list), ``GET``/``DELETE
   /v2/room_recordings/{id}``; ``DELETE /v2/room_recordings`` (bulk) is refused
-  with 405 and recorded, because the archiver must never bulk-delete.
+  with 405 and recorded, because the archiver must never bulk-delete. ``GET /echo``
+  answers the request's own headers as ``application/octet-stream``: what a naive
+  client would archive if a ``download_url`` pointed at the API host
+  (``Simulator.point_download_url`` does that; ``Simulator.echo_url`` is its address).
 * a separate download host serving recording bytes through signed, expiring
   URLs (S3-like), so clients cannot get away with sending API credentials there
   or with caching URLs forever.
 
 Recording content is synthesised on the fly (deterministic per id, any size,
-any byte range) so gigabyte files cost no memory. Faults (5xx, 429, malformed
-pages, truncated downloads, expired URLs, page shifts, ...) are injected from a
-seeded RNG through the mutable ``Simulator.faults``.
+any byte range) so gigabyte files cost no memory. It starts with a plausible
+container header for its ``content_type`` (``container_header``: an Ogg page with
+``OpusHead``, an EBML header with DocType ``webm``/``matroska``, an ISO-BMFF ``ftyp``
+box then ``mdat``, ``RIFF....WAVE``, ID3 + an MPEG frame header; nothing for
+unknown types), then pseudo-random bytes. ``SimRecording.body`` (bytes or a Path,
+e.g. real media made by ffmpeg) replaces the synthesised content: size, hash and
+ranges then come from it.
 
-Run standalone: ``python -m archiver.simulator --port 8080 --count 1000``.
+Faults (5xx, 429, malformed pages, truncated downloads, expired URLs, page shifts,
+a list redirected to another origin, ...) are injected from a seeded RNG through
+the mutable ``Simulator.faults``. Bad answers of a hostile download host
+(``DownloadFault``) are chosen per recording (``SimRecording.download_fault``) or
+for a share of downloads (``Faults.download_fault_rate``/``download_fault_kinds``):
+
+* ``half_no_length``: 200, chunked, no Content-Length, the first half of the
+  content, then a clean end.
+* ``html``: 200 ``text/html``, an 81-byte captive-portal page.
+* ``empty``: 200 with the recording's content type and ``Content-Length: 0``.
+* ``redirect_elsewhere``: 302 to ``/elsewhere`` on the download host, which answers
+  200 ``text/plain`` ``hello from somewhere else``.
+* ``wrong_type_binary``: 200 ``application/octet-stream``, as many pseudo-random
+  bytes as the recording has, starting like no container.
+* ``gzip``: ``Content-Encoding: gzip`` over the gzip-compressed content (with its
+  compressed Content-Length), whatever the client's ``Accept-Encoding``.
+* ``drip``: the real content one byte every ``Faults.drip_interval`` seconds, with
+  a correct Content-Length.
+* ``endless``: 200, chunked, no Content-Length: the real content, then more
+  pseudo-random bytes until the client goes away.
+* ``oversize``: the real content followed by ``max(size, Faults.oversize_extra)``
+  more bytes, with a Content-Length of all of it.
+
+Range requests: ``wrong_type_binary``, ``drip`` and ``oversize`` act as a static
+object would (its own bytes; ``oversize`` reports its larger total in
+Content-Range); the others ignore ``Range`` and answer as above. A HEAD request gets
+the same status and headers without a body. Each bad answer given is counted in
+``Simulator.injected`` as ``download:<name>``; only answers that delivered exactly
+the content (``drip`` included) count in ``download_completions``.
+
+Run standalone: ``python -m archiver.simulator --port 8080 --count 1000``; add
+``--fault NAME=VALUE`` for any ``Faults`` field, ``--download-fault NAME`` to give
+the next newest recording that bad answer, ``--point-download-url URL|echo`` to
+point the next one's ``download_url`` elsewhere.
 
 For benchmarks, ``content_cache`` (``--content-cache DIR``) writes each recording's content to
 a file once and serves it with ``sendfile``: generating bytes costs the simulator a core at about
@@ -35,18 +75,21 @@ import os
 import re
 import secrets
 import signal
+import struct
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from random import Random
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from aiohttp import web
@@ -55,11 +98,13 @@ from multidict import CIMultiDict, MultiDict, MultiMapping
 
 __all__ = [
     "ApiRequest",
+    "DownloadFault",
     "DownloadRequest",
     "Faults",
     "SimRecording",
     "Simulator",
     "add_hostile_entries",
+    "container_header",
     "content_bytes",
     "content_sha256",
     "iter_content",
@@ -71,6 +116,9 @@ BLOCK_SIZE = 65536
 DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
 MAX_PAGE_SIZE = 250
 DEFAULT_PAGE_SIZE = 20
+# Part of every content cache file name: bump it when synthesised content changes, so a cache
+# directory kept from an older version is never served as the new content.
+_CONTENT_VERSION = 2
 
 _EXTENSIONS = {
     "audio/ogg": ".ogg",
@@ -83,6 +131,20 @@ _EXTENSIONS = {
     "video/webm": ".webm",
     "video/x-matroska": ".mkv",
 }
+
+
+class DownloadFault(StrEnum):
+    """Bad answers the download host can give (see the module docstring for each)."""
+
+    HALF_NO_LENGTH = "half_no_length"
+    HTML = "html"
+    EMPTY = "empty"
+    REDIRECT_ELSEWHERE = "redirect_elsewhere"
+    WRONG_TYPE_BINARY = "wrong_type_binary"
+    GZIP = "gzip"
+    DRIP = "drip"
+    ENDLESS = "endless"
+    OVERSIZE = "oversize"
 
 
 # --------------------------------------------------------------------------- data
@@ -116,6 +178,19 @@ class SimRecording:
     entry_hook: Callable[[dict[str, Any]], Any] | None = field(
         default=None, repr=False, compare=False
     )
+    # If set, the content served instead of the synthesised one (a Path is read when
+    # served). Assigning it, here or later, sets ``size`` to its length.
+    body: bytes | Path | None = field(default=None, repr=False)
+    # If set (a DownloadFault name), every download of this recording gets that bad answer.
+    download_fault: str | None = None
+    # If set, the entry's download_url (list and retrieve), instead of a signed one.
+    download_url_override: str | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name == "body" and value is not None:
+            size = len(value) if isinstance(value, bytes) else value.stat().st_size
+            object.__setattr__(self, "size", size)
 
 
 @dataclass
@@ -125,6 +200,7 @@ class Faults:
     list_error_rate: float = 0.0  # 500/502/503
     list_throttle_rate: float = 0.0  # 429
     page_malformed_rate: float = 0.0  # 200 with non-JSON / data not a list
+    list_redirect_to: str | None = None  # list calls answer 302 Location: this
     retrieve_error_rate: float = 0.0
     retrieve_throttle_rate: float = 0.0
     delete_error_rate: float = 0.0
@@ -137,6 +213,15 @@ class Faults:
     slow_rate: float = 1.0  # ...for this share of downloads
     shift_on_page: int | None = None  # one-shot: on first request of page N...
     shift_count: int = 3  # ...insert this many newest recordings first
+    download_fault_rate: float = 0.0  # share of downloads given a bad answer...
+    download_fault_kinds: str = ""  # ...among these (comma-separated DownloadFault names; "": all)
+    drip_interval: float = 2.0  # seconds between bytes of a "drip" answer
+    oversize_extra: int = 5_000_000  # an "oversize" answer adds max(size, this) bytes
+
+    def download_fault_choices(self) -> tuple[DownloadFault, ...]:
+        """The kinds ``download_fault_rate`` picks from; ValueError names an unknown one."""
+        names = [n.strip() for n in self.download_fault_kinds.split(",") if n.strip()]
+        return tuple(DownloadFault(n) for n in names) if names else tuple(DownloadFault)
 
 
 @dataclass(frozen=True)
@@ -164,6 +249,95 @@ class DownloadRequest:
 # ------------------------------------------------------------------------ content
 
 
+def _base_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+def _ogg_crc(data: bytes) -> int:
+    # Ogg's CRC-32: polynomial 0x04C11DB7, not reflected, initial value 0.
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def _ogg_opus_header() -> bytes:
+    # The first page of an Ogg Opus stream (RFC 7845): a 27-byte page header, a one-entry
+    # segment table, then the 19-byte OpusHead packet (mono, 48 kHz, 312 samples pre-skip).
+    packet = b"OpusHead" + struct.pack("<BBHIhB", 1, 1, 312, 48000, 0, 0)
+    page = struct.pack("<4sBBqIIIB", b"OggS", 0, 0x02, 0, 0x53494D31, 0, 0, 1)
+    page += bytes([len(packet)])
+    crc = struct.pack("<I", _ogg_crc(page + packet))
+    return page[:22] + crc + page[26:] + packet
+
+
+def _ebml(element_id: bytes, payload: bytes) -> bytes:
+    return element_id + bytes([0x80 | len(payload)]) + payload  # one-byte size: payload < 127
+
+
+def _ebml_header(doctype: bytes) -> bytes:
+    fields = [
+        (b"\x42\x86", b"\x01"),  # EBMLVersion
+        (b"\x42\xf7", b"\x01"),  # EBMLReadVersion
+        (b"\x42\xf2", b"\x04"),  # EBMLMaxIDLength
+        (b"\x42\xf3", b"\x08"),  # EBMLMaxSizeLength
+        (b"\x42\x82", doctype),  # DocType
+        (b"\x42\x87", b"\x04"),  # DocTypeVersion
+        (b"\x42\x85", b"\x02"),  # DocTypeReadVersion
+    ]
+    header = _ebml(b"\x1a\x45\xdf\xa3", b"".join(_ebml(i, v) for i, v in fields))
+    # Then a Segment of unknown size, as a live recorder writes it.
+    return header + b"\x18\x53\x80\x67\x01" + b"\xff" * 7
+
+
+def _mp4_header(brand: bytes, minor: int, compatible: bytes, size: int) -> bytes:
+    payload = brand + struct.pack(">I", minor) + compatible
+    ftyp = struct.pack(">I4s", 8 + len(payload), b"ftyp") + payload
+    rest = size - len(ftyp)  # an mdat box holding everything after ftyp
+    if rest < 2**32:
+        return ftyp + struct.pack(">I4s", max(rest, 8), b"mdat")
+    return ftyp + struct.pack(">I4sQ", 1, b"mdat", rest)
+
+
+def _wav_header(size: int) -> bytes:
+    data = min(max(size - 44, 0), 0xFFFFFFFF - 36)
+    fmt = struct.pack("<HHIIHH", 1, 1, 48000, 96000, 2, 16)  # PCM, mono, 48 kHz, 16 bit
+    return (
+        struct.pack("<4sI4s", b"RIFF", 36 + data, b"WAVE")
+        + struct.pack("<4sI", b"fmt ", len(fmt))
+        + fmt
+        + struct.pack("<4sI", b"data", data)
+    )
+
+
+_OGG_OPUS = _ogg_opus_header()
+_HEADERS: dict[str, Callable[[int], bytes]] = {
+    "audio/ogg": lambda size: _OGG_OPUS,
+    "audio/opus": lambda size: _OGG_OPUS,
+    "audio/webm": lambda size: _ebml_header(b"webm"),
+    "video/webm": lambda size: _ebml_header(b"webm"),
+    "video/x-matroska": lambda size: _ebml_header(b"matroska"),
+    "video/mp4": lambda size: _mp4_header(b"isom", 0x200, b"isomiso2avc1mp41", size),
+    "audio/mp4": lambda size: _mp4_header(b"M4A ", 0, b"M4A mp42isom", size),
+    "audio/wav": _wav_header,
+    "audio/x-wav": _wav_header,
+    # An empty ID3v2.4 tag, then an MPEG-1 Layer III frame header (128 kbit/s, 44.1 kHz).
+    "audio/mpeg": lambda size: b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x64",
+}
+
+
+@lru_cache(maxsize=1024)
+def container_header(content_type: str, size: int) -> bytes:
+    """The header synthesised content of this type and size starts with (b"" if unknown).
+
+    Content shorter than the header holds its first ``size`` bytes.
+    """
+    make = _HEADERS.get(_base_type(content_type))
+    return b"" if make is None else make(size)
+
+
 @lru_cache(maxsize=512)
 def _base_block(rec_id: str) -> int:
     # Per-recording random 64 KiB, kept as an int so each block is one big XOR.
@@ -178,18 +352,45 @@ def _block(rec_id: str, index: int) -> bytes:
     return (_base_block(rec_id) ^ int.from_bytes(mask, "little")).to_bytes(BLOCK_SIZE, "little")
 
 
+def _iter_blocks(rec_id: str, start: int, stop: int | None, head: bytes = b"") -> Iterator[bytes]:
+    """Bytes ``[start, stop)`` of the endless stream of ``rec_id``'s blocks, ``head`` over its
+    first bytes (``stop=None``: never ends)."""
+    pos = start
+    while stop is None or pos < stop:
+        index, offset = divmod(pos, BLOCK_SIZE)
+        take = BLOCK_SIZE - offset if stop is None else min(BLOCK_SIZE - offset, stop - pos)
+        blk = _block(rec_id, index)
+        if index == 0 and head:
+            blk = head + blk[len(head) :]
+        yield blk if take == BLOCK_SIZE else blk[offset : offset + take]
+        pos += take
+
+
+def _iter_body(body: bytes | Path, start: int, stop: int) -> Iterator[bytes]:
+    if isinstance(body, bytes):
+        for pos in range(start, stop, BLOCK_SIZE):
+            yield body[pos : min(pos + BLOCK_SIZE, stop)]
+        return
+    with body.open("rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < stop:
+            chunk = f.read(min(BLOCK_SIZE, stop - pos))
+            if not chunk:
+                raise ValueError(f"{body} is shorter than {stop} bytes")
+            yield chunk
+            pos += len(chunk)
+
+
 def iter_content(rec: SimRecording, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """Yield the bytes ``[start, end)`` of the recording's content (end defaults to size)."""
     stop = rec.size if end is None else end
     if not 0 <= start <= stop <= rec.size:
         raise ValueError(f"bad range [{start}, {stop}) for size {rec.size}")
-    pos = start
-    while pos < stop:
-        index, offset = divmod(pos, BLOCK_SIZE)
-        take = min(BLOCK_SIZE - offset, stop - pos)
-        blk = _block(rec.id, index)
-        yield blk if take == BLOCK_SIZE else blk[offset : offset + take]
-        pos += take
+    if rec.body is not None:
+        yield from _iter_body(rec.body, start, stop)
+    else:
+        yield from _iter_blocks(rec.id, start, stop, container_header(rec.content_type, rec.size))
 
 
 def content_bytes(rec: SimRecording, start: int = 0, end: int | None = None) -> bytes:
@@ -197,19 +398,46 @@ def content_bytes(rec: SimRecording, start: int = 0, end: int | None = None) -> 
     return b"".join(iter_content(rec, start, end))
 
 
-_SHA_CACHE: dict[tuple[str, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, str], str] = {}
 
 
 def content_sha256(rec: SimRecording) -> str:
-    """Hex SHA-256 of the full content (streamed, cached per id and size)."""
-    key = (rec.id, rec.size)
-    cached = _SHA_CACHE.get(key)
+    """Hex SHA-256 of the full content (streamed; synthesised content cached per id, size, type)."""
+    if isinstance(rec.body, bytes):
+        return hashlib.sha256(rec.body).hexdigest()
+    key = (rec.id, rec.size, rec.content_type)
+    cached = None if rec.body is not None else _SHA_CACHE.get(key)
     if cached is None:
         h = hashlib.sha256()
         for chunk in iter_content(rec):
             h.update(chunk)
-        cached = _SHA_CACHE[key] = h.hexdigest()
+        cached = h.hexdigest()
+        if rec.body is None:
+            _SHA_CACHE[key] = cached
     return cached
+
+
+def _iter_oversized(rec: SimRecording, start: int, stop: int | None) -> Iterator[bytes]:
+    """Bytes ``[start, stop)`` of the content followed by more pseudo-random bytes."""
+    if start < rec.size:
+        yield from iter_content(rec, start, rec.size if stop is None else min(stop, rec.size))
+        start = rec.size
+    yield from _iter_blocks(f"{rec.id}\x00tail", start, stop)
+
+
+def _iter_wrong(rec: SimRecording, start: int, stop: int) -> Iterator[bytes]:
+    # Other pseudo-random bytes, eight zero bytes first: no container starts like that.
+    return _iter_blocks(f"{rec.id}\x00wrong", start, stop, bytes(8))
+
+
+def _gzipped(rec: SimRecording) -> bytes:
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip wrapper, mtime 0
+    return b"".join([*(z.compress(chunk) for chunk in iter_content(rec)), z.flush()])
+
+
+# A captive portal's page (81 bytes), answered for whatever was asked.
+_PORTAL_PAGE = b"<html><head><title>Sign in</title></head><body>Log in to continue.</body></html>\n"
+_ELSEWHERE_TEXT = "hello from somewhere else\n"
 
 
 # --------------------------------------------------------------------- fake data
@@ -335,6 +563,24 @@ def _s3_error(status: int, code: str, message: str) -> web.Response:
         f"<RequestId>{secrets.token_hex(8).upper()}</RequestId></Error>"
     )
     return web.Response(status=status, text=text, content_type="application/xml")
+
+
+def _unsatisfiable(size: int) -> web.Response:
+    resp = _s3_error(416, "InvalidRange", "The requested range is not satisfiable")
+    resp.headers["Content-Range"] = f"bytes */{size}"
+    return resp
+
+
+def _etag(rec: SimRecording, salt: str = "") -> str:
+    if isinstance(rec.body, bytes):
+        basis = hashlib.sha256(rec.body).hexdigest()
+    elif isinstance(rec.body, Path):
+        st = rec.body.stat()
+        basis = f"{rec.body}:{st.st_size}:{st.st_mtime_ns}"
+    else:
+        basis = f"{rec.id}:{rec.size}:{rec.content_type}"
+    digest = hashlib.sha256(f"{basis}:{salt}".encode("utf-8", "surrogatepass"))
+    return f'"{digest.hexdigest()[:32]}"'
 
 
 class _BadParam(Exception):
@@ -482,7 +728,8 @@ class Simulator:
         self.host = host
         self._ports = (api_port, download_port)
         self.content_cache = content_cache
-        self._cached: dict[tuple[str, int], Path] = {}  # content files known to be written
+        # Content files known to be written, by (id, size, content type).
+        self._cached: dict[tuple[str, int, str], Path] = {}
         self._seed = seed
         self._rng = Random(seed)
         self._secret = secrets.token_bytes(32)
@@ -530,8 +777,11 @@ class Simulator:
         api.router.add_delete("/v2/room_recordings", self._handle_bulk_delete)
         api.router.add_get("/v2/room_recordings/{id}", self._handle_retrieve, allow_head=False)
         api.router.add_delete("/v2/room_recordings/{id}", self._handle_delete)
+        api.router.add_get("/echo", self._handle_echo)
+        api.router.add_get("/echo/{tail:.*}", self._handle_echo)
         dl = web.Application()
         dl.router.add_get("/recordings/{name}", self._handle_download)
+        dl.router.add_get("/elsewhere", self._handle_elsewhere)
         try:
             self._api_runner, self._api_port = await self._serve(api, self._ports[0])
             self._dl_runner, self._dl_port = await self._serve(dl, self._ports[1])
@@ -571,6 +821,13 @@ class Simulator:
             raise RuntimeError("simulator not started")
         return f"http://{self.host}:{self._dl_port}"
 
+    @property
+    def echo_url(self) -> str:
+        """The API host's ``/echo``: it answers with the request's headers as a body."""
+        if self._api_port is None:
+            raise RuntimeError("simulator not started")
+        return f"http://{self.host}:{self._api_port}/echo"
+
     # --------------------------------------------------------------------- data
 
     def add(self, recs: list[SimRecording]) -> None:
@@ -582,11 +839,24 @@ class Simulator:
             self._known[rec.id] = rec
         self._order = None
 
+    def point_download_url(self, id: str, url: str | None) -> None:
+        """Make the entry of ``id`` (list and retrieve) carry ``url`` as its download_url;
+        None restores the signed one."""
+        self._known[id].download_url_override = url
+
     def cached_content(self, rec: SimRecording) -> Path:
-        """The file holding ``rec``'s content in ``content_cache``, written on first use."""
+        """The file holding ``rec``'s content in ``content_cache``, written on first use
+        (a ``body`` given as a Path is its own file)."""
+        if isinstance(rec.body, Path):
+            return rec.body
         assert self.content_cache is not None
-        name = hashlib.sha256(rec.id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        path = self.content_cache / f"{name}-{rec.size}.bin"
+        if rec.body is not None:
+            name = f"body-{hashlib.sha256(rec.body).hexdigest()[:32]}.bin"
+        else:
+            digest = hashlib.sha256(rec.id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+            ext = _extension(rec.content_type)
+            name = f"{digest}-{rec.size}-c{_CONTENT_VERSION}{ext}"
+        path = self.content_cache / name
         if not path.exists():
             self.content_cache.mkdir(parents=True, exist_ok=True)
             temp = path.with_suffix(f".{secrets.token_hex(4)}.tmp")
@@ -594,13 +864,15 @@ class Simulator:
                 for chunk in iter_content(rec):
                     out.write(chunk)
             os.replace(temp, path)
-        self._cached[rec.id, rec.size] = path
+        if rec.body is None:
+            self._cached[rec.id, rec.size, rec.content_type] = path
         return path
 
     def warm_content_cache(self) -> None:
         """Write every recording's content file now, so no download waits for one."""
         for rec in self.recordings.values():
-            self.cached_content(rec)
+            if rec.body is None:  # a body is served from memory or its own file
+                self.cached_content(rec)
 
     def expected_sha256(self, id: str) -> str:
         """SHA-256 of the content the download host serves for ``id`` (even if deleted)."""
@@ -643,8 +915,8 @@ class Simulator:
     def _entry(self, rec: SimRecording, *, listing: bool) -> Any:
         if rec.raw_override is not None:
             return copy.deepcopy(rec.raw_override)
-        url: str | None = None
-        if rec.status != "processing":
+        url: str | None = rec.download_url_override
+        if url is None and rec.status != "processing":
             expires = None
             if listing and self._expired_in_lists(rec):
                 self.injected["list:expired_url"] += 1
@@ -689,6 +961,8 @@ class Simulator:
                     processing_lists_left=0,
                     raw_override=None,
                     entry_hook=None,
+                    download_fault=None,
+                    download_url_override=None,
                 )
             else:
                 rec = make_recordings(1, seed=self._rng.getrandbits(32), start=now, days=1)[0]
@@ -791,6 +1065,9 @@ class Simulator:
         return web.json_response(body)
 
     async def _handle_list(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.list_redirect_to is not None:  # the API moved (or a proxy in front of it)
+            self.injected["list:redirect"] += 1
+            return web.Response(status=302, headers={"Location": self.faults.list_redirect_to})
         if not self._authorized(request):
             return self._unauthorized()
         try:
@@ -868,6 +1145,12 @@ class Simulator:
         resp.headers["Allow"] = "GET"
         return resp
 
+    async def _handle_echo(self, request: web.Request) -> web.StreamResponse:
+        # What a client would store if it downloaded from the API host: its own headers
+        # (credentials included). No auth, like any page an URL could point at.
+        text = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+        return web.Response(body=text.encode(), content_type="application/octet-stream")
+
     def _not_found(self) -> web.Response:
         return _api_error(
             404, "10005", "Resource not found", "The requested resource or URL could not be found."
@@ -904,39 +1187,43 @@ class Simulator:
             "The request signature we calculated does not match the signature you provided.",
         )
 
-    async def _handle_download(self, request: web.Request) -> web.StreamResponse:
-        rec_id, denied = self._resolve(request.match_info["name"], request.query)
-        range_header = request.headers.get("Range")
+    def _record_download(self, request: web.Request, rec_id: str) -> None:
         self.download_requests.append(
             DownloadRequest(
                 id=rec_id,
                 method=request.method,
-                range=range_header,
+                range=request.headers.get("Range"),
                 raw_path=request.raw_path,
                 headers=CIMultiDict(request.headers),
             )
         )
+
+    async def _handle_download(self, request: web.Request) -> web.StreamResponse:
+        rec_id, denied = self._resolve(request.match_info["name"], request.query)
+        range_header = request.headers.get("Range")
+        self._record_download(request, rec_id)
         if denied is not None:
             return denied
         rec = self.recordings.get(rec_id)
         if rec is None:  # deleted at source (or never existed)
             return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        fault = self._download_fault(rec)
+        if fault is not None:
+            self.injected[f"download:{fault}"] += 1
+            return await self._BAD_ANSWERS[fault](self, request, rec)
 
         f = self.faults
         try:
             byte_range = None if f.ignore_range else _parse_range(range_header, rec.size)
         except _Unsatisfiable:
-            resp416 = _s3_error(416, "InvalidRange", "The requested range is not satisfiable")
-            resp416.headers["Content-Range"] = f"bytes */{rec.size}"
-            return resp416
+            return _unsatisfiable(rec.size)
         start, end = byte_range if byte_range is not None else (0, rec.size)
 
         resp = web.StreamResponse(status=200 if byte_range is None else 206)
         resp.content_type = rec.content_type
         resp.content_length = end - start
         resp.headers["Accept-Ranges"] = "bytes"
-        etag = hashlib.sha256(f"{rec.id}:{rec.size}".encode("utf-8", "surrogatepass"))
-        resp.headers["ETag"] = f'"{etag.hexdigest()[:32]}"'
+        resp.headers["ETag"] = _etag(rec)
         if byte_range is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{rec.size}"
         if request.method == "HEAD":
@@ -991,12 +1278,16 @@ class Simulator:
     async def _send_cached(
         self, rec: SimRecording, transport: asyncio.Transport | None, start: int, end: int
     ) -> bool:
-        """Send ``[start, end)`` from the content cache by ``sendfile``; False without a cache."""
-        if self.content_cache is None or transport is None or end <= start:
+        """Send ``[start, end)`` by ``sendfile`` from the content cache (or a body's own file);
+        False when there is no such file."""
+        if transport is None or end <= start:
             return False
-        known = self._cached.get((rec.id, rec.size))
-        if known is not None:  # opening a file that exists costs less than a thread hop
-            fobj = known.open("rb")
+        if isinstance(rec.body, Path):
+            fobj = rec.body.open("rb")
+        elif rec.body is not None or self.content_cache is None:
+            return False
+        elif (known := self._cached.get((rec.id, rec.size, rec.content_type))) is not None:
+            fobj = known.open("rb")  # opening a file that exists costs less than a thread hop
         else:
             fobj = await asyncio.to_thread(lambda: self.cached_content(rec).open("rb"))
         try:
@@ -1004,6 +1295,183 @@ class Simulator:
         finally:
             fobj.close()
         return True
+
+    # ------------------------------------------------------- bad download answers
+
+    def _download_fault(self, rec: SimRecording) -> DownloadFault | None:
+        if rec.download_fault is not None:
+            return DownloadFault(rec.download_fault)
+        f = self.faults
+        # No RNG draw unless the rate is on: other seeded faults stay where they were.
+        if f.download_fault_rate > 0 and self._rng.random() < f.download_fault_rate:
+            return self._rng.choice(f.download_fault_choices())
+        return None
+
+    async def _write_body(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        chunks: Iterable[bytes],
+        *,
+        drip: float | None = None,
+    ) -> bool:
+        """Write ``chunks`` and end the body (``drip``: one byte at a time, that many seconds
+        apart); False if the client went away first."""
+        transport = request.transport
+        if transport is not None:  # so that stop() cuts it
+            self._streaming.add(transport)
+            self.max_streaming = max(self.max_streaming, len(self._streaming))
+        try:
+            first = True
+            for chunk in chunks:
+                if drip is None:
+                    await resp.write(chunk)
+                    continue
+                for i in range(len(chunk)):
+                    if not first:
+                        await asyncio.sleep(drip)
+                    first = False
+                    await resp.write(chunk[i : i + 1])
+            await resp.write_eof()
+        except ConnectionError:
+            return False
+        finally:
+            if transport is not None:
+                self._streaming.discard(transport)
+        return True
+
+    async def _serve_object(
+        self,
+        request: web.Request,
+        rec: SimRecording,
+        *,
+        kind: DownloadFault,
+        size: int,
+        content_type: str,
+        chunks: Callable[[int, int], Iterable[bytes]],
+        drip: float | None = None,
+    ) -> web.StreamResponse:
+        """Serve ``chunks`` as a static object of ``size`` bytes would be (Range, HEAD)."""
+        try:
+            byte_range = (
+                None
+                if self.faults.ignore_range
+                else _parse_range(request.headers.get("Range"), size)
+            )
+        except _Unsatisfiable:
+            return _unsatisfiable(size)
+        start, end = byte_range if byte_range is not None else (0, size)
+        resp = web.StreamResponse(status=200 if byte_range is None else 206)
+        resp.content_type = content_type
+        resp.content_length = end - start
+        resp.headers["Accept-Ranges"] = "bytes"
+        resp.headers["ETag"] = _etag(rec, kind)
+        if byte_range is not None:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
+        done = await self._write_body(request, resp, chunks(start, end), drip=drip)
+        if done and kind is DownloadFault.DRIP and end == rec.size:
+            self.download_completions[rec.id] += 1
+        return resp
+
+    async def _serve_unsized(
+        self, request: web.Request, rec: SimRecording, chunks: Iterable[bytes]
+    ) -> web.StreamResponse:
+        """200, chunked, no Content-Length: the client cannot tell where the body should end."""
+        resp = web.StreamResponse()
+        resp.content_type = rec.content_type
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        if request.method != "HEAD":
+            await self._write_body(request, resp, chunks)
+        return resp
+
+    async def _answer_half_no_length(
+        self, request: web.Request, rec: SimRecording
+    ) -> web.StreamResponse:
+        return await self._serve_unsized(request, rec, iter_content(rec, 0, rec.size // 2))
+
+    async def _answer_html(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+        return web.Response(body=_PORTAL_PAGE, content_type="text/html")
+
+    async def _answer_empty(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+        # Content-Length: 0 given explicitly, else aiohttp leaves it out of a HEAD answer.
+        return web.Response(
+            body=b"", content_type=rec.content_type, headers={"Content-Length": "0"}
+        )
+
+    async def _answer_redirect_elsewhere(
+        self, request: web.Request, rec: SimRecording
+    ) -> web.StreamResponse:
+        location = f"{self.download_base_url}/elsewhere"
+        return web.Response(status=302, headers={"Location": location, "Content-Length": "0"})
+
+    async def _handle_elsewhere(self, request: web.Request) -> web.StreamResponse:
+        self._record_download(request, "elsewhere")
+        return web.Response(text=_ELSEWHERE_TEXT, content_type="text/plain")
+
+    async def _answer_wrong_type_binary(
+        self, request: web.Request, rec: SimRecording
+    ) -> web.StreamResponse:
+        return await self._serve_object(
+            request,
+            rec,
+            kind=DownloadFault.WRONG_TYPE_BINARY,
+            size=rec.size,
+            content_type="application/octet-stream",
+            chunks=lambda start, end: _iter_wrong(rec, start, end),
+        )
+
+    async def _answer_gzip(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+        # As a server compressing on the fly whatever the client accepts; Range is ignored.
+        body = await asyncio.to_thread(_gzipped, rec)  # for HEAD too: its Content-Length
+        resp = web.Response(body=body, content_type=rec.content_type)
+        resp.headers["Content-Encoding"] = "gzip"
+        resp.headers["Vary"] = "Accept-Encoding"
+        return resp
+
+    async def _answer_drip(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+        return await self._serve_object(
+            request,
+            rec,
+            kind=DownloadFault.DRIP,
+            size=rec.size,
+            content_type=rec.content_type,
+            chunks=lambda start, end: iter_content(rec, start, end),
+            drip=max(self.faults.drip_interval, 0.0),
+        )
+
+    async def _answer_endless(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+        return await self._serve_unsized(request, rec, _iter_oversized(rec, 0, None))
+
+    async def _answer_oversize(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+        return await self._serve_object(
+            request,
+            rec,
+            kind=DownloadFault.OVERSIZE,
+            size=rec.size + max(rec.size, self.faults.oversize_extra),
+            content_type=rec.content_type,
+            chunks=lambda start, end: _iter_oversized(rec, start, end),
+        )
+
+    _BAD_ANSWERS: ClassVar[
+        dict[
+            DownloadFault,
+            Callable[[Simulator, web.Request, SimRecording], Awaitable[web.StreamResponse]],
+        ]
+    ] = {
+        DownloadFault.HALF_NO_LENGTH: _answer_half_no_length,
+        DownloadFault.HTML: _answer_html,
+        DownloadFault.EMPTY: _answer_empty,
+        DownloadFault.REDIRECT_ELSEWHERE: _answer_redirect_elsewhere,
+        DownloadFault.WRONG_TYPE_BINARY: _answer_wrong_type_binary,
+        DownloadFault.GZIP: _answer_gzip,
+        DownloadFault.DRIP: _answer_drip,
+        DownloadFault.ENDLESS: _answer_endless,
+        DownloadFault.OVERSIZE: _answer_oversize,
+    }
 
 
 # ------------------------------------------------------------------ hostile data
@@ -1050,18 +1518,29 @@ def add_hostile_entries(sim: Simulator) -> list[str | int]:
 
 def _parse_fault(text: str) -> tuple[str, Any]:
     name, sep, raw = text.partition("=")
-    defaults = {f.name: f.default for f in dataclasses.fields(Faults)}
-    if not sep or name not in defaults:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {sorted(defaults)}")
-    default = defaults[name]
-    if isinstance(default, bool):
-        return name, raw.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, float):
-        return name, float(raw)
-    return name, None if raw.lower() in ("", "none") else int(raw)
+    types = {f.name: str(f.type) for f in dataclasses.fields(Faults)}
+    if not sep or name not in types:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {sorted(types)}")
+    kind, optional = types[name].removesuffix(" | None"), types[name].endswith(" | None")
+    if optional and raw.lower() in ("", "none"):
+        return name, None
+    try:
+        if kind == "bool":
+            return name, raw.lower() in ("1", "true", "yes", "on")
+        if kind == "float":
+            return name, float(raw)
+        if kind == "int":
+            return name, int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} takes a {kind}, not {raw!r}") from None
+    return name, raw
 
 
-async def _serve_until_signal(sim: Simulator) -> None:
+async def _serve_until_signal(
+    sim: Simulator,
+    faulty: Sequence[tuple[str, DownloadFault]] = (),
+    pointed: Sequence[tuple[str, str]] = (),
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1072,6 +1551,12 @@ async def _serve_until_signal(sim: Simulator) -> None:
         print(f"API key:       {sim.api_key}", flush=True)
         print(f"Download host: {sim.download_base_url}", flush=True)
         print(f"Recordings:    {len(sim.recordings)}", flush=True)
+        for rec_id, fault in faulty:
+            print(f"Download fault: {fault} {rec_id}", flush=True)
+        for rec_id, target in pointed:
+            url = sim.echo_url if target == "echo" else target
+            sim.point_download_url(rec_id, url)
+            print(f"Download URL:  {url} {rec_id}", flush=True)
         await stop.wait()
 
 
@@ -1102,7 +1587,29 @@ def run_forever(argv: Sequence[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="set a Faults field, e.g. --fault list_throttle_rate=0.1 (repeatable)",
     )
+    p.add_argument(
+        "--download-fault",
+        action="append",
+        type=DownloadFault,
+        default=[],
+        metavar="NAME",
+        help=f"give the next newest recording this bad answer, one of {', '.join(DownloadFault)}"
+        " (repeatable)",
+    )
+    p.add_argument(
+        "--point-download-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="point the next newest recording's download_url at URL ('echo': the API host's"
+        " /echo) (repeatable)",
+    )
     args = p.parse_args(argv)
+    faults = Faults(**dict(args.fault))
+    try:
+        faults.download_fault_choices()
+    except ValueError as e:
+        p.error(f"download_fault_kinds: {e}")
     recs = make_recordings(
         args.count,
         seed=args.seed,
@@ -1113,7 +1620,7 @@ def run_forever(argv: Sequence[str] | None = None) -> int:
     sim = Simulator(
         recs,
         api_key=args.api_key,
-        faults=Faults(**dict(args.fault)),
+        faults=faults,
         url_ttl=args.url_ttl,
         seed=args.seed,
         host=args.host,
@@ -1123,8 +1630,16 @@ def run_forever(argv: Sequence[str] | None = None) -> int:
     )
     if sim.content_cache is not None:
         sim.warm_content_cache()
+    newest = [r.id for r in sorted(recs, key=_sort_key, reverse=True)]
+    wanted = len(args.download_fault) + len(args.point_download_url)
+    if wanted > len(newest):
+        p.error(f"{wanted} recordings to make faulty, only {len(newest)} (--count)")
+    faulty = list(zip(newest, args.download_fault, strict=False))
+    for rec_id, fault in faulty:
+        sim.recordings[rec_id].download_fault = fault
+    pointed = list(zip(newest[len(faulty) :], args.point_download_url, strict=False))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_until_signal(sim))
+        asyncio.run(_serve_until_signal(sim, faulty, pointed))
     return 0
 
 

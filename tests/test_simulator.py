@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gzip
 import hashlib
 import json
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
+from pathlib import Path
+from random import Random
 from typing import Any
 from urllib.parse import quote
 
@@ -19,10 +25,14 @@ import pytest
 
 from archiver.simulator import (
     BLOCK_SIZE,
+    DownloadFault,
     Faults,
     SimRecording,
     Simulator,
+    _ogg_crc,
+    _parse_fault,
     add_hostile_entries,
+    container_header,
     content_bytes,
     content_sha256,
     iter_content,
@@ -44,6 +54,44 @@ async def sim() -> AsyncIterator[Simulator]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that shows the wire as it is: no decompression."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def one(
+    rec_id: str, content_type: str = "audio/ogg", size: int = 3 * BLOCK_SIZE, **kw: Any
+) -> SimRecording:
+    return SimRecording(
+        id=rec_id,
+        room_id=None,
+        session_id=None,
+        participant_id=None,
+        status="completed",
+        type="video" if content_type.startswith("video/") else "audio",
+        codec="opus",
+        duration_secs=1,
+        size=size,
+        created_at=None,
+        started_at=None,
+        ended_at=None,
+        completed_at=None,
+        content_type=content_type,
+        **kw,
+    )
+
+
+def starts_like_a_container(data: bytes) -> bool:
+    return (
+        data[:4] in (b"OggS", b"\x1a\x45\xdf\xa3")
+        or data[4:8] == b"ftyp"
+        or (data[:4] == b"RIFF" and data[8:12] == b"WAVE")
+        or data[:3] == b"ID3"
+    )
 
 
 async def list_page(http: aiohttp.ClientSession, sim: Simulator, **params: str) -> tuple[int, Any]:
@@ -94,6 +142,200 @@ def test_make_recordings_shape() -> None:
     assert sum(r.status == "processing" for r in recs) == 4
     assert {r.type for r in recs} == {"audio", "video"}
     assert all(r.content_type == "video/mp4" for r in recs if r.type == "video")
+
+
+def _ogg_opus(d: bytes) -> None:
+    assert d[:4] == b"OggS" and d[4] == 0 and d[5] & 0x02  # version 0, first page of a stream
+    assert d[26:28] == bytes([1, 19])  # one segment: the 19-byte OpusHead packet
+    assert d[28:36] == b"OpusHead"
+    crc = struct.unpack("<I", d[22:26])[0]
+    assert crc == _ogg_crc(d[:22] + bytes(4) + d[26:47])
+
+
+def _ebml(doctype: bytes) -> Callable[[bytes], None]:
+    def check(d: bytes) -> None:
+        assert d[:4] == b"\x1a\x45\xdf\xa3"
+        assert b"\x42\x82" + bytes([0x80 | len(doctype)]) + doctype in d[: 5 + (d[4] & 0x7F)]
+
+    return check
+
+
+def _iso_bmff(brand: bytes) -> Callable[[bytes], None]:
+    def check(d: bytes) -> None:
+        assert d[4:8] == b"ftyp" and d[8:12] == brand
+        ftyp = struct.unpack(">I", d[:4])[0]
+        assert d[ftyp + 4 : ftyp + 8] == b"mdat"
+        assert ftyp + struct.unpack(">I", d[ftyp : ftyp + 4])[0] == len(d)  # mdat: the rest
+
+    return check
+
+
+def _wav(d: bytes) -> None:
+    assert d[:4] == b"RIFF" and d[8:16] == b"WAVEfmt "
+    assert struct.unpack("<I", d[4:8])[0] == len(d) - 8
+
+
+def _mp3(d: bytes) -> None:
+    assert d[:3] == b"ID3" and d[10:12] == b"\xff\xfb"  # an ID3 tag, then an MPEG frame
+
+
+MAGIC: dict[str, Callable[[bytes], None]] = {
+    "audio/ogg": _ogg_opus,
+    "audio/opus": _ogg_opus,
+    "audio/webm": _ebml(b"webm"),
+    "video/webm": _ebml(b"webm"),
+    "video/x-matroska": _ebml(b"matroska"),
+    "video/mp4": _iso_bmff(b"isom"),
+    "audio/mp4": _iso_bmff(b"M4A "),
+    "audio/wav": _wav,
+    "audio/mpeg": _mp3,
+}
+
+
+@pytest.mark.parametrize("content_type", list(MAGIC))
+async def test_content_starts_like_its_container(
+    http: aiohttp.ClientSession, content_type: str
+) -> None:
+    a, b = one("rec-a", content_type, 70_000), one("rec-b", content_type, 70_000)
+    a.content_type = b.content_type = f"{content_type}; codecs=whatever"  # parameters ignored
+    for rec in (a, b):
+        MAGIC[content_type](content_bytes(rec))
+    # After the header: the pseudo-random bytes of each id, as before.
+    head = len(container_header(a.content_type, a.size))
+    assert 0 < head < 64
+    assert content_bytes(a, head) != content_bytes(b, head)
+    async with Simulator([a]) as sim, http.get(sim.download_url(a.id)) as r:
+        MAGIC[content_type](await r.read())
+
+
+def test_short_content_has_a_truncated_header_and_unknown_types_none() -> None:
+    head = container_header("audio/ogg", 5)
+    for size in (0, 1, 4, 30):
+        assert content_bytes(one("tiny", "audio/ogg", size)) == head[:size]
+    assert content_bytes(one("tiny", "audio/ogg", 4)) == b"OggS"
+    assert container_header("application/x-unknown", 100) == b""
+    assert not starts_like_a_container(content_bytes(one("x", "application/x-unknown", 100)))
+
+
+async def test_cache_sendfile_ranges_and_hash_agree(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    recs = [
+        one("ogg", "audio/ogg", 3 * BLOCK_SIZE + 77),
+        one("mp4", "video/mp4", BLOCK_SIZE + 1),
+        one("webm", "video/webm", 40),
+    ]
+    ranges = ["bytes=0-99", "bytes=20-65540", "bytes=-30", "bytes=7-"]
+    seen: dict[tuple[bool, str, str | None], bytes] = {}
+    for cached in (False, True):
+        cache = tmp_path / "cache" if cached else None
+        async with Simulator(recs, content_cache=cache) as sim:
+            for rec in recs:
+                url = sim.download_url(rec.id)
+                async with http.get(url) as r:
+                    full = await r.read()
+                assert len(full) == rec.size
+                assert hashlib.sha256(full).hexdigest() == content_sha256(rec)
+                assert full == content_bytes(rec)
+                for header in ranges:
+                    async with http.get(url, headers={"Range": header}) as r:
+                        assert r.status == 206
+                        first, last = map(
+                            int, r.headers["Content-Range"][6:].split("/")[0].split("-")
+                        )
+                        body = await r.read()
+                    assert body == full[first : last + 1] == content_bytes(rec, first, last + 1)
+                    seen[cached, rec.id, header] = body
+                if cached:
+                    assert sim.cached_content(rec).read_bytes() == full
+    assert len(seen) == 2 * len(recs) * len(ranges)
+    assert all(seen[True, i, h] == seen[False, i, h] for _, i, h in seen)
+
+
+async def test_cache_follows_a_changed_content_type(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    rec = one("retyped", "audio/ogg", 2 * BLOCK_SIZE)
+    async with Simulator([rec], content_cache=tmp_path) as sim:
+        async with http.get(sim.download_url(rec.id)) as r:
+            ogg = await r.read()
+        assert ogg[:4] == b"OggS" and hashlib.sha256(ogg).hexdigest() == content_sha256(rec)
+        ogg_file = sim.cached_content(rec)
+        rec.content_type = "video/webm"
+        async with http.get(sim.download_url(rec.id)) as r:
+            body = await r.read()
+        assert body[:4] == b"\x1a\x45\xdf\xa3"
+        assert (
+            hashlib.sha256(body).hexdigest() == content_sha256(rec) == sim.expected_sha256(rec.id)
+        )
+        assert sim.cached_content(rec) != ogg_file
+        assert ogg_file.read_bytes()[:4] == b"OggS"
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytes-cache", "path", "path-cut"])
+async def test_body_override_served_byte_exact(
+    http: aiohttp.ClientSession, tmp_path: Path, kind: str
+) -> None:
+    data = b"OggS" + Random(5).randbytes(2 * BLOCK_SIZE + 999)
+    rec = one("given-body", "audio/ogg", size=1)
+    if kind.startswith("path"):
+        (tmp_path / "real.ogg").write_bytes(data)
+        rec.body = tmp_path / "real.ogg"
+    else:
+        rec.body = data
+    assert rec.size == len(data)  # assigning body sets size
+    assert content_bytes(rec) == data and content_sha256(rec) == hashlib.sha256(data).hexdigest()
+    cache = tmp_path / "cache" if kind == "bytes-cache" else None
+    async with Simulator([rec], content_cache=cache) as sim:
+        sim.faults.truncate_rate = 1.0 if kind == "path-cut" else 0.0
+        if kind == "path-cut":  # the cut path reads the file itself, not through sendfile
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with http.get(sim.download_url(rec.id)) as r:
+                    await r.read()
+            sim.faults.truncate_rate = 0.0
+        _, body = await list_page(http, sim)
+        assert body["data"][0]["size_mb"] == round(len(data) / 1e6, 1)
+        url = sim.download_url(rec.id)
+        async with http.get(url) as r:
+            assert r.headers["Content-Length"] == str(len(data))
+            assert await r.read() == data
+        async with http.get(url, headers={"Range": "bytes=65530-65600"}) as r:
+            assert r.status == 206 and r.headers["Content-Range"].endswith(f"/{len(data)}")
+            assert await r.read() == data[65530:65601]
+        async with http.head(url) as r:
+            assert r.headers["Content-Length"] == str(len(data))
+        assert sim.expected_sha256(rec.id) == hashlib.sha256(data).hexdigest()
+        if cache is not None:
+            assert sim.cached_content(rec).read_bytes() == data
+
+
+def ffmpeg_tone(path: Path) -> Path:
+    """One second of Opus in Ogg, made by ffmpeg."""
+    cmd = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=f=440:d=1"]
+    subprocess.run([*cmd, "-c:a", "libopus", "-b:a", "16k", str(path)], check=True, timeout=60)
+    return path
+
+
+def ffprobe_codec(path: Path) -> str:
+    cmd = ["ffprobe", "-v", "error", "-show_entries", "stream=codec_name", "-of", "csv=p=0"]
+    probe = subprocess.run([*cmd, str(path)], check=True, capture_output=True, timeout=60)
+    return probe.stdout.decode().strip()
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+async def test_real_media_body(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    media = await asyncio.to_thread(ffmpeg_tone, tmp_path / "tone.ogg")
+    data = media.read_bytes()
+    # Our Ogg page CRC agrees with ffmpeg's on its first page (OpusHead, as ours).
+    assert data[28:36] == b"OpusHead"
+    assert _ogg_crc(data[:22] + bytes(4) + data[26:47]) == struct.unpack("<I", data[22:26])[0]
+    rec = one("tone", "audio/ogg", body=media)
+    async with Simulator([rec]) as sim, http.get(sim.download_url(rec.id)) as r:
+        served = await r.read()
+    assert served == data
+    out = tmp_path / "served.ogg"
+    out.write_bytes(served)
+    assert await asyncio.to_thread(ffprobe_codec, out) == "opus"
 
 
 # ----------------------------------------------------------------- listing
@@ -433,6 +675,234 @@ async def test_stop_cuts_inflight_download(http: aiohttp.ClientSession) -> None:
     assert sim.download_truncations[recs[0].id] == 1
 
 
+# ---------------------------------------------------------- bad download answers
+
+
+async def read(r: aiohttp.ClientResponse) -> bytes:
+    """The whole body, or a test failure rather than a hang if a bad answer never ends."""
+    return await asyncio.wait_for(r.read(), timeout=10)
+
+
+async def faulty(sim: Simulator, fault: str, size: int = 100_001, **kw: Any) -> SimRecording:
+    rec = one(f"faulty-{fault}-{size}", "audio/ogg", size, download_fault=fault, **kw)
+    sim.add([rec])
+    return rec
+
+
+async def test_half_no_length_ends_cleanly(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    rec = await faulty(sim, DownloadFault.HALF_NO_LENGTH)
+    for headers in ({}, {"Range": "bytes=10-"}):
+        async with raw.get(sim.download_url(rec.id), headers=headers) as r:
+            assert r.status == 200
+            assert "Content-Length" not in r.headers
+            assert r.headers["Transfer-Encoding"] == "chunked"
+            assert await read(r) == content_bytes(rec, 0, 50_000)  # no payload error
+    assert sim.injected["download:half_no_length"] == 2
+    assert sim.download_completions[rec.id] == 0
+
+
+async def test_html_captive_portal(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    rec = await faulty(sim, "html")  # the plain name works as well as the enum
+    async with raw.get(sim.download_url(rec.id), headers={"Range": "bytes=0-9"}) as r:
+        assert r.status == 200 and r.content_type == "text/html"
+        assert r.headers["Content-Length"] == "81"
+        page = await read(r)
+    assert len(page) == 81 and page.startswith(b"<html>") and page.endswith(b"</html>\n")
+    assert sim.injected["download:html"] == 1
+
+
+async def test_empty_body(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    rec = await faulty(sim, DownloadFault.EMPTY)
+    async with raw.get(sim.download_url(rec.id)) as r:
+        assert r.status == 200 and r.content_type == rec.content_type
+        assert r.headers["Content-Length"] == "0"
+        assert await read(r) == b""
+    assert sim.injected["download:empty"] == 1
+
+
+async def test_redirect_elsewhere(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    rec = await faulty(sim, DownloadFault.REDIRECT_ELSEWHERE)
+    url = sim.download_url(rec.id)
+    async with raw.get(url, allow_redirects=False) as r:
+        assert r.status == 302
+        assert r.headers["Location"] == f"{sim.download_base_url}/elsewhere"
+    async with raw.get(url) as r:  # followed
+        assert [h.status for h in r.history] == [302]
+        assert r.status == 200 and r.content_type == "text/plain"
+        assert (await read(r)).decode() == "hello from somewhere else\n"
+    assert [d.raw_path for d in sim.download_requests][-1] == "/elsewhere"
+    assert sim.injected["download:redirect_elsewhere"] == 2
+
+
+async def test_wrong_type_binary(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    rec = await faulty(sim, DownloadFault.WRONG_TYPE_BINARY)
+    url = sim.download_url(rec.id)
+    async with raw.get(url) as r:
+        assert r.status == 200 and r.content_type == "application/octet-stream"
+        assert r.headers["Content-Length"] == str(rec.size)
+        body = await read(r)
+    assert len(body) == rec.size and not starts_like_a_container(body)
+    assert body[100:200] != content_bytes(rec, 100, 200)
+    assert len(set(body[8:])) == 256  # noise, not a pattern
+    async with raw.get(url, headers={"Range": "bytes=5-20"}) as r:  # a static object's ranges
+        assert r.status == 206 and r.headers["Content-Range"] == f"bytes 5-20/{rec.size}"
+        assert await read(r) == body[5:21]
+
+
+async def test_gzip_despite_identity(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    rec = await faulty(sim, DownloadFault.GZIP)
+    headers = {"Accept-Encoding": "identity", "Range": "bytes=10-"}
+    async with raw.get(sim.download_url(rec.id), headers=headers) as r:
+        assert r.status == 200 and r.content_type == rec.content_type
+        assert r.headers["Content-Encoding"] == "gzip"
+        body = await read(r)
+    assert r.headers["Content-Length"] == str(len(body))
+    assert body[:2] == b"\x1f\x8b" and body[:4] != b"OggS"
+    assert gzip.decompress(body) == content_bytes(rec)
+    assert sim.injected["download:gzip"] == 1
+
+
+async def test_drip_one_byte_at_a_time(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    interval = sim.faults.drip_interval = 0.04
+    rec = await faulty(sim, DownloadFault.DRIP, size=8)
+    arrivals: list[tuple[float, bytes]] = []
+    t0 = time.monotonic()
+    async with raw.get(sim.download_url(rec.id)) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == "8"
+        while chunk := await asyncio.wait_for(r.content.readany(), timeout=10):
+            arrivals.append((time.monotonic(), chunk))
+    assert b"".join(c for _, c in arrivals) == content_bytes(rec) == b"OggS\x00\x02\x00\x00"
+    # Loosely: the last byte came no sooner than 7 intervals in, and not all in one read.
+    assert arrivals[-1][0] - t0 >= 7 * interval * 0.9
+    assert len(arrivals) >= 3
+    assert sim.download_completions[rec.id] == 1
+    async with raw.get(sim.download_url(rec.id), headers={"Range": "bytes=4-5"}) as r:
+        assert r.status == 206 and await read(r) == b"\x00\x02"
+    assert sim.injected["download:drip"] == 2
+
+
+async def test_endless_until_the_client_leaves(raw: aiohttp.ClientSession) -> None:
+    rec = one("endless", "video/webm", 100_000, download_fault=DownloadFault.ENDLESS)
+    async with Simulator([rec]) as sim:
+        r = await raw.get(sim.download_url(rec.id))
+        assert r.status == 200 and r.content_type == "video/webm"
+        assert "Content-Length" not in r.headers
+        assert r.headers["Transfer-Encoding"] == "chunked"
+        got = bytearray()
+        async for chunk in r.content.iter_chunked(BLOCK_SIZE):
+            got += chunk
+            if len(got) >= 5_000_000:
+                break
+        assert got[: rec.size] == content_bytes(rec)  # starts as the real container
+        assert len(set(got[rec.size : rec.size + 4096])) > 200  # and goes on with noise
+        assert not r.content.at_eof()
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 0.5  # stop() cut it
+    r.release()
+    assert sim.injected["download:endless"] == 1
+
+
+async def test_oversize(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    sim.faults.oversize_extra = 50_000
+    small = await faulty(sim, DownloadFault.OVERSIZE, size=30_000)
+    big = await faulty(sim, DownloadFault.OVERSIZE, size=70_000)
+    for rec, total in ((small, 80_000), (big, 140_000)):  # + max(size, oversize_extra)
+        url = sim.download_url(rec.id)
+        async with raw.get(url) as r:
+            assert r.status == 200 and r.headers["Content-Length"] == str(total)
+            body = await read(r)
+        assert len(body) == total and body[: rec.size] == content_bytes(rec)
+        assert body[rec.size :] != bytes(total - rec.size)
+        async with raw.get(url, headers={"Range": "bytes=-10"}) as r:
+            assert r.headers["Content-Range"] == f"bytes {total - 10}-{total - 1}/{total}"
+            assert await read(r) == body[-10:]
+    _, page = await list_page(raw, sim, **{"page[size]": "250"})
+    entry = next(e for e in page["data"] if e["id"] == big.id)
+    assert entry["size_mb"] == 0.1  # the listing announces the real size
+    assert sim.injected["download:oversize"] == 4
+
+
+@pytest.mark.parametrize("fault", list(DownloadFault))
+async def test_head_answers_like_get(
+    sim: Simulator, raw: aiohttp.ClientSession, fault: DownloadFault
+) -> None:
+    sim.faults.drip_interval = 0.0
+    rec = await faulty(sim, fault, size=1000)
+    url = sim.download_url(rec.id)
+    async with raw.get(url, allow_redirects=False) as r:
+        got = r.status, r.headers.get("Content-Type"), r.headers.get("Content-Length")
+        encoding = r.headers.get("Content-Encoding")
+    async with raw.head(url, allow_redirects=False) as r:
+        assert (r.status, r.headers.get("Content-Type"), r.headers.get("Content-Length")) == got
+        assert r.headers.get("Content-Encoding") == encoding
+        assert await asyncio.wait_for(r.read(), timeout=5) == b""
+
+
+async def test_download_fault_rate_and_kinds(sim: Simulator, raw: aiohttp.ClientSession) -> None:
+    rec = max(sim.recordings.values(), key=lambda r: r.size)
+    sim.faults.download_fault_rate = 1.0
+    sim.faults.download_fault_kinds = "html, empty"
+    types = []
+    for _ in range(12):
+        async with raw.get(sim.download_url(rec.id)) as r:
+            types.append((r.content_type, len(await read(r))))
+    assert set(types) == {("text/html", 81), (rec.content_type, 0)}
+    assert sim.injected["download:html"] + sim.injected["download:empty"] == 12
+    sim.faults.download_fault_rate = 0.0
+    async with raw.get(sim.download_url(rec.id)) as r:
+        assert hashlib.sha256(await read(r)).hexdigest() == sim.expected_sha256(rec.id)
+    assert Faults().download_fault_choices() == tuple(DownloadFault)
+    with pytest.raises(ValueError, match="nope"):
+        Faults(download_fault_kinds="html,nope").download_fault_choices()
+
+
+# ------------------------------------------------------------- API host
+
+
+async def test_echo_shows_the_request_headers(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    for url in (sim.echo_url, f"{sim.echo_url}/rec.ogg?Expires=1"):
+        async with http.get(url, headers={"X-Probe": "yes", **AUTH}) as r:
+            assert r.status == 200 and r.content_type == "application/octet-stream"
+            body = await r.read()
+        assert b"X-Probe: yes\r\n" in body and f"Authorization: Bearer {KEY}".encode() in body
+    assert [q.path for q in sim.api_requests] == ["/echo", "/echo/rec.ogg"]
+
+
+async def test_point_download_url(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    rec_id, other = list(sim.recordings)[:2]
+    sim.point_download_url(rec_id, sim.echo_url)
+    _, page = await list_page(http, sim, **{"page[size]": "250"})
+    urls = {e["id"]: e["download_url"] for e in page["data"]}
+    assert urls[rec_id] == sim.echo_url
+    assert urls[other].startswith(sim.download_base_url)
+    async with http.get(f"{sim.api_base_url}/room_recordings/{rec_id}", headers=AUTH) as r:
+        assert (await r.json())["data"]["download_url"] == sim.echo_url
+    async with http.get(urls[rec_id]) as r:
+        assert r.content_type == "application/octet-stream"
+    assert sim.api_requests[-1].path == "/echo"
+    sim.point_download_url(rec_id, None)
+    _, page = await list_page(http, sim, **{"page[size]": "250"})
+    entry = next(e for e in page["data"] if e["id"] == rec_id)
+    assert entry["download_url"].startswith(sim.download_base_url + "/recordings/")
+
+
+async def test_list_redirect_to(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    target = "https://elsewhere.example/v2/room_recordings?page=1"
+    sim.faults.list_redirect_to = target
+    for headers in (AUTH, {}):  # before authentication, as a front proxy would
+        async with http.get(
+            f"{sim.api_base_url}/room_recordings", headers=headers, allow_redirects=False
+        ) as r:
+            assert r.status == 302 and r.headers["Location"] == target
+    rec_id = next(iter(sim.recordings))
+    async with http.get(f"{sim.api_base_url}/room_recordings/{rec_id}", headers=AUTH) as r:
+        assert r.status == 200  # only lists are redirected
+    assert sim.injected["list:redirect"] == 2
+    sim.faults.list_redirect_to = None
+    status, _ = await list_page(http, sim)
+    assert status == 200
+
+
 # ----------------------------------------------------------------- faults
 
 
@@ -545,6 +1015,17 @@ async def test_shift_respects_filters(sim: Simulator, http: aiohttp.ClientSessio
     assert shifted and all(r.room_id == room and r.status == "completed" for r in shifted)
 
 
+async def test_shifted_copies_drop_faults(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    newest = sim.recordings[newest_first(list(sim.recordings.values()))[0]]
+    newest.download_fault = DownloadFault.HTML
+    sim.point_download_url(newest.id, sim.echo_url)
+    sim.faults.shift_on_page = 1
+    await list_page(http, sim)
+    shifted = [sim.recordings[i] for i in sim.shifted_ids]
+    assert shifted and all(r.size == newest.size for r in shifted)  # copies of the newest
+    assert all(r.download_fault is None and r.download_url_override is None for r in shifted)
+
+
 # ------------------------------------------------------------- standalone
 
 
@@ -567,3 +1048,78 @@ def test_standalone_cli() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_parse_fault_by_field_type() -> None:
+    assert _parse_fault("list_redirect_to=http://x.example/") == (
+        "list_redirect_to",
+        "http://x.example/",
+    )
+    assert _parse_fault("list_redirect_to=none") == ("list_redirect_to", None)
+    assert _parse_fault("download_fault_kinds=html,gzip") == ("download_fault_kinds", "html,gzip")
+    assert _parse_fault("drip_interval=0.05") == ("drip_interval", 0.05)
+    assert _parse_fault("oversize_extra=10") == ("oversize_extra", 10)
+    assert _parse_fault("shift_on_page=") == ("shift_on_page", None)
+    assert _parse_fault("shift_on_page=2") == ("shift_on_page", 2)
+    assert _parse_fault("ignore_range=yes") == ("ignore_range", True)
+    for bad in ("oversize_extra=lots", "nope=1", "drip_interval"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _parse_fault(bad)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--download-fault", "nope"],
+        ["--fault", "download_fault_kinds=html,nope"],
+        ["--count", "1", "--download-fault", "html", "--point-download-url", "echo"],
+    ],
+)
+def test_standalone_cli_refuses(argv: list[str]) -> None:
+    # A subprocess with a timeout: a CLI that wrongly accepts these serves forever.
+    done = subprocess.run(
+        [sys.executable, "-m", "archiver.simulator", *argv],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+
+
+async def test_standalone_cli_bad_answers(raw: aiohttp.ClientSession) -> None:
+    argv = ["--count", "4", "--api-key", KEY, "--download-fault", "html"]
+    argv += ["--download-fault", "drip", "--fault", "drip_interval=0.01"]
+    argv += ["--point-download-url", "echo", "--fault", "list_redirect_to=http://moved.example/"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "archiver.simulator", *argv, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [(await proc.stdout.readline()).decode() for _ in range(7)]
+        api = lines[0].split()[-1]
+        faults = [line.split()[-2:] for line in lines[4:6]]
+        assert [f for f, _ in faults] == ["html", "drip"]
+        assert lines[6].startswith("Download URL:")
+        echo, pointed = lines[6].split()[-2:]
+        assert echo == api.removesuffix("/v2") + "/echo"
+
+        async with raw.get(f"{api}/room_recordings", headers=AUTH, allow_redirects=False) as r:
+            assert r.status == 302 and r.headers["Location"] == "http://moved.example/"
+
+        async def download_url(rec_id: str) -> str:
+            async with raw.get(f"{api}/room_recordings/{rec_id}", headers=AUTH) as r:
+                url: str = (await r.json())["data"]["download_url"]
+                return url
+
+        async with raw.get(await download_url(faults[0][1])) as r:
+            assert r.content_type == "text/html" and len(await r.read()) == 81
+        async with raw.get(await download_url(faults[1][1]), headers={"Range": "bytes=0-3"}) as r:
+            assert await r.read() == b"OggS"
+        assert await download_url(pointed) == echo
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
