@@ -14,6 +14,8 @@ re-raised ``from`` the original so the cause is kept.
     │   ├── MalformedResponse       a 200 whose body is not what the API documents
     │   ├── TruncatedBody           fewer bytes than announced
     │   ├── UrlExpired              the presigned download URL no longer works
+    │   ├── WrongContent            the download host sent something other than the recording
+    │   ├── RefusedDestination      a download URL the network policy refuses (a fresh one may do)
     │   └── LedgerUnavailable       the ledger cannot be reached right now
     └── PermanentError              retrying cannot help
         ├── AuthError               401: the run stops
@@ -24,6 +26,7 @@ re-raised ``from`` the original so the cause is kept.
         ├── StorageError            the archive refused a write
         │   └── StorageFull         no space left: the run stops instead of failing everything
         ├── ProcessingAtSource      no download yet: picked up by a later pass, not a failure
+        ├── HeldElsewhere           another live (or stopped) instance is writing it right now
         ├── LeaseLost               another worker holds the recording now: this one stops
         ├── PreflightError          the archive or source is unusable; nothing started
         └── LedgerError             the ledger is unusable or inconsistent
@@ -84,6 +87,17 @@ class UrlExpired(TransientError):
     pass
 
 
+class WrongContent(TransientError):
+    """The bytes offered are not plausibly the recording (an HTML page, an empty or cut-off
+    body, a compressed body, the wrong size): never committed; a later attempt may get the real
+    ones."""
+
+
+class RefusedDestination(TransientError):
+    """A download URL (or a redirect) leads where archiver never connects: a private,
+    loopback, link-local or metadata address, the API host itself, or a URL with credentials."""
+
+
 class LedgerUnavailable(TransientError):
     pass
 
@@ -124,6 +138,12 @@ class StorageFull(StorageError):
 
 class ProcessingAtSource(PermanentError):
     """The recording is not downloadable yet (still processing): try on a later pass."""
+
+
+class HeldElsewhere(PermanentError):
+    """Another upload, of a live or a stopped instance, holds the recording's partial copy. Not
+    worth retrying within this claim, and no fault of the recording: the row is given back
+    without using an attempt, and a later pass takes it again."""
 
 
 class LeaseLost(PermanentError):

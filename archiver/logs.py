@@ -11,8 +11,9 @@ import logging
 import os
 import sys
 from datetime import UTC, datetime
+from io import TextIOWrapper
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from archiver.redact import redact
 
@@ -55,6 +56,25 @@ class RedactingFormatter(logging.Formatter):
         return line + (f"\n{error}" if error else "")
 
 
+class PrivateFileHandler(logging.FileHandler):
+    """A FileHandler whose file, when it creates one, is 0600 (less the umask): log lines carry
+    recording and room ids. An existing file keeps the mode it has (logrotate's ``create``, say)."""
+
+    def _open(self) -> TextIOWrapper:
+        stream = open(  # noqa: SIM115 - the handler owns the stream and closes it
+            self.baseFilename,
+            self.mode,
+            encoding=self.encoding,
+            errors=self.errors,
+            opener=_open_private,
+        )
+        return cast(TextIOWrapper, stream)
+
+
+def _open_private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 _handler: logging.Handler | None = None
 
 
@@ -74,7 +94,7 @@ def setup_logging(
     use_json = fmt == "json" or (fmt == "auto" and "JOURNAL_STREAM" in os.environ)
     handler: logging.Handler
     if file is not None:
-        handler = logging.FileHandler(file, encoding="utf-8")
+        handler = PrivateFileHandler(file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(stream)
     handler.setFormatter(RedactingFormatter(json_lines=use_json))

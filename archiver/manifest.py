@@ -104,6 +104,8 @@ def open_output(path: Path | None) -> Iterator[TextIO]:
         sys.stdout.flush()
         return
     directory = path.parent
+    # mkstemp creates the file 0600 less the umask, and it keeps that mode through the rename:
+    # a manifest or an export holds every recording's metadata.
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
@@ -111,7 +113,6 @@ def open_output(path: Path | None) -> Iterator[TextIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

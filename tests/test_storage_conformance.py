@@ -22,7 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from archiver.errors import IntegrityError, PreflightError, StorageError, UnsafeValue
+from archiver.errors import (
+    HeldElsewhere,
+    IntegrityError,
+    PreflightError,
+    StorageError,
+    UnsafeValue,
+)
 from archiver.models import StoredObject
 from archiver.storage import CommitRequest, LocalStorage, MemoryStorage, StorageBackend
 from archiver.storage.base import Companion
@@ -251,7 +257,7 @@ async def test_digest_is_fed_exactly_the_bytes_written(storage: StorageBackend) 
     assert await read_all(storage, "fed/rec.mp4") == data
 
 
-async def test_commit_stores_the_companion_after_the_object(storage: StorageBackend) -> None:
+async def test_commit_stores_the_companion_with_the_object(storage: StorageBackend) -> None:
     data = b"media" * 1000
     seen: list[StoredObject] = []
 
@@ -268,17 +274,63 @@ async def test_commit_stores_the_companion_after_the_object(storage: StorageBack
     assert await read_all(storage, companion.key) == f'{{"sha256": "{sha(data)}"}}'.encode()
 
 
-async def test_a_failed_companion_fails_the_commit_but_keeps_the_object(
+def with_companion(data: bytes, companion: Companion) -> CommitRequest:
+    return dataclasses.replace(request_for(data), companion=companion)
+
+
+def sidecar_for(key: str) -> Companion:
+    return Companion(key=key, render=lambda stored: f'{{"sha256": "{stored.sha256}"}}'.encode())
+
+
+class RenderFailed(Exception):
+    pass
+
+
+def failing_render(stored: StoredObject) -> bytes:
+    raise RenderFailed(f"cannot describe {stored.key}")
+
+
+@pytest.mark.parametrize("size", [5000, 9 * MiB], ids=["small", "multipart"])
+@pytest.mark.parametrize("before", ["empty", "old-object"])
+async def test_a_companion_whose_render_raises_stores_nothing(
+    storage: StorageBackend, before: str, size: int
+) -> None:
+    key, sidecar = "rooms/r1/rec.mp4", "rooms/r1/rec.mp4.json"
+    if before == "old-object":
+        async with await storage.begin(key, resume=False) as first:
+            await first.write(b"old")
+            await first.commit(with_companion(b"old", sidecar_for(sidecar)))
+        old_sidecar = await read_all(storage, sidecar)
+    data = os.urandom(size)
+    async with await storage.begin(key, resume=False) as upload:
+        for start in range(0, size, MiB):
+            await upload.write(data[start : start + MiB])
+        with pytest.raises(RenderFailed):
+            await upload.commit(with_companion(data, Companion(key=sidecar, render=failing_render)))
+        with pytest.raises(StorageError):
+            await upload.write(b"more")  # the upload is over
+    if before == "old-object":
+        assert await read_all(storage, key) == b"old"
+        assert await read_all(storage, sidecar) == old_sidecar
+    else:
+        await assert_absent(storage, key)
+        await assert_absent(storage, sidecar)
+    async with await storage.begin(key, resume=True) as again:
+        assert again.offset == 0
+
+
+async def test_a_companion_that_cannot_be_stored_fails_the_commit_and_stores_nothing(
     storage: StorageBackend,
 ) -> None:
+    await store(storage, "rooms/r2/rec.mp4", b"old")
     data = b"media" * 1000
     # A key no backend accepts: the companion cannot be stored.
     companion = Companion(key="rooms/../escape.json", render=lambda stored: b"{}")
     async with await storage.begin("rooms/r2/rec.mp4", resume=False) as upload:
         await upload.write(data)
-        with pytest.raises((StorageError, UnsafeValue)):
-            await upload.commit(dataclasses.replace(request_for(data), companion=companion))
-    assert await read_all(storage, "rooms/r2/rec.mp4") == data
+        with pytest.raises(UnsafeValue):
+            await upload.commit(with_companion(data, companion))
+    assert await read_all(storage, "rooms/r2/rec.mp4") == b"old"
     await assert_absent(storage, "escape.json")
 
 
@@ -333,11 +385,48 @@ async def test_committed_upload_refuses_more(storage: StorageBackend) -> None:
     assert await read_all(storage, "done.mp4") == b"abc"
 
 
+# A process that writes its stdin to the partial upload of a key and is killed (SIGKILL) before
+# it commits or aborts.
+KILLED_WRITER = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from archiver.storage.local import LocalStorage
+
+async def main():
+    upload = await LocalStorage(Path(sys.argv[1])).begin(sys.argv[2])
+    while chunk := sys.stdin.buffer.read(1 << 20):
+        await upload.write(chunk)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def leave_partial(root: Path, key: str, data: bytes) -> None:
+    """Leave ``data`` in the partial upload of ``key`` under ``root``, as a killed process does."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        KILLED_WRITER,
+        str(root),
+        key,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await proc.communicate(data)
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()
+
+
 async def test_cleanup_stale(storage: StorageBackend) -> None:
     await store(storage, "c/committed.mp4", b"safe")
-    crashed = await storage.begin("c/crashed.mp4")
-    await crashed.write(b"left behind by a killed process")
-    del crashed  # neither committed nor aborted, as after SIGKILL
+    if isinstance(storage, LocalStorage):
+        await leave_partial(storage.root, "c/crashed.mp4", b"left behind by a killed process")
+    else:
+        # Neither committed nor aborted: what a killed process leaves (nothing, here).
+        crashed = await storage.begin("c/crashed.mp4")
+        await crashed.write(b"left behind by a killed process")
 
     assert await storage.cleanup_stale(3600) == 0
     removed = await storage.cleanup_stale(0)
@@ -468,10 +557,7 @@ async def test_local_partial_is_hidden_beside_target(tmp_path: Path) -> None:
 async def test_local_resume_after_crash(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path, verify_on_commit=True)
     data = os.urandom(3 * MiB + 17)
-    first = await storage.begin("r/rec.mp4")
-    await first.write(data[:MiB])
-    await first.write(data[MiB : 2 * MiB + 5])
-    del first  # dropped without abort: the partial stays, as after SIGKILL
+    await leave_partial(tmp_path, "r/rec.mp4", data[: 2 * MiB + 5])
 
     assert await storage.stat("r/rec.mp4") is None
     async with await storage.begin("r/rec.mp4", resume=True) as upload:
@@ -515,9 +601,7 @@ async def test_local_resume_after_sigkill(tmp_path: Path) -> None:
 
 async def test_local_begin_without_resume_truncates(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
-    first = await storage.begin("rec.mp4")
-    await first.write(b"stale bytes")
-    del first
+    await leave_partial(tmp_path, "rec.mp4", b"stale bytes")
 
     async with await storage.begin("rec.mp4", resume=False) as upload:
         assert upload.offset == 0
@@ -530,7 +614,8 @@ async def test_local_one_writer_per_key(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     async with await storage.begin("rec.mp4") as upload:
         await upload.write(b"mine")
-        with pytest.raises(StorageError, match="another upload"):
+        # Another writer (a live or a stopped instance) holds it: no fault of the recording.
+        with pytest.raises(HeldElsewhere, match="another upload"):
             await storage.begin("rec.mp4")
         assert await storage.cleanup_stale(0) == 0  # a live upload's partial is never removed
         await upload.commit(request_for(b"mine"))
@@ -572,9 +657,7 @@ async def test_local_stat_and_read_ignore_directories(tmp_path: Path) -> None:
 async def test_local_cleanup_stale_respects_age(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     for key in ["old/a.mp4", "new/b.mp4"]:
-        upload = await storage.begin(key)
-        await upload.write(b"partial")
-        del upload
+        await leave_partial(tmp_path, key, b"partial")
     old = tmp_path / "old" / ".a.mp4.partial"
     two_hours_ago = time.time() - 7200
     os.utime(old, (two_hours_ago, two_hours_ago))
@@ -640,3 +723,151 @@ async def test_local_disk_full(tiny_fs: Path) -> None:
     # The space came back: a small object fits again.
     await store(storage, "rooms/small.mp4", b"fits")
     assert files_under(tiny_fs) == ["rooms/small.mp4"]
+
+
+async def test_local_full_disk_for_the_sidecar_shows_nothing(tiny_fs: Path) -> None:
+    storage = LocalStorage(tiny_fs)
+    await storage.preflight()
+    media = b"\x01" * (MiB - 64 * 1024)  # fits in the 1 MiB tmpfs, with 64 KiB to spare
+    sidecar = Companion(key="rooms/rec.mp4.json", render=lambda stored: b" " * (128 * 1024))
+    async with await storage.begin("rooms/rec.mp4") as upload:
+        await upload.write(media)
+        with pytest.raises(StorageError, match=r"disk full writing rooms/rec\.mp4\.json"):
+            await upload.commit(with_companion(media, sidecar))
+    assert await storage.stat("rooms/rec.mp4") is None
+    assert await storage.stat("rooms/rec.mp4.json") is None
+    # The partial went too: its room is free again, for the retry to store both.
+    assert files_under(tiny_fs) == []
+    async with await storage.begin("rooms/rec.mp4") as retry:
+        await retry.write(media)
+        await retry.commit(with_companion(media, sidecar_for("rooms/rec.mp4.json")))
+    assert files_under(tiny_fs) == ["rooms/rec.mp4", "rooms/rec.mp4.json"]
+
+
+async def test_local_companion_rename_failure_takes_the_object_back(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    # A directory where the sidecar goes: its temp file is written, its rename fails (EISDIR)
+    # after the media's.
+    (tmp_path / "rooms" / "rec.mp4.json").mkdir(parents=True)
+    async with await storage.begin("rooms/rec.mp4") as upload:
+        await upload.write(b"media")
+        with pytest.raises(StorageError, match=r"rooms/rec\.mp4\.json"):
+            await upload.commit(with_companion(b"media", sidecar_for("rooms/rec.mp4.json")))
+    assert await storage.stat("rooms/rec.mp4") is None
+    assert files_under(tmp_path) == []
+
+
+async def test_local_object_rename_failure_stores_no_companion(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    # A directory at the key: the companion's temp file is ready when the media's rename fails.
+    (tmp_path / "rooms" / "rec.mp4").mkdir(parents=True)
+    async with await storage.begin("rooms/rec.mp4") as upload:
+        await upload.write(b"media")
+        with pytest.raises(StorageError, match=r"cannot commit rooms/rec\.mp4"):
+            await upload.commit(with_companion(b"media", sidecar_for("rooms/rec.mp4.json")))
+    assert await storage.stat("rooms/rec.mp4.json") is None
+    assert files_under(tmp_path) == []
+
+
+async def test_local_commit_with_companion_leaves_only_the_two_files(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    async with await storage.begin("rooms/rec.mp4") as upload:
+        await upload.write(b"media")
+        await upload.commit(with_companion(b"media", sidecar_for("meta/rec.mp4.json")))
+    assert files_under(tmp_path) == ["meta/rec.mp4.json", "rooms/rec.mp4"]
+    assert (
+        tmp_path / "meta" / "rec.mp4.json"
+    ).read_bytes() == f'{{"sha256": "{sha(b"media")}"}}'.encode()
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+async def test_local_cleanup_removes_dead_one_shot_temps_at_once(tmp_path: Path) -> None:
+    """A one-shot temp nobody holds goes after a short grace, whatever age cleanup is given; a
+    resumable partial keeps the age rule."""
+    storage = LocalStorage(tmp_path)
+    (tmp_path / "rooms").mkdir()
+    dead = tmp_path / "rooms" / ".rec.mp4.json.0123456789ab.partial"
+    fresh = tmp_path / "rooms" / ".rec2.mp4.json.ba9876543210.partial"
+    probe = tmp_path / ".preflight.00112233aabb.partial"
+    for path in (dead, fresh, probe):
+        path.write_bytes(b'{"half a sidecar')
+    await leave_partial(tmp_path, "rooms/rec.mp4", b"resumable")
+    age(dead, 61)
+    age(probe, 61)
+    age(tmp_path / "rooms" / ".rec.mp4.partial", 61)
+
+    assert await storage.cleanup_stale(24 * 3600) == 2
+    # Just created (perhaps not yet locked by its writer): left alone for now.
+    assert files_under(tmp_path) == [
+        "rooms/.rec.mp4.partial",
+        "rooms/.rec2.mp4.json.ba9876543210.partial",
+    ]
+    async with await storage.begin("rooms/rec.mp4") as again:
+        assert again.offset == len(b"resumable")
+
+
+# The helper process: it commits a recording with a sidecar, and stops midway through writing the
+# sidecar's temp file (through the seam local._write_temp_bytes), says so on stdout, and waits on
+# stdin, which the test never writes to: it is killed there.
+SIDECAR_WRITER = """
+import asyncio, hashlib, os, sys
+from pathlib import Path
+from archiver.storage import local
+from archiver.storage.base import CommitRequest, Companion
+
+def stop_midway(fd, data):
+    os.write(fd, data[: len(data) // 2])
+    sys.stdout.write("paused\\n")
+    sys.stdout.flush()
+    sys.stdin.read()
+
+async def main():
+    local._write_temp_bytes = stop_midway
+    upload = await local.LocalStorage(Path(sys.argv[1])).begin("rooms/rec.mp4")
+    await upload.write(b"media")
+    sidecar = Companion(key="rooms/rec.mp4.json", render=lambda stored: b"{" + b" " * 9998 + b"}")
+    sha = hashlib.sha256(b"media").hexdigest()
+    await upload.commit(CommitRequest(sha256=sha, size=5, companion=sidecar))
+
+asyncio.run(main())
+"""
+
+
+async def test_local_sidecar_temp_of_a_killed_writer_is_cleaned_up(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SIDECAR_WRITER,
+        str(tmp_path),
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    storage = LocalStorage(tmp_path)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await proc.stdout.readline()
+        assert line == b"paused\n", (await proc.stderr.read()).decode()
+        temps = list((tmp_path / "rooms").glob(".rec.mp4.json.*.partial"))
+        assert len(temps) == 1
+        temp = temps[0]
+        assert temp.stat().st_size == 5000  # half written
+        # A live writer's temp file is never removed, however old it looks.
+        age(temp, 3600)
+        assert await storage.cleanup_stale(0) == 0
+        assert temp.exists()
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    assert await storage.cleanup_stale(24 * 3600) == 1
+    # The media partial keeps the age rule: the next run resumes it.
+    assert files_under(tmp_path) == ["rooms/.rec.mp4.partial"]
+    assert await storage.stat("rooms/rec.mp4") is None

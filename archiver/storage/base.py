@@ -45,8 +45,9 @@ class ObjectInfo:
 
 @dataclass(frozen=True, slots=True)
 class Companion:
-    """A small object stored by the same commit, right after the main one (its JSON sidecar).
-    ``render`` is given what was stored, so it can describe it (retention included)."""
+    """A small object stored by the same commit as the main one (its JSON sidecar): the two become
+    visible together or not at all (see ``Upload.commit``). ``render`` is given what is being
+    stored, so it can describe it (retention included); should it raise, nothing is stored."""
 
     key: str
     render: Callable[[StoredObject], bytes]
@@ -63,8 +64,8 @@ class CommitRequest:
     metadata: Mapping[str, str] | None = None
     # Object Lock retention is counted from here (the recording's end, or now if later).
     retain_from: datetime | None = None
-    # Stored after the object, before commit returns. Should it fail, commit raises and the
-    # object stays committed (a retry stores both again).
+    # Stored by the same commit: the object and its companion become visible together or not at
+    # all (see ``Upload.commit``).
     companion: Companion | None = None
 
 
@@ -100,7 +101,27 @@ class Upload(Protocol):
         ...
 
     async def commit(self, request: CommitRequest) -> StoredObject:
-        """Check size and hash, then make the object visible at ``key`` atomically and durably."""
+        """Check size and hash, then make the object visible at ``key`` atomically and durably.
+
+        With a ``request.companion``, the object and its companion become visible together or not
+        at all: when commit raises, it has stored neither, and a key that held an older object
+        holds it still, but for the cases named below. The upload is over either way: a failed
+        commit leaves no partial upload to resume, and a retry writes both again.
+
+        - Local disk writes and fsyncs the companion to a temporary file before the object is
+          renamed into place, then renames the companion and fsyncs their directory (once, when
+          they share it). Should the companion's rename fail after the object's, the object is
+          removed again, and an older object it replaced is gone with it.
+        - S3 can only store the companion once the object exists (it describes its version and
+          retention). Should that fail, the version just written is deleted, which makes an
+          older version current again in a versioned bucket (an unversioned one has lost it).
+          Object Lock may refuse that delete: commit then raises a StorageError saying the
+          object stays locked at its key and version (any other failed delete raises one naming
+          where it stays). Recording such a leftover is the caller's part, not the backend's.
+
+        A crash (power cut, SIGKILL) between the two steps can still leave the object without its
+        companion: no backend makes two names appear at once.
+        """
         ...
 
     async def abort(self) -> None:
@@ -157,5 +178,7 @@ class StorageBackend(Protocol):
         ...
 
     async def cleanup_stale(self, older_than_seconds: float) -> int:
-        """Remove partial uploads older than the limit (left by killed processes)."""
+        """Remove what killed processes left behind: partial uploads older than the limit, and
+        temporary files that are never resumed (a sidecar being written) as soon as no live
+        process holds them (after a short grace), whatever the limit. Returns how many went."""
         ...

@@ -7,6 +7,15 @@ or the complete new one, also after a power cut. The partial is ``flock``-ed whi
 it, so two writers of one key (say, a worker whose lease expired and its successor) cannot mix their
 bytes, and ``cleanup_stale`` never removes a partial that is being written.
 
+Small files written in one go (a companion sidecar, ``put_bytes``, the preflight probe) use a
+temporary file of a unique name instead, ``<dir>/.<name>.<12 hex>.partial``, ``flock``-ed from its
+creation to its rename. It is never resumed, so ``cleanup_stale`` removes one as soon as no process
+holds it (after ``ONE_SHOT_GRACE``), where a resumable partial waits for the age the caller gives.
+
+A commit with a companion writes and fsyncs the companion's temporary file first, then renames the
+object, then the companion, then fsyncs the directory (once, when both share it): a companion that
+cannot be rendered or written leaves the key as it was.
+
 All file IO runs in worker threads (a pool of its own), one hop per call, so the event loop never
 waits on the disk.
 """
@@ -21,6 +30,7 @@ import functools
 import hashlib
 import mmap
 import os
+import re
 import secrets
 import stat
 import threading
@@ -34,6 +44,7 @@ from types import TracebackType
 from typing import Literal, ParamSpec, Self, TypeVar
 
 from archiver.errors import (
+    HeldElsewhere,
     IntegrityError,
     PreflightError,
     StorageError,
@@ -47,6 +58,16 @@ CHUNK_SIZE = 1 << 20
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 PARTIAL_SUFFIX = ".partial"
+# How long cleanup_stale leaves an unlocked one-shot temporary file alone. Such a file lives for
+# milliseconds, but it exists (unlocked) between its create and its flock, and where flock is
+# unsupported (some NFS and FUSE mounts: _try_lock then reports success) the lock tells nothing at
+# all; there, its mtime, fresh from the create and each write, is what keeps cleanup away from a
+# live write. A minute is far beyond any create-to-rename even on a loaded host, and costs only
+# this: a leftover found by a start less than a minute after the crash waits for a later start.
+# (A writer re-checks its file once locked, so not even a clock step can make it write a file
+# that cleanup removed.)
+ONE_SHOT_GRACE = 60.0
+_ONE_SHOT_NAME = re.compile(r"\..+\.[0-9a-f]{12}" + re.escape(PARTIAL_SUFFIX))
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # Filesystems that cannot fsync a directory or lock a file: carry on, as restic does.
@@ -106,8 +127,20 @@ def is_partial_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(PARTIAL_SUFFIX)
 
 
+def is_one_shot_name(name: str) -> bool:
+    """A temporary file that is written in one go and never resumed (see ``_TempFile``).
+
+    A resumable partial of a key whose name itself ends in ``.<12 hex>`` looks the same; it then
+    loses its resume after ``ONE_SHOT_GRACE`` instead of the caller's age, never its object."""
+    return _ONE_SHOT_NAME.fullmatch(name) is not None
+
+
 def partial_path(target: Path) -> Path:
     return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+def _one_shot_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
 
 
 def _storage_error(exc: OSError, key: str, doing: str) -> StorageError:
@@ -122,6 +155,11 @@ def _write_all(fd: int, data: bytes) -> None:
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:])
+
+
+# How a one-shot temporary file gets its bytes. A seam, as restic swaps its tempFile in tests: the
+# crash test's helper process replaces it to stop midway through a write and be killed there.
+_write_temp_bytes: Callable[[int, bytes], None] = _write_all
 
 
 def _fsync_dir(path: Path) -> None:
@@ -174,6 +212,76 @@ def _sha256_of(fd: int, size: int) -> str:
     return digest.hexdigest()
 
 
+class _TempFile:
+    """A one-shot temporary file beside ``target``, locked from its creation until it is renamed
+    over ``target`` or discarded. Its methods block; they run in worker threads."""
+
+    def __init__(self, key: str, target: Path, path: Path, fd: int) -> None:
+        self.key = key
+        self.target = target
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def create(cls, key: str, target: Path, data: bytes) -> _TempFile:
+        """Write ``data`` to a new temporary file beside ``target`` and fsync it."""
+        temp = cls._create(key, target)
+        try:
+            _write_temp_bytes(temp._fd, data)
+            os.fsync(temp._fd)
+        except OSError as exc:
+            temp.discard()
+            raise _storage_error(exc, key, "write") from exc
+        except BaseException:
+            temp.discard()
+            raise
+        return temp
+
+    @classmethod
+    def _create(cls, key: str, target: Path) -> _TempFile:
+        while True:
+            # A unique name: these writes are not resumed, and two writers must not share a file.
+            path = _one_shot_path(target)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise _storage_error(exc, key, "write") from exc
+            try:
+                # cleanup_stale may have taken the file between our open and our lock (only
+                # after a clock step, see ONE_SHOT_GRACE): then it is not ours any more.
+                if _try_lock(fd) and _same_file(fd, path):
+                    return cls(key, target, path, fd)
+            except OSError as exc:
+                os.close(fd)
+                raise _storage_error(exc, key, "write") from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def install(self) -> None:
+        """Rename the file over its target (the caller fsyncs the directory), then unlock it."""
+        try:
+            os.replace(self.path, self.target)
+        except OSError as exc:
+            self.discard()
+            raise _storage_error(exc, self.key, "write") from exc
+        self._close()
+
+    def discard(self) -> None:
+        try:
+            _unlink_quietly(self.path)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 class _PartialFile:
     """The open partial file behind a LocalUpload. Its methods block; they run in worker threads.
 
@@ -188,7 +296,7 @@ class _PartialFile:
         fd: int,
         *,
         verify: bool,
-        store_companion: Callable[[Companion, StoredObject], Path],
+        prepare_companion: Callable[[Companion, StoredObject], _TempFile],
     ) -> None:
         self.key = key
         self.target = target
@@ -197,8 +305,8 @@ class _PartialFile:
         self.state: Literal["open", "committed", "aborted"] = "open"
         self._fd = fd
         self._verify = verify
-        # Writes a companion durably and renames it in place; returns the directory to fsync.
-        self._store_companion = store_companion
+        # Renders a companion and writes it, durably, to a temporary file beside its key.
+        self._prepare_companion = prepare_companion
         # The same open file without the page cache, and a page-aligned buffer for it (see
         # _write_direct); opened on the first big write, None once found unusable.
         self._direct: int | None = None
@@ -282,6 +390,7 @@ class _PartialFile:
         with self._lock:
             self.check_open()
             expected = request.sha256.lower()
+            companion: _TempFile | None = None
             try:
                 os.fsync(self._fd)
                 size = os.fstat(self._fd).st_size
@@ -293,35 +402,55 @@ class _PartialFile:
                     raise IntegrityError(
                         f"{self.key}: SHA-256 on disk is {actual}, {expected} expected"
                     )
+                stored = StoredObject(key=self.key, size=size, sha256=expected)
+                if request.companion is not None:
+                    # Complete on disk before the object shows: a companion that fails (a full
+                    # disk, a render that raises) leaves the key as it was.
+                    companion = self._prepare_companion(request.companion, stored)
                 # The fd stays open (and locked) across the rename: no second writer can slip in.
                 os.replace(self.path, self.target)
-            except OSError as exc:
+            except BaseException as exc:
+                # The partial goes too, as after any failed commit: the caller's retry starts
+                # afresh, and a disk that ran out of room for the companion gets that room back.
+                if companion is not None:
+                    companion.discard()
                 self._discard()
-                raise _storage_error(exc, self.key, "commit") from exc
-            except BaseException:
-                self._discard()
+                if isinstance(exc, OSError):
+                    raise _storage_error(exc, self.key, "commit") from exc
                 raise
-            stored = StoredObject(key=self.key, size=size, sha256=expected)
             # The companion's rename shares the directory fsync below when it sits beside us.
             synced = {self.target.parent}
-            companion_error: Exception | None = None
-            if request.companion is not None:
+            if companion is not None:
                 try:
-                    synced.add(self._store_companion(request.companion, stored))
-                except Exception as exc:
-                    companion_error = exc
+                    companion.install()
+                except StorageError:
+                    self._take_back()
+                    raise
+                synced.add(companion.target.parent)
             try:
                 for directory in synced:
                     _fsync_dir(directory)
             except OSError as exc:
-                # The rename might not survive a crash; a failed commit leaves nothing behind.
+                # The renames might not survive a crash; a failed commit leaves nothing behind.
                 _unlink_quietly(self.target)
+                if companion is not None:
+                    _unlink_quietly(companion.target)
                 self._close("aborted")
                 raise _storage_error(exc, self.key, "commit") from exc
             self._close("committed")
-            if companion_error is not None:
-                raise companion_error
             return stored
+
+    def _take_back(self) -> None:
+        """Remove the object just renamed into place, whose companion could not follow it."""
+        self._close("aborted")
+        try:
+            _unlink_quietly(self.target)
+            _fsync_dir(self.target.parent)
+        except OSError as exc:
+            raise StorageError(
+                f"{self.key} could not be removed again after its companion failed "
+                f"({exc.strerror}): it stays without one"
+            ) from exc
 
     def abort(self) -> None:
         with self._lock:
@@ -547,7 +676,7 @@ class LocalStorage:
         root = self._real_root()
         try:
             if not root.is_dir():
-                root.mkdir(parents=True, exist_ok=True)
+                root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
                 _fsync_dir(root.parent)
             here = root
             for part in parts[:-1]:
@@ -580,7 +709,10 @@ class LocalStorage:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise UnsafeValue(f"the partial upload of {key!r} is not a regular file")
                 if not _try_lock(fd):
-                    raise StorageError(f"{key} is being written by another upload right now")
+                    raise HeldElsewhere(
+                        f"{key} is being written by another upload right now (another "
+                        "instance, alive or stopped, holds its partial copy)"
+                    )
                 # cleanup_stale may have removed the file between our open and our lock.
                 if _same_file(fd, partial):
                     if not resume:
@@ -590,7 +722,7 @@ class LocalStorage:
                         target,
                         fd,
                         verify=self._verify,
-                        store_companion=self._store_companion,
+                        prepare_companion=self._prepare_companion,
                     )
                     return LocalUpload(file)
             except OSError as exc:
@@ -603,43 +735,19 @@ class LocalStorage:
         raise StorageError(f"cannot start writing {key}: its partial upload keeps disappearing")
 
     def _put_bytes(self, key: str, parts: list[str], data: bytes) -> StoredObject:
-        target = self._write_beside(key, parts, data)
+        temp = _TempFile.create(key, self._make_parents(key, parts), data)
+        temp.install()
         try:
-            _fsync_dir(target.parent)
+            _fsync_dir(temp.target.parent)
         except OSError as exc:
-            _unlink_quietly(target)
+            _unlink_quietly(temp.target)
             raise _storage_error(exc, key, "write") from exc
         return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    def _store_companion(self, companion: Companion, stored: StoredObject) -> Path:
+    def _prepare_companion(self, companion: Companion, stored: StoredObject) -> _TempFile:
         parts = check_key(companion.key)
-        return self._write_beside(companion.key, parts, companion.render(stored)).parent
-
-    def _write_beside(self, key: str, parts: list[str], data: bytes) -> Path:
-        """Write ``data`` to a fresh temporary file beside the key's path, fsync it and rename it
-        over that path; the caller fsyncs the directory."""
-        target = self._make_parents(key, parts)
-        while True:
-            # A unique name: these writes are not resumed, and two writers must not share a file.
-            temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise _storage_error(exc, key, "write") from exc
-        try:
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-        except OSError as exc:
-            _unlink_quietly(temp)
-            raise _storage_error(exc, key, "write") from exc
-        return target
+        data = companion.render(stored)
+        return _TempFile.create(companion.key, self._make_parents(companion.key, parts), data)
 
     def _stat(self, key: str, parts: list[str]) -> ObjectInfo | None:
         target = self._resolve(key, parts)
@@ -695,7 +803,8 @@ class LocalStorage:
     def _preflight(self) -> None:
         root = self._root
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            # Like the directories below it; missing parents get the usual mode (as `mkdir -p`).
+            root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         except FileExistsError as exc:
             raise PreflightError(f"archive root {root} exists but is not a directory") from exc
         except NotADirectoryError as exc:
@@ -706,16 +815,18 @@ class LocalStorage:
             raise PreflightError(f"archive root {root} cannot be created: {exc.strerror}") from exc
         if not root.is_dir():
             raise PreflightError(f"archive root {root} is not a directory")
-        # Named like a partial upload, so cleanup_stale removes it should we die right here.
-        probe = root / f".preflight-{secrets.token_hex(6)}{PARTIAL_SUFFIX}"
+        # A one-shot temporary file, locked while it lives, so that cleanup_stale removes it
+        # should we die right here.
+        probe = _one_shot_path(root / "preflight")
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, FILE_MODE)
             try:
+                _try_lock(fd)
                 _write_all(fd, b"archiver preflight probe\n")
                 os.fsync(fd)
+                os.unlink(probe)
             finally:
                 os.close(fd)
-            os.unlink(probe)
         except OSError as exc:
             _unlink_quietly(probe)
             if exc.errno in _DISK_FULL:
@@ -723,10 +834,15 @@ class LocalStorage:
             raise PreflightError(f"archive root {root} is not writable: {exc.strerror}") from exc
 
     def _cleanup_stale(self, cutoff: float) -> int:
+        # A one-shot temporary file is never resumed: once no process holds it, it is only waste.
+        one_shot_cutoff = time.time() - ONE_SHOT_GRACE
         removed = 0
         for dirpath, _dirnames, filenames in os.walk(self._root, followlinks=False):
             for name in filenames:
-                if is_partial_name(name) and _remove_if_stale(Path(dirpath, name), cutoff):
+                if not is_partial_name(name):
+                    continue
+                limit = one_shot_cutoff if is_one_shot_name(name) else cutoff
+                if _remove_if_stale(Path(dirpath, name), limit):
                     removed += 1
         return removed
 
@@ -742,7 +858,7 @@ def _remove_if_stale(path: Path, cutoff: float) -> bool:
     except OSError as exc:
         raise StorageError(f"cannot clean up {path.name}: {exc.strerror}") from exc
     try:
-        # A locked partial belongs to a live upload, however long it has been idle.
+        # A locked file belongs to a live writer, however long it has been idle.
         if not _try_lock(fd) or not _same_file(fd, path) or os.fstat(fd).st_mtime > cutoff:
             return False
         os.unlink(path)

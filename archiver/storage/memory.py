@@ -70,13 +70,21 @@ class MemoryUpload:
             raise IntegrityError(
                 f"{self._key}: SHA-256 of the bytes written is {actual}, {expected} expected"
             )
-        self._storage._objects[self._key] = _Stored(data, expected, request.content_type)
-        self._close("committed")
         stored = StoredObject(key=self._key, size=len(data), sha256=expected)
+        objects = {self._key: _Stored(data, expected, request.content_type)}
         if (companion := request.companion) is not None:
-            await self._storage.put_bytes(
-                companion.key, companion.render(stored), content_type=companion.content_type
+            try:
+                check_key(companion.key)
+                body = bytes(companion.render(stored))
+            except BaseException:
+                self._close("aborted")
+                raise
+            objects[companion.key] = _Stored(
+                body, hashlib.sha256(body).hexdigest(), companion.content_type
             )
+        # Both at once, or (above) neither.
+        self._storage._objects.update(objects)
+        self._close("committed")
         return stored
 
     async def abort(self) -> None:

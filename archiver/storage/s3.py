@@ -66,7 +66,7 @@ from archiver.errors import (
 )
 from archiver.models import StoredObject
 from archiver.redact import redact, safe_url
-from archiver.storage.base import Capabilities, CommitRequest, Digest, ObjectInfo
+from archiver.storage.base import Capabilities, CommitRequest, Companion, Digest, ObjectInfo
 from archiver.storage.local import CHUNK_SIZE, check_key
 
 if TYPE_CHECKING:
@@ -478,27 +478,22 @@ class S3Upload:
                 )
             digest = _digest_of(self._key, request.sha256)
             threshold = self._storage.settings.multipart_threshold
+            store: Callable[[], StoredObject]
             if not self._multipart.started and len(self._buffer) < threshold:
-                stored = await self._storage._run(
+                store = functools.partial(
                     self._storage._put, self._key, self._buffer, request, digest
                 )
             else:
                 await self._send_parts(force=True)
-                stored = await self._storage._run(
-                    self._multipart.complete, self._buffer, request, digest
-                )
+                store = functools.partial(self._multipart.complete, self._buffer, request, digest)
+            # The object and its companion in one call to a thread: a cancelled await cannot
+            # part them once it has started.
+            stored = await self._storage._run(self._storage._commit, store, request)
         except BaseException:
             await self._discard()
             raise
         self._state = "committed"
         self._buffer = bytearray()
-        if (companion := request.companion) is not None:
-            await self._storage.put_bytes(
-                companion.key,
-                companion.render(stored),
-                content_type=companion.content_type,
-                retain_from=request.retain_from,
-            )
         return stored
 
     async def abort(self) -> None:
@@ -661,12 +656,7 @@ class S3Storage:
         self, key: str, data: bytes, *, content_type: str, retain_from: datetime | None = None
     ) -> StoredObject:
         check_key(key)
-        body = bytes(data)
-        digest = hashlib.sha256(body).digest()
-        request = CommitRequest(
-            sha256=digest.hex(), size=len(body), content_type=content_type, retain_from=retain_from
-        )
-        return await self._run(self._put, key, body, request, digest)
+        return await self._run(self._put_bytes, key, bytes(data), content_type, retain_from)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         check_key(key)
@@ -803,6 +793,54 @@ class S3Storage:
             raise IntegrityError(f"{key}: S3 stored it with another checksum ({returned})")
         until = args.get("ObjectLockRetainUntilDate")
         return self._confirm(key, request, version, _b64(digest), required=False, until=until)
+
+    def _put_bytes(
+        self, key: str, body: bytes, content_type: str, retain_from: datetime | None
+    ) -> StoredObject:
+        digest = hashlib.sha256(body).digest()
+        request = CommitRequest(
+            sha256=digest.hex(), size=len(body), content_type=content_type, retain_from=retain_from
+        )
+        return self._put(key, body, request, digest)
+
+    def _commit(self, store: Callable[[], StoredObject], request: CommitRequest) -> StoredObject:
+        """Store an upload's object with ``store``, then its companion, if any. The companion
+        describes the stored version, so it can only follow it: should it fail, the version just
+        written is deleted again (an older one, in a versioned bucket, is current again)."""
+        stored = store()
+        companion = request.companion
+        if companion is None:
+            return stored
+        try:
+            check_key(companion.key)
+            body = bytes(companion.render(stored))
+            self._put_bytes(companion.key, body, companion.content_type, request.retain_from)
+        except Exception as exc:
+            self._take_back(stored, companion, exc)
+            raise
+        return stored
+
+    def _take_back(self, stored: StoredObject, companion: Companion, failure: Exception) -> None:
+        """Delete the version ``stored`` names, whose companion ``failure`` kept from being stored.
+
+        Object Lock refuses that delete (retention or a legal hold): the object then stays, locked,
+        at its key and version, and the StorageError raised says so. Keeping track of such a
+        leftover (the ledger has no row for it) is the caller's part, not the backend's. Any other
+        failed delete raises the same way, naming where the object stays."""
+        key, version = stored.key, stored.version_id
+        try:
+            self._delete(key, version)
+        except ArchiverError as refused:
+            where = f"{key}, version {version}" if version else key
+            if self._settings.object_lock_mode is not None or stored.retain_until is not None:
+                until = f" until {stored.retain_until.isoformat()}" if stored.retain_until else ""
+                stays = f"it stays locked at {where}{until}"
+            else:
+                stays = f"it stays at {where}"
+            raise StorageError(
+                f"{key}: its companion {companion.key} could not be stored ({failure}), and S3 "
+                f"refused to delete it again ({refused}): {stays}"
+            ) from failure
 
     def _confirm(
         self,
