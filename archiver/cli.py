@@ -1,20 +1,23 @@
-"""The ``archiver`` command: parse arguments, run, map the outcome to an exit code.
+"""The ``archiver`` command: parse arguments, run the command's handler, map the outcome to an
+exit code. Each subcommand names its handler (``set_defaults(handler=...)``); what the commands
+do is in ``archiver.commands``.
 
-Exit codes (public interface):
+Exit codes (public interface; ``archiver.service`` defines them):
     0  everything asked for is archived (or verified)
-    1  some recordings failed permanently or could not be archived; the rest are archived
+    1  something is still owed (failed now or earlier, processing after the wait, held by
+       another instance), or a check found problems
     2  usage, configuration or credential error: nothing was changed
+    3  interrupted by SIGTERM/SIGINT before the scope was done (backfill; ``run`` exits 0)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
-from collections.abc import Sequence
-from datetime import date, datetime
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +31,27 @@ from archiver.errors import (
     PreflightError,
 )
 from archiver.logs import setup_logging
+from archiver.output import quiet_broken_pipe
 from archiver.redact import redact
+from archiver.service import EXIT_INTERRUPTED, EXIT_OK, EXIT_OWED, EXIT_USAGE
 from archiver.telnyx import Filters
 
 log = logging.getLogger("archiver")
 
-EXIT_OK = 0
-EXIT_FAILURES = 1
-EXIT_USAGE = 2
+Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}  everything asked for is archived (or verified)
+  {EXIT_OWED}  something is still owed (failed, processing, held elsewhere), or problems found
+  {EXIT_USAGE}  usage, configuration or credential error; nothing was changed
+  {EXIT_INTERRUPTED}  backfill interrupted by SIGTERM/SIGINT before it was done (run again)
+"""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse exits 2 on its own; keep the message tidy
         self.print_usage(sys.stderr)
-        print(f"archiver: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -52,70 +62,234 @@ def _date(value: str) -> date:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date (YYYY-MM-DD)") from None
 
 
+# -- handlers -----------------------------------------------------------------------------------
+async def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    filters = filters_from_args(args, settings)
+    if args.dry_run:
+        return await commands.dry_run(settings, filters)
+    return await commands.backfill(settings, filters)
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    def reopen_logs() -> None:
+        setup_logging(
+            fmt=args.log_format or settings.logging.format,
+            level=args.log_level or settings.logging.level,
+            file=settings.logging.file,
+        )
+
+    return await commands.run(settings, once=args.once, reopen_logs=reopen_logs)
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.status(settings, as_json=args.json)
+
+
+async def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.verify(settings, deep=args.deep, repair=args.repair)
+
+
+async def _retry(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.retry(settings, ids=args.id or [], all_failed=args.all_failed)
+
+
+async def _give_up(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.give_up(settings, ids=args.id, reason=args.reason)
+
+
+async def _manifest(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    _check_range(args)
+    return await commands.manifest(
+        settings, fmt=args.format, since=args.since, until=args.until, output=args.output
+    )
+
+
+async def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.audit_verify(settings)
+
+
+async def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.audit_export(settings, output=args.output)
+
+
+async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    _check_range(args)
+    return await commands.reconcile(settings, since=args.since, until=args.until, as_json=args.json)
+
+
+async def _purge(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    _check_range(args)
+    return await commands.purge(settings, since=args.since, until=args.until, dry_run=args.dry_run)
+
+
+async def _ledger_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.ledger_migrate(settings)
+
+
+async def _ledger_export(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.ledger_export(settings, output=args.output)
+
+
+async def _ledger_import(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.ledger_import(settings, args.file, force=args.force)
+
+
+def _check_range(args: argparse.Namespace) -> None:
+    if args.since and args.until and args.since > args.until:
+        raise ConfigError("--since is after --until")
+
+
+# -- the parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="archiver", description="Archive Telnyx Video Room recordings.")
+    parser = _Parser(
+        prog="archiver",
+        description="Archive Telnyx Video Room recordings.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"archiver {__version__}")
     parser.add_argument("--config", help="TOML config (default: $ARCHIVER_CONFIG, ./archiver.toml)")
     parser.add_argument("--log-format", choices=("auto", "text", "json"), help="log line format")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="how much to log (default: logging.level of the config, info)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    bf = sub.add_parser("backfill", help="archive every recording the filters match, then stop")
+    def command(name: str, handler: Handler | None, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if handler is not None:
+            p.set_defaults(handler=handler)
+        return p
+
+    bf = command("backfill", _backfill, "archive every recording the filters match, then stop")
     bf.add_argument("--since", type=_date, help="ended on or after DATE (UTC, YYYY-MM-DD)")
     bf.add_argument("--until", type=_date, help="ended on or before DATE (inclusive)")
     bf.add_argument(
         "--dry-run",
         action="store_true",
-        help="list what would be archived (and deleted at the source, if that is on)",
+        help="list exactly what a backfill would archive (and delete at the source, if that "
+        "is on); change nothing",
     )
     _filter_flags(bf)
 
-    rn = sub.add_parser(
-        "run", help="keep the archive current: poll, archive, repeat (the systemd service)"
+    rn = command(
+        "run", _run, "keep the archive current: poll, archive, repeat (the systemd service)"
     )
     rn.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
 
-    st = sub.add_parser("status", help="what the ledger holds: counts, failures, last passes")
+    st = command("status", _status, "what the ledger holds: owed, failures, last passes")
     st.add_argument("--json", action="store_true", help="machine-readable output")
 
-    vf = sub.add_parser("verify", help="check the archive against the ledger")
+    vf = command("verify", _verify, "check the archive against the ledger")
     vf.add_argument("--deep", action="store_true", help="re-read and re-hash every object")
+    vf.add_argument(
+        "--repair",
+        action="store_true",
+        help="fetch every missing or damaged copy again (with --deep: hash mismatches too)",
+    )
 
-    mf = sub.add_parser("manifest", help="every archived recording, for an auditor")
+    rt = command("retry", _retry, "put failed recordings back to pending, attempts reset")
+    rt.add_argument("--id", action="append", metavar="ID", help="a recording id (repeatable)")
+    rt.add_argument("--all-failed", action="store_true", help="every failed recording")
+
+    gu = command("give-up", _give_up, "stop owing recordings that will never be archived (audited)")
+    gu.add_argument(
+        "--id", action="append", metavar="ID", required=True, help="a recording id (repeatable)"
+    )
+    gu.add_argument("--reason", required=True, help="why (kept in the audit log)")
+
+    mf = command("manifest", _manifest, "every archived recording, for an auditor")
     mf.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
     _range_flags(mf)
     mf.add_argument("--output", type=Path, help="write FILE (complete or not at all), not stdout")
 
-    au = sub.add_parser("audit", help="the append-only, hash-chained audit log")
-    au_sub = au.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
-    au_sub.add_parser("verify", help="check the hash chain and print its head hash")
+    au = command("audit", None, "the append-only, hash-chained audit log")
+    au_sub = au.add_subparsers(
+        dest="audit_command", required=True, parser_class=_Parser, metavar="{verify,export}"
+    )
+    au_sub.add_parser("verify", help="check the hash chain and print its head hash").set_defaults(
+        handler=_audit_verify
+    )
     ax = au_sub.add_parser("export", help="every audit entry as JSON lines")
+    ax.set_defaults(handler=_audit_export)
     ax.add_argument("--output", type=Path, help="write FILE (complete or not at all), not stdout")
 
-    rc = sub.add_parser("reconcile", help="the source and the archive side by side")
+    rc = command("reconcile", _reconcile, "the source and the archive side by side")
     _range_flags(rc)
     rc.add_argument("--json", action="store_true", help="machine-readable output")
 
-    pg = sub.add_parser(
-        "purge", help="delete at the source what is archived and verified (by id, one by one)"
+    pg = command(
+        "purge",
+        _purge,
+        "delete at the source what is archived and verified (by id, one by one)",
     )
     _range_flags(pg)
     pg.add_argument("--dry-run", action="store_true", help="list what would be deleted")
 
-    lg = sub.add_parser("ledger", help="the ledger itself: schema, export, import")
-    lg_sub = lg.add_subparsers(dest="ledger_command", required=True, parser_class=_Parser)
-    lg_sub.add_parser("migrate", help="bring the schema up to date (every start does it too)")
+    lg = command("ledger", None, "the ledger itself: schema, export, import")
+    lg_sub = lg.add_subparsers(
+        dest="ledger_command",
+        required=True,
+        parser_class=_Parser,
+        metavar="{migrate,export,import}",
+    )
+    lg_sub.add_parser(
+        "migrate", help="bring the schema up to date (every start does it too)"
+    ).set_defaults(handler=_ledger_migrate)
     lx = lg_sub.add_parser("export", help="the whole ledger as JSON lines (history included)")
+    lx.set_defaults(handler=_ledger_export)
     lx.add_argument("--output", type=Path, help="write FILE (complete or not at all), not stdout")
     li = lg_sub.add_parser("import", help="load an export into the configured, empty ledger")
+    li.set_defaults(handler=_ledger_import)
     li.add_argument("file", type=Path, help="a file written by 'archiver ledger export'")
     li.add_argument(
         "--force", action="store_true", help="replace whatever the ledger holds (all of it)"
     )
 
-    demo = sub.add_parser("demo", help="archive a simulated account into ./demo-archive")
+    demo = command("demo", None, "archive a simulated account into ./demo-archive")
     demo.add_argument("--count", type=int, default=300, help="recordings to simulate")
-    demo.add_argument("--dir", type=Path, default=Path("demo-archive"))
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("demo-archive"),
+        help="where the demo's archive and ledger go (default: ./demo-archive)",
+    )
     return parser
 
 
@@ -141,8 +315,7 @@ def _filter_flags(p: argparse.ArgumentParser) -> None:
 
 
 def filters_from_args(args: argparse.Namespace, settings: Settings) -> Filters:
-    if args.since and args.until and args.since > args.until:
-        raise ConfigError("--since is after --until")
+    _check_range(args)
     return Filters.standing(
         settings.filters,
         date_ended_at_gte=args.since,
@@ -162,6 +335,7 @@ def filters_from_args(args: argparse.Namespace, settings: Settings) -> Filters:
     )
 
 
+# -- running ------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -178,68 +352,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=settings.logging.file,
         )
         return asyncio.run(dispatch(args, settings))
+    except BrokenPipeError:
+        quiet_broken_pipe()
+        return EXIT_OK
     except (ConfigError, AuthError, PreflightError, LedgerError) as exc:
         print(f"archiver: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except ArchiverError as exc:
         print(f"archiver: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_FAILURES
+        return EXIT_OWED
     except KeyboardInterrupt:
-        return EXIT_FAILURES
+        return EXIT_INTERRUPTED
 
 
 async def dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
-
+    handler: Handler = args.handler
     try:
-        if args.command == "backfill":
-            filters = filters_from_args(args, settings)
-            if args.dry_run:
-                return await commands.dry_run(settings, filters)
-            return await commands.backfill(settings, filters)
-        if args.command == "run":
-
-            def reopen_logs() -> None:
-                setup_logging(
-                    fmt=args.log_format or settings.logging.format,
-                    level=args.log_level or settings.logging.level,
-                    file=settings.logging.file,
-                )
-
-            return await commands.run(settings, once=args.once, reopen_logs=reopen_logs)
-        if args.command == "status":
-            return await commands.status(settings, as_json=args.json)
-        if args.command == "verify":
-            return await commands.verify(settings, deep=args.deep)
-        if args.command in ("manifest", "reconcile", "purge") and (
-            args.since and args.until and args.since > args.until
-        ):
-            raise ConfigError("--since is after --until")
-        if args.command == "manifest":
-            return await commands.manifest(
-                settings, fmt=args.format, since=args.since, until=args.until, output=args.output
-            )
-        if args.command == "audit" and args.audit_command == "verify":
-            return await commands.audit_verify(settings)
-        if args.command == "audit" and args.audit_command == "export":
-            return await commands.audit_export(settings, output=args.output)
-        if args.command == "ledger":
-            if args.ledger_command == "migrate":
-                return await commands.ledger_migrate(settings)
-            if args.ledger_command == "export":
-                return await commands.ledger_export(settings, output=args.output)
-            return await commands.ledger_import(settings, args.file, force=args.force)
-        if args.command == "reconcile":
-            return await commands.reconcile(
-                settings, since=args.since, until=args.until, as_json=args.json
-            )
-        if args.command == "purge":
-            return await commands.purge(
-                settings, since=args.since, until=args.until, dry_run=args.dry_run
-            )
+        return await handler(args, settings)
     except BaseExceptionGroup as group:
         raise _first_meaningful(group) from group
-    raise ConfigError(f"unknown command {args.command!r}")
 
 
 def _first_meaningful(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -250,16 +381,6 @@ def _first_meaningful(group: BaseExceptionGroup[Any]) -> BaseException:
         if isinstance(exc, ArchiverError):
             return exc
     return group.exceptions[0]
-
-
-def print_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=True, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    return str(value)
 
 
 if __name__ == "__main__":  # pragma: no cover

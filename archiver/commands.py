@@ -1,136 +1,211 @@
-"""What each CLI command does, returning its exit code. Output for people goes to stdout."""
+"""What each CLI command does, returning its exit code (``archiver.service`` defines them).
+Output for people goes to stdout; data a program reads (``--json``, manifests) too, with
+summaries on stderr."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 from archiver.config import Settings
-from archiver.errors import UnsafeValue
-from archiver.layout import check_id
-from archiver.ledger.base import Ledger
-from archiver.pipeline import RunReport
+from archiver.errors import ConfigError
+from archiver.ledger.base import Ledger, Tally
+from archiver.lister import Lister, downloadable
+from archiver.models import LedgerRow, Recording, State
+from archiver.output import print_json
+from archiver.pipeline import Work, sweep_ledger
 from archiver.progress import human_bytes, make_progress
-from archiver.purge import PurgeReport
+from archiver.purge import PurgeReport, SourceDeleter
 from archiver.redact import redact
+from archiver.scope import Scope, describe_owed
+from archiver.service import (
+    EXIT_OK,
+    EXIT_OWED,
+    BackfillResult,
+    Services,
+    install_stop_signals,
+    make_engine,
+    make_ledger,
+    open_services,
+)
 from archiver.service import backfill as run_backfill
-from archiver.service import install_stop_signals, make_engine, open_services
-from archiver.storage.base import StorageBackend
 from archiver.telnyx import Filters
 from archiver.verify import verify_archive
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURES = 0, 1
 
-
+# -- backfill and run ---------------------------------------------------------------------------
 async def backfill(settings: Settings, filters: Filters) -> int:
+    """Exit 0 only when every recording in the scope is archived (ledger), 1 while any is owed,
+    3 when a signal stopped it before the scope was done."""
     async with open_services(settings, exclusive=True) as services:
         with make_progress("archiving") as progress:
-            engine = make_engine(services, progress)
+            engine = make_engine(services, [progress])
             uninstall = install_stop_signals(engine)
             try:
-                report = await run_backfill(services, filters, engine)
+                result = await run_backfill(services, filters, engine)
             finally:
                 uninstall()
-        print_report(report)
+        print_backfill(result)
         if services.deleter is not None:
             print_purge(services.deleter.report)
-        return EXIT_OK if report.all_archived else EXIT_FAILURES
+    return result.exit_code
+
+
+def print_backfill(result: BackfillResult) -> None:
+    tally = result.tally
+    print(
+        f"{result.archived} archived ({human_bytes(result.bytes)}) by this run in "
+        f"{result.passes} pass(es); in scope: {result.scope_size} recordings, "
+        f"{tally.archived} archived, {tally.owed} still owed"
+        + (f", {tally.given_up} given up" if tally.given_up else "")
+    )
+    if result.rejected:
+        print(
+            f"  {result.rejected} listing entries were rejected as they stand (hostile ids, "
+            "unusable URLs, malformed entries): owed, among the failed for good below"
+        )
+    for line in describe_owed(tally):
+        print(line)
+    if result.storage_full:
+        print("stopped: the archive is full; free space and run again (nothing was lost)")
+    elif result.stopped and not result.all_archived:
+        print(f"interrupted before the end: {tally.owed} still owed; run again to continue")
 
 
 async def run(
     settings: Settings, *, once: bool = False, reopen_logs: Callable[[], None] | None = None
 ) -> int:
     """The daemon (``archiver.daemon``): exit 0 after a graceful stop on SIGTERM/SIGINT. With
-    ``once``: one pass, exit 0 if it listed without error and everything it found is archived."""
+    ``once``: one pass, exit 0 only if it listed without error and the ledger owes nothing."""
     from archiver.daemon import run_daemon
 
-    report, daemon = await run_daemon(settings, once=once, reopen_logs=reopen_logs)
-    if report.storage_full:
+    engine, polling = await run_daemon(settings, once=once, reopen_logs=reopen_logs)
+    if engine.storage_full:
         print("stopped: the archive is full; free space and start again (nothing was lost)")
-        return EXIT_FAILURES
+        return EXIT_OWED
     if once:
-        ok = daemon.last is not None and daemon.last.ok and report.all_archived
-        return EXIT_OK if ok else EXIT_FAILURES
+        last = polling.last
+        ok = last is not None and last.ok and last.owed == 0
+        return EXIT_OK if ok else EXIT_OWED
     return EXIT_OK
 
 
-def print_report(report: RunReport) -> None:
-    print(
-        f"{report.archived} archived ({human_bytes(report.bytes)}) in {report.passes} pass(es); "
-        f"{len(report.failed)} failed, {report.rejected} rejected entries, "
-        f"{len(report.processing)} still processing at the source"
-    )
-    for rid, error in sorted(report.failed.items())[:50]:
-        print(f"  failed {rid!r}: {error}")
-    if report.rejected:
-        print("  rejected entries are listed by `archiver status`")
-    if report.storage_full:
-        print("stopped: the archive is full; free space and run again (nothing was lost)")
-    elif report.stopped:
-        print("stopped before the end; run again to continue")
+# -- dry run ------------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _existing_or_empty(settings: Settings) -> AsyncIterator[Settings]:
+    """A dry run reads the ledger but never creates one: with no SQLite file yet, it reads an
+    empty ledger in a temporary directory instead."""
+    path = settings.ledger.path
+    if settings.ledger.url is not None or path.exists():
+        yield settings
+        return
+    import dataclasses
+
+    with tempfile.TemporaryDirectory(prefix="archiver-dry-run-") as tmp:
+        empty = dataclasses.replace(settings.ledger, path=Path(tmp) / "empty.db")
+        yield dataclasses.replace(settings, ledger=empty)
 
 
 async def dry_run(settings: Settings, filters: Filters) -> int:
-    """List what would be archived; touches neither the ledger nor the archive."""
-    async with open_services(settings, exclusive=False, storage_ready=False) as services:
+    """Exactly what a backfill with ``filters`` would queue, by the same lister and ledger
+    rules, with nothing written: listed until no page shift is suspected, then the owed rows of
+    the scope the listing did not bring."""
+    async with (
+        _existing_or_empty(settings) as readable,
+        open_services(readable, exclusive=False, storage_ready=False) as services,
+    ):
         assert services.api is not None
-        would, done, processing, unsafe = 0, 0, 0, 0
-        async for page in services.api.iter_pages(filters):
-            states = await services.ledger.states([r.id for r in page.recordings])
-            for rec in page.recordings:
-                try:
-                    check_id(rec.id)
-                except UnsafeValue:
-                    unsafe += 1
-                    continue
-                state = states.get(rec.id)
-                if state is not None and state.value == "archived":
-                    done += 1
-                elif not rec.download_url and not rec.is_completed:
-                    processing += 1
-                else:
-                    would += 1
-                    print(f"would archive {rec.id}  room={rec.room_id}  ended={rec.ended_at}")
-            unsafe += len(page.malformed)
+        would: dict[str, Recording] = {}
+
+        async def collect(rec: Recording) -> None:
+            would[rec.id] = rec
+
+        stop = asyncio.Event()
+        in_flight: set[str] = set()
+        lister = Lister(
+            source=services.api,
+            ledger=services.ledger,
+            enqueue=collect,
+            in_flight=in_flight,
+            stop=stop,
+            dry_run=True,
+        )
+        seen: set[str] = set()
+        processing = rejected = 0
+        for _ in range(1 + settings.backfill.max_passes):
+            stats = await lister.list_pass(filters)
+            seen |= stats.seen
+            processing, rejected = stats.processing, stats.rejected
+            if not stats.shift_suspected:
+                break
+        listed = len(would)
+        scope = Scope.of(filters)
+        await sweep_ledger(
+            services.ledger, scope, exclude=seen, in_flight=in_flight, enqueue=collect, stop=stop
+        )
+        for rec in sorted(
+            would.values(), key=lambda r: (r.ended_at or datetime.min.replace(tzinfo=UTC), r.id)
+        ):
+            where = "" if downloadable(rec) or rec.id not in seen else " (processing)"
+            print(f"would archive {rec.id}  room={rec.room_id}  ended={rec.ended_at}{where}")
+        tally = await services.ledger.tally(list(seen))
         print(
-            f"dry run: {would} would be archived, {done} already archived, "
-            f"{processing} processing, {unsafe} unusable entries"
+            f"dry run: {len(would)} would be archived ({len(would) - listed} owed by the ledger "
+            f"without being listed), {tally.archived} already archived, {processing} still "
+            f"processing, {rejected} rejected entries, {len(tally.needs_action)} failed for good "
+            "(archiver retry)"
         )
         if settings.source.delete_after_archive:
-            await _dry_run_deletions(services.ledger, services.storage, settings, filters, would)
+            await _dry_run_deletions(services, scope, len(would))
     return EXIT_OK
 
 
+# -- status -------------------------------------------------------------------------------------
 async def status(settings: Settings, *, as_json: bool) -> int:
-    from archiver.cli import print_json
-
-    async with open_services(settings, exclusive=False, api=False, storage_ready=False) as svc:
-        summary = await svc.ledger.summary()
-        failures = await svc.ledger.failures(limit=50)
-        passes = await svc.ledger.last_passes(limit=5)
-        high_water_mark = await svc.ledger.get_meta("daemon.high_water_mark")
+    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
+        summary = await ledger.summary()
+        failures = await ledger.failures(limit=50)
+        passes = await ledger.last_passes(limit=5)
+        high_water_mark = await ledger.get_meta("daemon.high_water_mark")
+        owed_ids = [row.id async for row in ledger.iter_owed()]
+        tally = await ledger.tally(owed_ids)
     now = datetime.now(UTC)
-    lag = (
-        (now - summary.oldest_unarchived_ended_at).total_seconds()
-        if summary.oldest_unarchived_ended_at
-        else 0.0
-    )
+    oldest = summary.oldest_unarchived_ended_at
+    lag = (now - oldest).total_seconds() if oldest else 0.0
     doc: dict[str, Any] = {
         "counts": {state.value: n for state, n in summary.counts.items()},
+        "owed": summary.owed,
+        "needs_action": len(tally.needs_action),
         "archived_bytes": summary.archived_bytes,
         "permanent_failures": summary.permanent_failures,
         "retryable_failures": summary.retryable_failures,
-        "oldest_unarchived_ended_at": summary.oldest_unarchived_ended_at,
+        "oldest_unarchived_ended_at": oldest,
         "lag_seconds": round(lag, 1),
+        "owed_by_reason": {
+            "needs_action": dict(tally.needs_action),
+            "retrying": dict(tally.retrying),
+            "processing": dict(tally.processing),
+            "pending": dict(tally.pending),
+            "in_progress": dict(tally.in_progress),
+        },
         "failures": [
-            {"id": row.id, "attempts": row.attempts, "error": row.last_error} for row in failures
+            {
+                "id": row.id,
+                "attempts": row.attempts,
+                "for_good": row.permanent,
+                "error": row.last_error,
+            }
+            for row in failures
         ],
         "last_passes": [asdict(p) for p in passes],
         "high_water_mark": high_water_mark,
@@ -142,53 +217,93 @@ async def status(settings: Settings, *, as_json: bool) -> int:
     print(
         "ledger: "
         + ", ".join(
-            f"{counts.get(k, 0)} {k}" for k in ("archived", "pending", "in_progress", "failed")
+            f"{counts.get(k, 0)} {k}"
+            for k in ("archived", "pending", "in_progress", "failed", "given_up")
         )
         + f"  ({human_bytes(summary.archived_bytes)} archived)"
     )
-    if summary.oldest_unarchived_ended_at:
+    if summary.owed:
+        print(f"owed: {summary.owed} recording(s) not archived yet")
+        for line in describe_owed(tally):
+            print(line)
+    else:
+        print("owed: nothing; every recording the ledger has seen is archived (or given up)")
+    if oldest:
         print(
-            f"backlog: oldest not archived ended "
-            f"{summary.oldest_unarchived_ended_at:%Y-%m-%d %H:%M} UTC (lag {lag / 3600:.1f} h)"
+            f"backlog: oldest owed recording ended {oldest:%Y-%m-%d %H:%M} UTC "
+            f"(lag {lag / 3600:.1f} h)"
         )
     if passes:
         last = passes[0]
         print(
             f"last pass: {last.finished_at:%Y-%m-%d %H:%M:%S} UTC, "
-            f"{'ok' if last.ok else 'incomplete'}, {last.listed} listed, {last.enqueued} queued"
+            f"{'ok' if last.ok else 'incomplete'}, {last.listed} listed, {last.enqueued} queued, "
+            f"{last.archived} archived, {last.failed} failed"
         )
         if last.error:
-            print(f"  error: {redact(last.error)}")
+            print(f"  error: {redact(last.error)[:300]}")
         if not last.ok:
             good = next((p for p in passes if p.ok), None)
             when = f"{good.finished_at:%Y-%m-%d %H:%M:%S} UTC" if good else "none in the last 5"
             print(f"  last successful pass: {when}")
     if high_water_mark:
-        print(f"daemon high-water mark: {high_water_mark} (days before it were listed completely)")
-    if failures:
         print(
-            f"failures ({summary.permanent_failures} permanent, "
-            f"{summary.retryable_failures} will be retried):"
+            f"daemon high-water mark: {high_water_mark} (every recording that ended before it "
+            "is archived, or owed and known to the ledger)"
         )
-        for row in failures:
-            print(f"  {row.id!r}  attempts={row.attempts}  {redact(row.last_error or '')}")
     return EXIT_OK
 
 
-async def verify(settings: Settings, *, deep: bool) -> int:
-    from archiver.models import LedgerRow, State
-    from archiver.transfer import Outcome, Result
+# -- operator commands --------------------------------------------------------------------------
+async def retry(settings: Settings, *, ids: Sequence[str], all_failed: bool) -> int:
+    if not ids and not all_failed:
+        raise ConfigError("retry: name recordings with --id ID (repeatable), or --all-failed")
+    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
+        changed = await ledger.retry(None if all_failed else list(ids))
+    for rid in changed:
+        print(f"retry {rid}: pending again, attempts reset")
+    for rid in sorted(set(ids) - set(changed)):
+        print(f"not retried {rid[:80]}: the ledger has it in no failed state")
+    print(
+        f"{len(changed)} recording(s) handed back; the next backfill or daemon pass archives them"
+    )
+    return EXIT_OK if changed or all_failed else EXIT_OWED
+
+
+async def give_up(settings: Settings, *, ids: Sequence[str], reason: str) -> int:
+    if not reason.strip():
+        raise ConfigError("give-up: --reason is required (it goes into the audit log)")
+    gave_up: list[str] = []
+    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
+        for rid in ids:
+            if await ledger.give_up(rid, reason=reason):
+                gave_up.append(rid)
+                print(f"given up {rid}: no longer owed ({reason})")
+            else:
+                print(f"not changed {rid[:80]}: it is not owed (archived or given up already)")
+    return EXIT_OK if len(gave_up) == len(ids) else EXIT_OWED
+
+
+# -- verify and repair --------------------------------------------------------------------------
+async def verify(settings: Settings, *, deep: bool, repair: bool = False) -> int:
+    """Check every archived copy; with ``repair``, fetch every missing or damaged one again.
+    Read-only without ``repair``: it never writes to the archive (an auditor's read-only mount)."""
     from archiver.verify import Problem
 
-    async with open_services(settings, exclusive=False, api=False) as svc:
+    opened = (
+        open_services(settings, exclusive=True)
+        if repair
+        else open_services(
+            settings, exclusive=False, api=False, storage_ready=False, must_exist=True
+        )
+    )
+    async with opened as svc:
         total = (await svc.ledger.summary()).counts.get(State.ARCHIVED, 0)
         with make_progress("verifying") as progress:
             progress.enqueued(total)
 
             def checked(row: LedgerRow, problem: Problem | None) -> None:
-                progress.transferred(row.size or 0)
-                ok = problem is None
-                progress.finished(Outcome(row.id, Result.ARCHIVED if ok else Result.FAILED))
+                progress.checked(row.size or 0, ok=problem is None)
 
             report = await verify_archive(
                 svc.ledger,
@@ -202,19 +317,53 @@ async def verify(settings: Settings, *, deep: bool) -> int:
             None,
             {"deep": deep, "checked": report.checked, "problems": len(report.problems)},
         )
-    for problem in sorted(report.problems, key=lambda p: p.recording_id):
-        print(f"PROBLEM {problem}")
-    kind = "deep" if deep else "quick"
-    print(
-        f"verify ({kind}): {report.checked} recordings checked, "
-        f"{human_bytes(report.bytes)}, {len(report.problems)} problem(s)"
-    )
-    return EXIT_OK if report.ok else EXIT_FAILURES
+        for problem in sorted(report.problems, key=lambda p: p.recording_id):
+            print(f"PROBLEM {problem}")
+        kind = "deep" if deep else "quick"
+        print(
+            f"verify ({kind}): {report.checked} recordings checked, "
+            f"{human_bytes(report.bytes)}, {len(report.problems)} problem(s)"
+        )
+        if not repair or report.ok:
+            return EXIT_OK if report.ok else EXIT_OWED
+        return await _repair(svc, [(p.recording_id, p.what) for p in report.problems])
+
+
+async def _repair(svc: Services, problems: list[tuple[str, str]]) -> int:
+    """Fetch every listed copy again: owed once more (audited), then archived by the engine
+    with a fresh URL, or reported lost when the source no longer has it."""
+    ids = sorted({rid for rid, _ in problems})
+    for rid, what in problems:
+        await svc.ledger.reopen(rid, reason=what)
+    wanted = set(ids)
+    scope = Scope(None, None, lambda row: row.id in wanted)
+    with make_progress("repairing") as progress:
+        engine = make_engine(svc, [progress])
+
+        async def produce(work: Work) -> None:
+            await work.sweep(scope, exclude=set())
+            await work.drain()
+
+        uninstall = install_stop_signals(engine)
+        try:
+            await engine.run(produce)
+        finally:
+            uninstall()
+    tally = await svc.ledger.tally(ids)
+    print(f"repair: {tally.archived} of {len(ids)} copies fetched again and verified")
+    _print_lost(tally)
+    return EXIT_OK if tally.owed == 0 else EXIT_OWED
+
+
+def _print_lost(tally: Tally) -> None:
+    for rid, why in sorted(tally.needs_action.items()):
+        print(f"  LOST {rid}: the archived copy is damaged and it cannot be fetched again: {why}")
+    for group in (tally.retrying, tally.pending, tally.processing, tally.in_progress):
+        for rid, why in sorted(group.items()):
+            print(f"  not repaired yet {rid}: {why} (owed; the next run tries again)")
 
 
 # -- compliance: delete at source, manifest, audit chain, reconcile -----------------------------
-
-
 def print_purge(report: PurgeReport) -> None:
     print(f"delete at source: {report.line()}")
     for rid, why in sorted(report.kept.items())[:50]:
@@ -230,18 +379,13 @@ def _print_would_delete(report: PurgeReport) -> None:
         print(f"would keep at source {rid}: {why}")
 
 
-async def _dry_run_deletions(
-    ledger: Ledger,
-    storage: StorageBackend,
-    settings: Settings,
-    filters: Filters,
-    would_archive: int,
-) -> None:
-    from archiver.purge import SourceDeleter, scope_of
-
-    deleter = SourceDeleter(api=None, ledger=ledger, storage=storage, settings=settings)
-    since, until, match = scope_of(filters)
-    report = await deleter.sweep(since=since, until=until, match=match, dry_run=True)
+async def _dry_run_deletions(services: Services, scope: Scope, would_archive: int) -> None:
+    deleter = SourceDeleter(
+        api=None, ledger=services.ledger, storage=services.storage, settings=services.settings
+    )
+    report = await deleter.sweep(
+        since=scope.since, until=scope.until, match=scope.match, dry_run=True
+    )
     _print_would_delete(report)
     print(
         f"dry run: delete_after_archive is on: {len(report.would_delete)} archived recordings "
@@ -255,9 +399,7 @@ async def purge(
 ) -> int:
     """Delete at the source every archived recording (ended in the range) whose copy checks out
     and that is not deleted yet: what a backfill does at its end, on its own."""
-    from archiver.errors import ConfigError
     from archiver.manifest import day_range
-    from archiver.purge import SourceDeleter
 
     enabled = settings.source.delete_after_archive
     if not dry_run and not enabled:
@@ -267,7 +409,7 @@ async def purge(
         )
     start, end = day_range(since, until)
     async with open_services(
-        settings, exclusive=not dry_run, api=not dry_run, storage_ready=False
+        settings, exclusive=not dry_run, api=not dry_run, storage_ready=False, must_exist=True
     ) as svc:
         deleter = SourceDeleter(
             api=svc.api, ledger=svc.ledger, storage=svc.storage, settings=settings
@@ -282,7 +424,7 @@ async def purge(
         )
         return EXIT_OK
     print_purge(report)
-    return EXIT_OK if report.ok else EXIT_FAILURES
+    return EXIT_OK if report.ok else EXIT_OWED
 
 
 async def manifest(
@@ -294,16 +436,16 @@ async def manifest(
     output: Path | None,
 ) -> int:
     """Every archived recording as JSON lines or CSV; the data on stdout, the count on stderr."""
-    from archiver.errors import ConfigError
     from archiver.manifest import day_range, open_output, write_manifest
-    from archiver.service import make_ledger
 
     start, end = day_range(since, until)
-    async with make_ledger(settings, exclusive=False) as ledger:
+    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
         try:
             with open_output(output) as out:
                 rows = ledger.iter_archived(since=start, until=end)
                 stats = await write_manifest(rows, out, fmt)
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             raise ConfigError(f"--output {output}: {exc.strerror or exc}") from exc
     where = f" written to {output}" if output is not None else ""
@@ -320,12 +462,11 @@ async def audit_verify(settings: Settings) -> int:
     from archiver.audit import GENESIS, verify_chain
     from archiver.errors import LedgerError
     from archiver.ledger.base import AuditEntry
-    from archiver.service import make_ledger
 
     head: AuditEntry | None = None
     problems: list[str] = []
     checked = 0
-    async with make_ledger(settings, exclusive=False) as ledger:
+    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
 
         async def entries() -> AsyncIterator[AuditEntry]:
             nonlocal head
@@ -346,19 +487,17 @@ async def audit_verify(settings: Settings) -> int:
         print(f"head: (empty) {GENESIS}")
     else:
         print(f"head: entry {head.seq} at {head.at.isoformat()} hash {head.hash}")
-    return EXIT_OK if not problems else EXIT_FAILURES
+    return EXIT_OK if not problems else EXIT_OWED
 
 
 async def audit_export(settings: Settings, *, output: Path | None) -> int:
     """Every audit entry as one JSON line, in order, as stored (hashes included)."""
     import json
 
-    from archiver.errors import ConfigError
     from archiver.manifest import open_output
-    from archiver.service import make_ledger
 
     count = 0
-    async with make_ledger(settings, exclusive=False) as ledger:
+    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
         try:
             with open_output(output) as out:
                 async for entry in ledger.iter_audit():
@@ -373,6 +512,8 @@ async def audit_export(settings: Settings, *, output: Path | None) -> int:
                     }
                     out.write(json.dumps(doc, separators=(",", ":")) + "\n")
                     count += 1
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             raise ConfigError(f"--output {output}: {exc.strerror or exc}") from exc
     print(f"audit export: {count} entries", file=sys.stderr)
@@ -382,15 +523,17 @@ async def audit_export(settings: Settings, *, output: Path | None) -> int:
 async def reconcile(
     settings: Settings, *, since: date | None, until: date | None, as_json: bool
 ) -> int:
-    from archiver.cli import print_json
     from archiver.reconcile import format_report
     from archiver.reconcile import reconcile as compare
 
-    async with open_services(settings, exclusive=False, storage_ready=False) as svc:
+    async with open_services(
+        settings, exclusive=False, storage_ready=False, must_exist=True
+    ) as svc:
         assert svc.api is not None
         report = await compare(
             svc.api,
             svc.ledger,
+            svc.storage,
             standing=Filters.standing(settings.filters),
             since=since,
             until=until,
@@ -400,13 +543,11 @@ async def reconcile(
     else:
         for line in format_report(report):
             print(line)
-    return EXIT_OK if report.ok else EXIT_FAILURES
+    return EXIT_OK if report.ok else EXIT_OWED
 
 
 async def ledger_migrate(settings: Settings) -> int:
-    """Bring the ledger's schema up to date (opening it does that; this says where it is)."""
-    from archiver.service import make_ledger
-
+    """Bring the ledger's schema up to date (opening does that; this says where it is)."""
     async with make_ledger(settings, exclusive=False) as ledger:
         version = await ledger.migrate()
     print(f"ledger schema at version {version}")
@@ -417,10 +558,9 @@ async def ledger_export(settings: Settings, *, output: Path | None) -> int:
     """The whole ledger as JSON lines (``archiver.ledger.portable``), from one snapshot."""
     from archiver.ledger.portable import export_ledger
     from archiver.manifest import open_output
-    from archiver.service import make_ledger
 
     backend = "postgres" if settings.ledger.url else "sqlite"
-    async with make_ledger(settings, exclusive=False) as ledger:
+    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
         with open_output(output) as out:
             report = await export_ledger(ledger, out, backend=backend)
     # stdout may be the export itself: the summary goes to stderr.
@@ -433,8 +573,8 @@ async def ledger_import(settings: Settings, path: Path, *, force: bool) -> int:
     """Load an export into the configured ledger, then re-check its audit chain there."""
     from archiver.audit import verify_chain
     from archiver.ledger.portable import import_ledger
-    from archiver.service import make_ledger
 
+    ledger: Ledger
     async with make_ledger(settings, exclusive=True) as ledger:
         report = await import_ledger(ledger, path, replace=force)
         chain = await verify_chain(ledger.iter_audit())
@@ -442,4 +582,4 @@ async def ledger_import(settings: Settings, path: Path, *, force: bool) -> int:
     for problem in chain.problems:
         print(f"PROBLEM audit {problem}")
     print(f"audit chain: {chain.entries} entries, {'ok' if chain.ok else 'BROKEN'}")
-    return EXIT_OK if chain.ok else EXIT_FAILURES
+    return EXIT_OK if chain.ok else EXIT_OWED

@@ -63,6 +63,10 @@ class TelnyxSettings:
     max_retry_seconds: float = 300.0
     # Cap on one backoff sleep, also applied to server-sent Retry-After / x-ratelimit-reset.
     max_backoff: float = 60.0
+    # Let download URLs lead to loopback, private, CGNAT or link-local hosts (never to a cloud
+    # metadata address, nor to the API's own origin). Off: only when the API itself is on
+    # such an address, and then only to that class (archiver.netguard).
+    allow_private_download_hosts: bool = False
     api_key: Secret | None = field(default=None, repr=False)
 
 
@@ -117,8 +121,11 @@ class LedgerSettings:
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     concurrency: int = 8
-    # Claims of one recording across passes before it stays failed.
+    # Failures of one recording (across passes and runs) before it is failed for good and
+    # needs an operator (``archiver retry``). Claims cut short by our own process stopping use
+    # none; more than ``max_interruptions`` of those fail it for good too.
     max_attempts: int = 5
+    max_interruptions: int = 20
     # Resumes within one claim (truncated bodies, expired URLs) before the claim fails.
     transfer_attempts: int = 6
     lease_seconds: float = 30.0
@@ -127,6 +134,9 @@ class WorkerSettings:
     chunk_size: int = 1024 * 1024
     # Seconds without a byte before a download is considered stalled.
     read_timeout: float = 60.0
+    # Bytes/s a download must average once ``read_timeout`` has passed (0: no floor): with the
+    # size the API announces, this bounds how long one transfer may take.
+    min_throughput: int = 32 * 1024
     connect_timeout: float = 15.0
 
 
@@ -140,6 +150,9 @@ class BackfillSettings:
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
+    # What the first pass on a ledger without a high-water mark lists: "all" (the whole
+    # history) or a number of days back.
+    first_start: str | int = "all"
     poll_interval: float = 300.0
     rescan_days: int = 7
     rescan_interval: float = 6 * 3600.0
@@ -432,18 +445,24 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
         problems.append("storage.key_template: must be a relative path without '..'")
     if not 1 <= workers.concurrency <= 256:
         problems.append("workers.concurrency: must be between 1 and 256")
-    for name in ("max_attempts", "transfer_attempts"):
+    for name in ("max_attempts", "transfer_attempts", "max_interruptions"):
         if getattr(workers, name) < 1:
             problems.append(f"workers.{name}: must be at least 1")
     for name in ("lease_seconds", "url_max_age", "read_timeout", "connect_timeout"):
         if getattr(workers, name) <= 0:
             problems.append(f"workers.{name}: must be positive")
+    if workers.min_throughput < 0:
+        problems.append("workers.min_throughput: must not be negative (0 turns the floor off)")
     if not 64 * 1024 <= workers.chunk_size <= 64 * 1024 * 1024:
         problems.append("workers.chunk_size: must be between 65536 and 67108864")
     if s["backfill"].max_passes < 0 or s["backfill"].processing_wait < 0:
         problems.append("backfill.max_passes / backfill.processing_wait: must not be negative")
     if daemon.poll_interval <= 0:
         problems.append("daemon.poll_interval: must be positive")
+    if isinstance(daemon.first_start, str) and daemon.first_start != "all":
+        problems.append('daemon.first_start: must be "all" or a number of days')
+    if isinstance(daemon.first_start, int) and daemon.first_start < 0:
+        problems.append("daemon.first_start: must not be negative")
     if daemon.rescan_days < 0 or daemon.overlap_days < 0:
         problems.append("daemon.rescan_days / daemon.overlap_days: must not be negative")
     if daemon.shutdown_grace < 0:

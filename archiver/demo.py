@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from archiver.commands import print_report
+from archiver.commands import print_backfill
 from archiver.config import load_settings
 from archiver.progress import human_bytes, make_progress
 from archiver.service import backfill, install_stop_signals, make_engine, open_services
@@ -49,13 +49,13 @@ async def run_demo(*, count: int, directory: Path) -> int:
         print(f"simulated Telnyx account: {count} recordings at {sim.api_base_url}")
         async with open_services(settings) as services:
             with make_progress("archiving") as progress:
-                engine = make_engine(services, progress)
+                engine = make_engine(services, [progress])
                 uninstall = install_stop_signals(engine)
                 try:
                     report = await backfill(services, Filters(), engine)
                 finally:
                     uninstall()
-            print_report(report)
+            print_backfill(report)
             check = await verify_archive(
                 services.ledger, services.storage, deep=True, sidecars=True
             )

@@ -1,10 +1,14 @@
-"""Pages → what the ledger says needs work → the queue.
+"""Pages → what the ledger says some instance may claim → the queue.
 
-Each page is recorded in the ledger in one batch (``Ledger.observe``), never one query per
-recording. Entries that cannot be archived safely (no id, a hostile id) are written to the ledger
-as rejected, with the reason, so they show in ``archiver status`` and fail alone. The order of
-results is not documented and pages shift while new recordings arrive, so ids are deduplicated
-here and a later pass catches what a shift hid.
+Each page is recorded in the ledger in one batch (``WorkLedger.observe``), never one query per
+recording. Entries that cannot be archived as they stand (no id, a hostile id, an unusable
+download URL) are written to the ledger as rejected, with the reason, so they show in
+``archiver status`` and fail alone; an entry refused for its URL is judged again when it is listed
+again. The order of results is not documented and pages shift while new recordings arrive, so ids
+are deduplicated here and a later pass catches what a shift hid.
+
+A dry run is the same lister over the same ledger rules with nothing written
+(``WorkLedger.would_observe``): what it would queue is exactly what a backfill queues.
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from archiver import layout, metrics
 from archiver.errors import UnsafeValue
-from archiver.ledger.base import Ledger
+from archiver.ledger.base import WorkLedger
 from archiver.models import Recording
 from archiver.telnyx import Filters, Page
 
@@ -33,17 +37,44 @@ class PageSource(Protocol):
 class PassStats:
     pages: int = 0
     listed: int = 0
-    unique: int = 0
     enqueued: int = 0
     already_done: int = 0
     processing: int = 0
-    rejected: int = 0
+    # Entries refused as they stand (their id, or a stand-in for an entry without one).
+    rejected_ids: set[str] = field(default_factory=set)
+    # Every id this pass saw (stand-ins of malformed entries included): its scope.
+    seen: set[str] = field(default_factory=set)
     # The largest meta.total_results seen; more than ``unique`` means items shifted past us.
     total_results: int | None = None
 
     @property
+    def unique(self) -> int:
+        return len(self.seen)
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejected_ids)
+
+    @property
     def shift_suspected(self) -> bool:
         return self.total_results is not None and self.unique < self.total_results
+
+
+def screen(rec: Recording) -> str | None:
+    """Why a listed entry cannot be archived as it stands, or None. An unsafe id is refused for
+    good; anything else about the entry is judged again when it is listed again."""
+    try:
+        layout.check_id(rec.id)
+        if rec.download_url:
+            layout.check_download_url(rec.download_url)
+    except UnsafeValue as exc:
+        return str(exc)
+    return None
+
+
+def downloadable(rec: Recording) -> bool:
+    """Worth queueing now: a URL to fetch, or completed (a retrieve gives a fresh URL)."""
+    return bool(rec.download_url) or rec.is_completed
 
 
 class Lister:
@@ -51,67 +82,68 @@ class Lister:
         self,
         *,
         source: PageSource,
-        ledger: Ledger,
+        ledger: WorkLedger,
         enqueue: Callable[[Recording], Awaitable[None]],
         in_flight: set[str],
-        max_attempts: int,
         stop: asyncio.Event,
+        dry_run: bool = False,
     ) -> None:
         self._source = source
         self._ledger = ledger
         self._enqueue = enqueue
         self._in_flight = in_flight
-        self._max_attempts = max_attempts
         self._stop = stop
+        self._dry_run = dry_run
 
     async def list_pass(self, filters: Filters) -> PassStats:
         stats = PassStats()
-        seen: set[str] = set()
         async with contextlib.aclosing(_read_ahead(self._source.iter_pages(filters))) as pages:
             async for page in pages:
                 stats.pages += 1
                 stats.listed += len(page.recordings) + len(page.malformed)
                 if page.total_results is not None:
                     stats.total_results = max(stats.total_results or 0, page.total_results)
-                await self._take_page(page, seen, stats)
+                await self._take_page(page, stats)
                 if self._stop.is_set():
                     log.info("stop requested: listing ends after page %d", page.number)
                     break
-        stats.unique = len(seen)
         return stats
 
-    async def _take_page(self, page: Page, seen: set[str], stats: PassStats) -> None:
+    async def _take_page(self, page: Page, stats: PassStats) -> None:
+        seen = stats.seen
         for stand_in, reason in page.malformed:
             if stand_in not in seen:
                 seen.add(stand_in)
-                stats.rejected += 1
-                await self._ledger.reject(stand_in, reason=f"malformed entry: {reason}")
+                stats.rejected_ids.add(stand_in)
+                if not self._dry_run:
+                    await self._ledger.reject(stand_in, reason=f"malformed entry: {reason}")
         fresh: list[Recording] = []
         for rec in page.recordings:
             if rec.id in seen:
                 continue
             seen.add(rec.id)
-            try:
-                layout.check_id(rec.id)
-                if rec.download_url:
-                    layout.check_download_url(rec.download_url)
-            except UnsafeValue as exc:
-                stats.rejected += 1
+            problem = screen(rec)
+            if problem is not None:
+                stats.rejected_ids.add(rec.id)
                 metrics.SKIPPED.labels(reason="rejected").inc()
-                log.warning("rejected entry %r: %s", rec.id[:80], exc)
-                await self._ledger.reject(rec.id, reason=str(exc), metadata=rec.metadata)
+                log.warning("rejected entry %r: %s", rec.id[:80], problem)
+                if not self._dry_run:
+                    await self._ledger.reject(rec.id, reason=problem, metadata=rec.metadata)
                 continue
             fresh.append(rec)
         if not fresh:
             return
-        needs_work = await self._ledger.observe(fresh, max_attempts=self._max_attempts)
+        if self._dry_run:
+            claimable = await self._ledger.would_observe(fresh)
+        else:
+            claimable = await self._ledger.observe(fresh)
         for rec in fresh:
-            if rec.id not in needs_work:
+            if rec.id not in claimable:
                 stats.already_done += 1
-                metrics.SKIPPED.labels(reason="already_archived").inc()
+                metrics.SKIPPED.labels(reason="not_claimable").inc()
             elif rec.id in self._in_flight:
                 continue
-            elif not rec.download_url and not rec.is_completed:
+            elif not downloadable(rec):
                 stats.processing += 1
                 metrics.SKIPPED.labels(reason="processing").inc()
             else:

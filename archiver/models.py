@@ -14,21 +14,67 @@ _EPHEMERAL_FIELDS = frozenset({"download_url"})
 
 
 class State(enum.StrEnum):
-    """A ledger row's state. Rows move only through the ledger's named transitions:
+    """A ledger row's state. Rows move only through the ledger's named transitions
+    (``archiver.ledger.core`` holds the rules):
 
-    pending ──claim──▶ in_progress ──complete──▶ archived
+    pending ──claim──▶ in_progress ──complete──▶ archived ──reopen (repair)──▶ pending
        ▲                   │
-       └──release / lease──┤──fail──▶ failed ──(later pass, attempts < max)──▶ claim again
+       └──release / lease──┤──fail──▶ failed ──(budget left)──▶ claim again
+                                        │ for good ──retry (operator)──▶ pending
+    pending | failed ──give_up (operator)──▶ given_up
+
+    A recording is *owed* from its first sighting until it is archived or given up.
     """
 
     PENDING = "pending"
     IN_PROGRESS = "in_progress"
     ARCHIVED = "archived"
     FAILED = "failed"
+    GIVEN_UP = "given_up"
 
 
 class MalformedEntry(ValueError):
     """A listing entry that cannot be read as a recording at all (no usable id)."""
+
+
+# Bounds of one listing entry (a page of 250 is ~150 KB): beyond them it is reported as malformed,
+# never stored.
+_MAX_ID_CHARS = 128
+_MAX_URL_BYTES = 8 * 1024  # as archiver.netguard allows
+_MAX_STRING_CHARS = 8 * 1024
+_MAX_ENTRY_BYTES = 64 * 1024
+
+
+def _oversize(entry: Mapping[str, Any]) -> str | None:
+    """Why an entry is too big to keep (any string over 8 KiB, or over about 64 KiB as JSON in
+    all), or None. Names the field, never quotes it; walks without recursion and stops as soon
+    as the budget is spent."""
+    total = 0
+    stack: list[tuple[str, Any]] = [("", entry)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if len(value) > _MAX_STRING_CHARS:
+                return (
+                    f"field {path[:80]!r} is {len(value)} characters long "
+                    f"(more than {_MAX_STRING_CHARS})"
+                )
+            total += len(value) + 2
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                name = str(key)
+                if len(name) > _MAX_STRING_CHARS:
+                    return f"a field name is {len(name)} characters long"
+                stack.append((f"{path}.{name}" if path else name, item))
+                total += len(name) + 4
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+            total += len(value) + 2
+        else:
+            total += len(repr(value))
+        if total > _MAX_ENTRY_BYTES:
+            return f"entry is more than {_MAX_ENTRY_BYTES} bytes as JSON"
+    return None
 
 
 def _text(value: Any) -> str | None:
@@ -87,12 +133,25 @@ class Recording:
 
     @classmethod
     def from_api(cls, entry: Any) -> Recording:
-        """Read one ``data`` entry. Raises MalformedEntry when it has no usable id."""
+        """Read one ``data`` entry. Raises MalformedEntry when it has no usable id or is too big
+        to keep (an id over 128 characters, a download_url over 8 KiB, any string over 8 KiB,
+        over 64 KiB in all); the message never quotes an oversized value in full."""
         if not isinstance(entry, Mapping):
             raise MalformedEntry(f"entry is a {type(entry).__name__}, not an object")
         rec_id = entry.get("id")
         if not isinstance(rec_id, str) or not rec_id:
             raise MalformedEntry(f"entry has no string id (id={rec_id!r:.80})")
+        if len(rec_id) > _MAX_ID_CHARS:
+            raise MalformedEntry(
+                f"id {rec_id[:16]!r}... is {len(rec_id)} characters long "
+                f"(more than {_MAX_ID_CHARS})"
+            )
+        url = entry.get("download_url")
+        if isinstance(url, str) and len(url.encode("utf-8", "surrogatepass")) > _MAX_URL_BYTES:
+            raise MalformedEntry(f"download_url is more than {_MAX_URL_BYTES} bytes long")
+        too_big = _oversize(entry)
+        if too_big:
+            raise MalformedEntry(too_big)
         return cls(
             id=rec_id,
             status=_text(entry.get("status")),
@@ -110,6 +169,15 @@ class Recording:
             completed_at=parse_timestamp(entry.get("completed_at")),
             metadata={k: v for k, v in entry.items() if k not in _EPHEMERAL_FIELDS},
         )
+
+    @classmethod
+    def from_row(cls, row: LedgerRow) -> Recording:
+        """A recording the ledger knows, as its last listing described it; never with a
+        download URL (those are not kept), so its transfer asks the API for a fresh one."""
+        try:
+            return cls.from_api({**row.metadata, "id": row.id})
+        except MalformedEntry:
+            return cls(id=row.id, status=row.source_status)
 
     @property
     def is_completed(self) -> bool:
@@ -156,6 +224,15 @@ class LedgerRow:
     retain_until: datetime | None = None
     version_id: str | None = None
     deleted_at_source: datetime | None = None
+    # Failed for good: no attempt is left, or retrying cannot help; an operator decides next.
+    permanent: bool = False
+    # Claims taken, and claims cut short by our own process stopping (uses no attempt).
+    claims: int = 0
+    interruptions: int = 0
+    # A listing entry refused for what it said (not for its id): judged again when listed again.
+    rejected: bool = False
+    # The transfer that archived it (a retried ``complete`` recognises its own commit).
+    completed_by: str | None = None
 
 
 def utcnow() -> datetime:

@@ -1,8 +1,13 @@
-"""The engine: a lister feeding a bounded queue, a pool of workers in one TaskGroup.
+"""The engine: producers feeding a bounded queue, a pool of workers in one TaskGroup.
 
-``backfill`` and ``run`` are this one engine: they differ only in the coroutine that produces
-passes (finite for backfill, polling for the daemon). Back-pressure comes from the bounded queue:
-the lister waits while the workers are busy.
+``backfill`` and ``run`` are this one engine: they differ only in the producer
+(``archiver.producers``), finite passes or polling windows, which drives it through ``Work``:
+list a pass, sweep the ledger for owed rows no listing brings (an expired lease, a row no window
+lists any more), wait for the queue to drain. Back-pressure comes from the bounded queue: the
+lister waits while the workers are busy.
+
+Each outcome goes to the engine's listeners (the run's counts, a progress display, the daemon's
+health): nothing that decides what is done depends on them; that is the ledger's.
 
 Shutdown (``stop`` set): listing stops at once, queued recordings are dropped (they were never
 claimed), in-flight transfers get ``grace`` seconds to finish, then they are cancelled, which
@@ -12,23 +17,26 @@ aborts their partial uploads and releases their leases.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from archiver import metrics
 from archiver.errors import StorageFull
-from archiver.ledger.base import Ledger
-from archiver.lister import Lister, PageSource
+from archiver.ledger.base import WorkLedger
+from archiver.lister import Lister, PageSource, PassStats
 from archiver.models import Recording
+from archiver.scope import Scope
+from archiver.telnyx import Filters
 from archiver.transfer import Outcome, Result, Transferer
 
 log = logging.getLogger(__name__)
 
 
-class ProgressSink:
-    """Receives progress events; the default does nothing (see ``archiver.progress``)."""
+class Listener:
+    """Told of what the engine does; every method does nothing unless overridden."""
 
     def enqueued(self, count: int) -> None: ...
 
@@ -38,40 +46,111 @@ class ProgressSink:
 
 
 @dataclass(slots=True)
-class RunReport:
+class Counts(Listener):
+    """What this process did, for display and pass records. Never proof that anything is done:
+    that is the ledger's (``archiver.scope``)."""
+
     archived: int = 0
     bytes: int = 0
+    failed: int = 0
+    processing: int = 0
+    held: int = 0
     skipped: int = 0
-    processing: set[str] = field(default_factory=set)
-    failed: dict[str, str] = field(default_factory=dict)
-    permanent: set[str] = field(default_factory=set)
-    passes: int = 0
-    rejected: int = 0
-    stopped: bool = False
-    storage_full: bool = False
 
-    @property
-    def all_archived(self) -> bool:
-        return not self.failed and not self.rejected and not self.storage_full
-
-    def record(self, outcome: Outcome) -> None:
-        rid = outcome.recording_id
+    def finished(self, outcome: Outcome) -> None:
         if outcome.result is Result.ARCHIVED:
             self.archived += 1
             self.bytes += outcome.bytes
-            self.failed.pop(rid, None)
-            self.processing.discard(rid)
         elif outcome.result is Result.FAILED:
-            self.failed[rid] = outcome.error or "failed"
-            if outcome.permanent:
-                self.permanent.add(rid)
+            self.failed += 1
         elif outcome.result is Result.PROCESSING:
-            self.processing.add(rid)
+            self.processing += 1
+        elif outcome.result is Result.HELD:
+            self.held += 1
         elif outcome.result is Result.SKIPPED:
             self.skipped += 1
 
+    def since(self, before: Counts) -> Counts:
+        """What happened after the snapshot ``before``."""
+        return Counts(
+            **{
+                f.name: getattr(self, f.name) - getattr(before, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
 
-Produce = Callable[[Lister, Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]]
+    def snapshot(self) -> Counts:
+        return dataclasses.replace(self)
+
+
+class Work:
+    """What a producer drives the engine with (one per ``Engine.run``)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        lister: Lister,
+        enqueue: Callable[[Recording], Awaitable[None]],
+        drain: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._engine = engine
+        self._lister = lister
+        self._enqueue = enqueue
+        self.drain = drain
+
+    @property
+    def stop(self) -> asyncio.Event:
+        return self._engine.stop
+
+    @property
+    def counts(self) -> Counts:
+        return self._engine.counts
+
+    async def list_pass(self, filters: Filters) -> PassStats:
+        """List every page the filters match, queueing what the ledger says is claimable."""
+        return await self._lister.list_pass(filters)
+
+    async def sweep(self, scope: Scope, *, exclude: set[str]) -> int:
+        """Queue every claimable row in ``scope`` that no listing of this pass brought: a lease
+        a stopped instance left, a pending row no window lists any more, a retryable failure.
+        Each goes without a URL; its transfer asks the API for a fresh one."""
+        queued = await sweep_ledger(
+            self._engine.ledger,
+            scope,
+            exclude=exclude,
+            in_flight=self._engine.in_flight,
+            enqueue=self._enqueue,
+            stop=self.stop,
+        )
+        if queued:
+            log.info("queued %d recordings the ledger still owes (no listing brought them)", queued)
+        return queued
+
+
+async def sweep_ledger(
+    ledger: WorkLedger,
+    scope: Scope,
+    *,
+    exclude: set[str],
+    in_flight: set[str],
+    enqueue: Callable[[Recording], Awaitable[None]],
+    stop: asyncio.Event,
+) -> int:
+    """Hand every claimable row of ``scope`` not in ``exclude`` or ``in_flight`` to ``enqueue``
+    (as the ledger last saw it, without a URL); the same for a run and for a dry run."""
+    queued = 0
+    async for row in ledger.iter_claimable(since=scope.since, until=scope.until):
+        if stop.is_set():
+            break
+        if row.id in exclude or row.id in in_flight or not scope.match(row):
+            continue
+        in_flight.add(row.id)
+        await enqueue(Recording.from_row(row))
+        queued += 1
+    return queued
+
+
+Produce = Callable[[Work], Coroutine[Any, Any, None]]
 
 
 class Engine:
@@ -80,84 +159,85 @@ class Engine:
         *,
         transferer: Transferer,
         source: PageSource,
-        ledger: Ledger,
+        ledger: WorkLedger,
         concurrency: int,
-        max_attempts: int,
         shutdown_grace: float,
-        progress: ProgressSink | None = None,
+        listeners: Sequence[Listener] = (),
+        dry_run: bool = False,
     ) -> None:
         self._transferer = transferer
         self._source = source
-        self._ledger = ledger
+        self.ledger = ledger
         # Twice as many workers as downloads (the transferer bounds those): while one worker
         # commits its file and records it, the next download is already streaming.
         self._workers = concurrency * 2
-        self._max_attempts = max_attempts
         self._grace = shutdown_grace
-        self.progress = progress or ProgressSink()
-        self.report = RunReport()
+        self._dry_run = dry_run
+        self.counts = Counts()
+        self.listeners: list[Listener] = [self.counts, *listeners]
         self.stop = asyncio.Event()
-        self._in_flight: set[str] = set()
+        # Set when stop came before the producer was done (a signal, a full archive).
+        self.stopped = False
+        self.storage_full = False
+        self.in_flight: set[str] = set()
         # Set while ``run`` is running: how ``submit`` reaches the queue.
         self._enqueue: Callable[[Recording], Awaitable[None]] | None = None
 
-    async def run(self, produce: Produce) -> RunReport:
-        """Run ``produce(lister, drain)`` with the worker pool until it returns or stop is set.
-
-        ``drain()`` waits until everything enqueued so far has been transferred.
-        """
+    async def run(self, produce: Produce) -> None:
+        """Run ``produce(work)`` with the worker pool until it returns or stop is set."""
         # One slot per worker: room for every worker's stop marker once the queue is drained.
         queue: asyncio.Queue[Recording | None] = asyncio.Queue(maxsize=self._workers)
 
         async def enqueue(rec: Recording) -> None:
             await queue.put(rec)
             metrics.QUEUE_DEPTH.set(queue.qsize())
-            self.progress.enqueued(1)
+            for listener in self.listeners:
+                listener.enqueued(1)
 
         lister = Lister(
             source=self._source,
-            ledger=self._ledger,
+            ledger=self.ledger,
             enqueue=enqueue,
-            in_flight=self._in_flight,
-            max_attempts=self._max_attempts,
+            in_flight=self.in_flight,
             stop=self.stop,
+            dry_run=self._dry_run,
         )
         self._enqueue = enqueue
         try:
-            return await self._run(queue, lister, produce)
+            await self._run(queue, Work(self, lister, enqueue, queue.join), produce)
         finally:
             self._enqueue = None
 
     async def submit(self, rec: Recording) -> bool:
         """Archive one recording now, outside any listing pass (the webhook's way in).
 
-        The recording is observed in the ledger first, so it is known even if this process never
-        transfers it; it is queued only if the ledger says it needs work and no queue slot or
+        The recording is observed in the ledger first, so it is owed even if this process never
+        transfers it; it is queued only if the ledger says it is claimable and no queue slot or
         worker holds it already (the lister's dedupe set). Waits while the queue is full.
         Returns True if it was queued; False while the engine is not running or stopping.
         """
         enqueue = self._enqueue
         if enqueue is None or self.stop.is_set():
             return False
-        needs_work = await self._ledger.observe([rec], max_attempts=self._max_attempts)
-        if rec.id not in needs_work or rec.id in self._in_flight or self.stop.is_set():
+        claimable = await self.ledger.observe([rec])
+        if rec.id not in claimable or rec.id in self.in_flight or self.stop.is_set():
             return False
         if not rec.download_url and not rec.is_completed:
             return False
-        self._in_flight.add(rec.id)
+        self.in_flight.add(rec.id)
         try:
             await enqueue(rec)
         except BaseException:
-            self._in_flight.discard(rec.id)
+            self.in_flight.discard(rec.id)
             raise
         return True
 
     async def _run(
-        self, queue: asyncio.Queue[Recording | None], lister: Lister, produce: Produce
-    ) -> RunReport:
+        self, queue: asyncio.Queue[Recording | None], work: Work, produce: Produce
+    ) -> None:
         async with asyncio.TaskGroup() as tg:
             workers = [tg.create_task(self._worker(queue)) for _ in range(self._workers)]
-            producer = tg.create_task(produce(lister, queue.join))
+            producer = tg.create_task(produce(work))
             stopper = tg.create_task(self.stop.wait())
             await asyncio.wait({producer, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if producer.done():
@@ -165,10 +245,9 @@ class Engine:
                 for _ in workers:
                     await queue.put(None)
             else:
-                self.report.stopped = True
+                self.stopped = True
                 producer.cancel()
                 await self._shutdown(queue, workers)
-        return self.report
 
     async def _shutdown(
         self, queue: asyncio.Queue[Recording | None], workers: list[asyncio.Task[None]]
@@ -179,14 +258,14 @@ class Engine:
             queue.task_done()
             if item is not None:
                 dropped += 1
-                self._in_flight.discard(item.id)
+                self.in_flight.discard(item.id)
         for _ in workers:
             queue.put_nowait(None)
         log.info(
             "stopping: %d queued dropped, waiting up to %.0fs for %d transfers",
             dropped,
             self._grace,
-            len(self._in_flight),
+            len(self.in_flight),
         )
         _, pending = await asyncio.wait(workers, timeout=self._grace)
         for task in pending:
@@ -203,14 +282,14 @@ class Engine:
                 if item is None:
                     return
                 outcome = await self._transferer.transfer(item)
-                self.report.record(outcome)
-                self.progress.finished(outcome)
+                for listener in self.listeners:
+                    listener.finished(outcome)
                 if outcome.error_kind is StorageFull:
                     # Every further write would fail the same way: stop rather than churn.
                     log.error("the archive is full: stopping (%s)", outcome.error)
-                    self.report.storage_full = True
+                    self.storage_full = True
                     self.stop.set()
             finally:
                 if item is not None:
-                    self._in_flight.discard(item.id)
+                    self.in_flight.discard(item.id)
                 queue.task_done()

@@ -17,7 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from archiver.pipeline import ProgressSink
+from archiver.pipeline import Listener
 from archiver.transfer import Outcome, Result
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-class _Counts(ProgressSink):
-    def __init__(self) -> None:
+class _Counts(Listener):
+    def __init__(self, label: str = "archiving") -> None:
+        # Verifying checks copies, it archives nothing: its figures say so.
+        self.verb, self.bad = (
+            ("checked", "problem(s)")
+            if label == "verifying"
+            else (
+                "archived",
+                "failed",
+            )
+        )
         self.started = time.monotonic()
         self.enqueued_total = 0
         self.done = 0
@@ -53,6 +62,15 @@ class _Counts(ProgressSink):
         elif outcome.result is Result.FAILED:
             self.failed += 1
 
+    def checked(self, nbytes: int, *, ok: bool) -> None:
+        """One copy verified (``archiver verify``)."""
+        self.bytes += nbytes
+        self.done += 1
+        if ok:
+            self.archived += 1
+        else:
+            self.failed += 1
+
     def eta(self) -> str:
         """Time left at the average pace so far (the queue grows while listing goes on)."""
         remaining = self.enqueued_total - self.done
@@ -67,7 +85,7 @@ class _Counts(ProgressSink):
 
     def line(self) -> str:
         return (
-            f"{self.archived} archived, {self.failed} failed, "
+            f"{self.archived} {self.verb}, {self.failed} {self.bad}, "
             f"{self.enqueued_total - self.done} to go, {human_bytes(self.bytes)} "
             f"at {human_bytes(self.rate())}/s"
         )
@@ -77,7 +95,7 @@ class LiveProgress(_Counts):
     """rich's live display: recordings, bytes, rate, ETA and failures."""
 
     def __init__(self, console: Console, label: str = "archiving") -> None:
-        super().__init__()
+        super().__init__(label)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -106,7 +124,7 @@ class LiveProgress(_Counts):
     def _refresh(self) -> None:
         detail = f"{human_bytes(self.bytes)} {human_bytes(self.rate())}/s"
         if self.failed:
-            detail += f" [red]{self.failed} failed[/red]"
+            detail += f" [red]{self.failed} {self.bad}[/red]"
         self._progress.update(
             self._task,
             total=self.enqueued_total or None,
@@ -127,12 +145,16 @@ class LiveProgress(_Counts):
         super().finished(outcome)
         self._refresh()
 
+    def checked(self, nbytes: int, *, ok: bool) -> None:
+        super().checked(nbytes, ok=ok)
+        self._refresh()
+
 
 class LogProgress(_Counts):
     """Off a terminal: one progress line every ``interval`` seconds."""
 
-    def __init__(self, interval: float = 15.0) -> None:
-        super().__init__()
+    def __init__(self, interval: float = 15.0, label: str = "archiving") -> None:
+        super().__init__(label)
         self._interval = interval
         self._last = time.monotonic()
 
@@ -156,8 +178,12 @@ class LogProgress(_Counts):
         super().finished(outcome)
         self._maybe_log()
 
+    def checked(self, nbytes: int, *, ok: bool) -> None:
+        super().checked(nbytes, ok=ok)
+        self._maybe_log()
+
 
 def make_progress(label: str = "archiving") -> LiveProgress | LogProgress:
     if sys.stderr.isatty():
         return LiveProgress(Console(stderr=True), label)
-    return LogProgress()
+    return LogProgress(label=label)

@@ -5,8 +5,9 @@ the source only when all of these hold:
 
 - its ledger row is archived: the object was committed with its size and SHA-256 checked, and
   ``Ledger.complete`` recorded it (and wrote the "archived" audit entry);
-- the stored object is still there now, with that size and, where the backend records one, that
-  SHA-256 (``verify.check_row``, quick);
+- the stored object is still there now with that size, and re-read right before the DELETE,
+  its bytes hash to that SHA-256 and look like a recording (``verify.check_row``, deep, on every
+  backend: a same-size corrupted copy blocks the deletion);
 - where Object Lock is on (the backend's capabilities, or ``storage.s3.object_lock_mode``), the
   commit applied it: the row carries the retain-until date the backend reported, and the stored
   object still reports one.
@@ -27,20 +28,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from datetime import datetime
+from typing import Protocol, TypeVar
 
 from archiver.config import Settings
 from archiver.errors import ArchiverError, AuthError, NotFound
 from archiver.ledger.base import Ledger
-from archiver.manifest import day_range
 from archiver.models import LedgerRow, State
 from archiver.redact import redact
 from archiver.storage.base import StorageBackend
-from archiver.telnyx import Filters
 from archiver.verify import check_row
 
 log = logging.getLogger(__name__)
@@ -156,7 +154,9 @@ class SourceDeleter:
         if self._retention and row.retain_until is None:
             return "Object Lock retention is configured but was not applied to the copy"
         try:
-            problem = await check_row(row, self._storage, deep=False, sidecars=False)
+            # Re-read and re-hashed right before the DELETE: the source copy goes only while a
+            # good one is known to exist (a size check alone passes a same-size corruption).
+            problem = await check_row(row, self._storage, deep=True, sidecars=False)
             if problem is not None:
                 return problem.what
             if self._retention and row.storage_key:
@@ -231,50 +231,3 @@ async def _each(items: Iterable[_T], fn: Callable[[_T], Awaitable[None]]) -> Non
     async with asyncio.TaskGroup() as tg:
         for item in items:
             tg.create_task(one(item))
-
-
-# -- which archived rows a backfill's filters cover --------------------------------------------
-
-
-def scope_of(
-    filters: Filters,
-) -> tuple[datetime | None, datetime | None, Callable[[LedgerRow], bool]]:
-    """The ledger bounds and row test matching what a listing with ``filters`` covers, so that a
-    backfill's sweep deletes no more than that backfill could have archived."""
-    since, until = day_range(
-        filters.date_ended_at_eq or filters.date_ended_at_gte,
-        filters.date_ended_at_eq or filters.date_ended_at_lte,
-    )
-
-    def match(row: LedgerRow) -> bool:
-        for name in ("room_id", "session_id", "participant_id"):
-            wanted = getattr(filters, name)
-            if wanted is not None and getattr(row, name) != wanted:
-                return False
-        started = row.started_at.astimezone(UTC).date() if row.started_at else None
-        if not _within(
-            started,
-            filters.date_started_at_eq,
-            filters.date_started_at_gte,
-            filters.date_started_at_lte,
-        ):
-            return False
-        if filters.type is not None and row.metadata.get("type") != filters.type:
-            return False
-        duration = row.metadata.get("duration_secs")
-        return _within(
-            duration if isinstance(duration, int) else None,
-            filters.duration_secs_eq,
-            filters.duration_secs_gte,
-            filters.duration_secs_lte,
-        )
-
-    return since, until, match
-
-
-def _within(value: Any, eq: Any, gte: Any, lte: Any) -> bool:
-    """True when every bound given holds; an unknown value fails any bound."""
-    for bound, compare in ((eq, operator.eq), (gte, operator.ge), (lte, operator.le)):
-        if bound is not None and (value is None or not compare(value, bound)):
-            return False
-    return True

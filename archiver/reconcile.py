@@ -8,9 +8,12 @@ ledger's archived rows for the same days (by ended_at), and sorts every differen
   retrieve first, since a listing can miss an entry when pages shift under new recordings;
 - deleted by us: archived and deleted at the source by archiver (expected, listed apart);
 - size mismatches: Telnyx's ``size_mb`` is approximate (rounded, and perhaps MiB), so only a
-  difference beyond ``max(SIZE_SLACK_BYTES, SIZE_SLACK_SHARE * size)`` counts.
+  difference beyond ``max(SIZE_SLACK_BYTES, SIZE_SLACK_SHARE * size)`` counts;
+- damaged in the archive: the ledger says archived, but the stored copy is missing or has
+  another size than the ledger's (``archiver verify --repair`` fetches it again).
 
-Missing completed recordings and size mismatches make the outcome not ok (exit 1).
+Missing completed recordings, size mismatches and damaged copies make the outcome not ok
+(exit 1).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from archiver.errors import NotFound
 from archiver.ledger.base import Ledger
 from archiver.manifest import day_range, utc_iso
 from archiver.models import LedgerRow, Recording, State
+from archiver.storage.base import StorageBackend
 from archiver.telnyx import Filters, Page
 
 SIZE_SLACK_BYTES = 1_048_576
@@ -66,6 +70,13 @@ class Gone:
 
 
 @dataclass(frozen=True, slots=True)
+class Damaged:
+    id: str
+    storage_key: str | None
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
 class SizeMismatch:
     id: str
     telnyx_size_mb: float
@@ -86,10 +97,12 @@ class ReconcileReport:
     # Marked deleted at the source by us, yet still listed there.
     deleted_but_listed: list[str] = field(default_factory=list)
     size_mismatches: list[SizeMismatch] = field(default_factory=list)
+    # Archived by the ledger, but missing or resized in the archive.
+    damaged: list[Damaged] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.size_mismatches
+        return not self.missing and not self.size_mismatches and not self.damaged
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -105,6 +118,7 @@ def size_differs(size_mb: float, size: int) -> bool:
 async def reconcile(
     source: Source,
     ledger: Ledger,
+    storage: StorageBackend,
     *,
     standing: Filters,
     since: date | None = None,
@@ -113,8 +127,23 @@ async def reconcile(
     report = ReconcileReport(since=since, until=until)
     start, end = day_range(since, until)
     archived: dict[str, _Archived] = {}
+
+    async def check_copy(row: LedgerRow) -> None:
+        info = None if row.storage_key is None else await storage.stat(row.storage_key)
+        if info is None:
+            report.damaged.append(Damaged(row.id, row.storage_key, "missing from the archive"))
+        elif row.size is not None and info.size != row.size:
+            what = f"size in the archive is {info.size}, the ledger says {row.size}"
+            report.damaged.append(Damaged(row.id, row.storage_key, what))
+
+    batch: list[LedgerRow] = []
     async for row in ledger.iter_archived(since=start, until=end):
         archived[row.id] = _archived_of(row)
+        batch.append(row)
+        if len(batch) >= 64:
+            await asyncio.gather(*(check_copy(r) for r in batch))
+            batch = []
+    await asyncio.gather(*(check_copy(r) for r in batch))
     report.archived = len(archived)
 
     filters = dataclasses.replace(standing, date_ended_at_gte=since, date_ended_at_lte=until)
@@ -172,6 +201,7 @@ async def reconcile(
     for section in (report.missing, report.processing, report.gone, report.deleted_by_us):
         section.sort(key=lambda item: (item.ended_at or "", item.id))
     report.size_mismatches.sort(key=lambda item: item.id)
+    report.damaged.sort(key=lambda item: item.id)
     report.deleted_but_listed.sort()
     return report
 
@@ -208,6 +238,7 @@ def format_report(report: ReconcileReport) -> list[str]:
         f"  {'size mismatches':<38}{len(report.size_mismatches):>10}"
         f"{len(report.size_mismatches):>10}",
         f"  {'unusable entries at Telnyx':<38}{report.unusable:>10}{'-':>10}",
+        f"  {'archived, missing or resized in archive':<38}{'-':>10}{len(report.damaged):>10}",
     ]
     _section(
         lines,
@@ -234,6 +265,11 @@ def format_report(report: ReconcileReport) -> list[str]:
         lines,
         "size mismatch (Telnyx size_mb | archived bytes)",
         [f"{s.id}  {s.telnyx_size_mb} MB | {s.archived_size} B" for s in report.size_mismatches],
+    )
+    _section(
+        lines,
+        "damaged in the archive (archiver verify --repair fetches them again)",
+        [f"{d.id}  key={d.storage_key}  {d.what}" for d in report.damaged],
     )
     _section(
         lines,

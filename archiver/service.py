@@ -1,16 +1,16 @@
 """Wiring: open the ledger, the archive, the API and the download session as one stack, and run
-the engine over them. The CLI and the daemon both come through here."""
+the engine over them with a producer (``archiver.producers``). The CLI, the demo and the daemon
+all come through here."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -18,11 +18,10 @@ import aiohttp
 
 from archiver.config import Settings
 from archiver.errors import ConfigError
-from archiver.ledger.base import Ledger, PassRecord
-from archiver.lister import Lister
-from archiver.models import utcnow
-from archiver.pipeline import Engine, ProgressSink, RunReport
-from archiver.purge import SourceDeleter, scope_of
+from archiver.ledger.base import Budget, Ledger, Tally
+from archiver.pipeline import Counts, Engine, Listener
+from archiver.producers import Backfill
+from archiver.purge import SourceDeleter
 from archiver.storage.base import StorageBackend
 from archiver.telnyx import Filters, TelnyxClient
 from archiver.transfer import Transferer, download_session
@@ -31,6 +30,12 @@ log = logging.getLogger(__name__)
 
 # Partial uploads younger than this are kept for a resume; older ones are debris.
 STALE_PARTIAL_SECONDS = 24 * 3600.0
+
+# Exit codes (public interface, also in ``archiver --help`` and README).
+EXIT_OK = 0
+EXIT_OWED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
 
 
 def instance_id() -> str:
@@ -53,7 +58,14 @@ def make_storage(settings: Settings) -> StorageBackend:
     raise ConfigError(f"storage.backend: unknown backend {settings.storage.backend!r}")
 
 
-def make_ledger(settings: Settings, *, exclusive: bool) -> Ledger:
+def budget_of(settings: Settings) -> Budget:
+    return Budget(
+        max_attempts=settings.workers.max_attempts,
+        max_interruptions=settings.workers.max_interruptions,
+    )
+
+
+def make_ledger(settings: Settings, *, exclusive: bool, must_exist: bool = False) -> Ledger:
     from archiver.ledger import open_ledger
 
     return open_ledger(
@@ -61,6 +73,8 @@ def make_ledger(settings: Settings, *, exclusive: bool) -> Ledger:
         url=settings.ledger.url,
         exclusive=exclusive,
         password_file=settings.ledger.password_file,
+        budget=budget_of(settings),
+        must_exist=must_exist,
     )
 
 
@@ -78,12 +92,19 @@ class Services:
 
 @asynccontextmanager
 async def open_services(
-    settings: Settings, *, exclusive: bool = True, api: bool = True, storage_ready: bool = True
+    settings: Settings,
+    *,
+    exclusive: bool = True,
+    api: bool = True,
+    storage_ready: bool = True,
+    must_exist: bool = False,
 ) -> AsyncIterator[Services]:
     """Everything a command needs, opened in data-flow order and closed in reverse."""
     async with AsyncExitStack() as stack:
         client = TelnyxClient(settings.telnyx) if api else None  # fails early without a key
-        ledger = await stack.enter_async_context(make_ledger(settings, exclusive=exclusive))
+        ledger = await stack.enter_async_context(
+            make_ledger(settings, exclusive=exclusive, must_exist=must_exist)
+        )
         storage = await stack.enter_async_context(make_storage(settings))
         if storage_ready:
             await storage.preflight()
@@ -101,10 +122,16 @@ async def open_services(
         yield Services(settings, ledger, storage, client, http, instance_id(), deleter)
 
 
-def make_engine(services: Services, progress: ProgressSink | None = None) -> Engine:
+def make_engine(
+    services: Services, listeners: Sequence[Listener] = (), *, dry_run: bool = False
+) -> Engine:
     assert services.api is not None and services.http is not None
     settings = services.settings
-    sink = progress or ProgressSink()
+
+    def on_bytes(nbytes: int) -> None:
+        for listener in listeners:
+            listener.transferred(nbytes)
+
     transferer = Transferer(
         source=services.api,
         http=services.http,
@@ -112,7 +139,7 @@ def make_engine(services: Services, progress: ProgressSink | None = None) -> Eng
         ledger=services.ledger,
         settings=settings,
         owner=services.owner,
-        on_bytes=sink.transferred,
+        on_bytes=on_bytes,
         after_archive=services.deleter,
     )
     return Engine(
@@ -120,77 +147,83 @@ def make_engine(services: Services, progress: ProgressSink | None = None) -> Eng
         source=services.api,
         ledger=services.ledger,
         concurrency=settings.workers.concurrency,
-        max_attempts=settings.workers.max_attempts,
         shutdown_grace=settings.daemon.shutdown_grace,
-        progress=sink,
+        listeners=listeners,
+        dry_run=dry_run,
     )
 
 
-async def backfill(services: Services, filters: Filters, engine: Engine) -> RunReport:
-    """List everything the filters match, archive what the ledger lacks, and list again while
-    the last pass found work (a shift between pages may have hidden something)."""
-    max_passes = 1 + services.settings.backfill.max_passes
-    report = engine.report
+@dataclass(frozen=True, slots=True)
+class BackfillResult:
+    """Where a backfill's scope stands, from the ledger, and what this run did."""
 
-    async def produce(lister: Lister, drain: Callable[[], Awaitable[None]]) -> None:
-        for number in range(1, max_passes + 1):
-            started = utcnow()
-            stats = await lister.list_pass(filters)
-            await drain()
-            if services.deleter is not None:
-                await services.deleter.flush()
-            report.passes = number
-            report.rejected += stats.rejected
-            await services.ledger.record_pass(
-                PassRecord(
-                    started_at=started,
-                    finished_at=utcnow(),
-                    ok=not engine.stop.is_set(),
-                    listed=stats.listed,
-                    enqueued=stats.enqueued,
-                    window=filters_label(filters),
-                    instance=services.owner,
-                    extra={"kind": "backfill", "pass": number, "rejected": stats.rejected},
-                )
-            )
-            log.info(
-                "pass %d: %d listed, %d queued, %d already archived, %d processing, %d rejected",
-                number,
-                stats.listed,
-                stats.enqueued,
-                stats.already_done,
-                stats.processing,
-                stats.rejected,
-                extra={"pass_number": number},
-            )
-            if engine.stop.is_set() or number == max_passes:
-                return
-            if stats.enqueued == 0 and not stats.shift_suspected:
-                if not stats.processing:
-                    return
-                # Only recordings still processing at the source are left: give them a moment.
-                wait = services.settings.backfill.processing_wait
-                log.info(
-                    "%d recordings still processing; listing again in %.0fs", stats.processing, wait
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(engine.stop.wait(), timeout=wait)
+    tally: Tally
+    counts: Counts
+    passes: int
+    # Stopped before the end: a signal, or the archive full.
+    stopped: bool
+    storage_full: bool
+    scope_size: int = 0
+    # Listing entries refused as they stand (owed, failed for good, in ``tally``).
+    rejected: int = 0
 
+    @property
+    def all_archived(self) -> bool:
+        return self.tally.owed == 0
+
+    @property
+    def archived(self) -> int:
+        """Archived by this run (the ledger may hold the rest of the scope from before)."""
+        return self.counts.archived
+
+    @property
+    def bytes(self) -> int:
+        return self.counts.bytes
+
+    @property
+    def failed(self) -> dict[str, str]:
+        return {**self.tally.needs_action, **self.tally.retrying}
+
+    @property
+    def exit_code(self) -> int:
+        if self.all_archived:
+            return EXIT_OK
+        if self.stopped and not self.storage_full:
+            return EXIT_INTERRUPTED
+        return EXIT_OWED
+
+
+async def backfill(services: Services, filters: Filters, engine: Engine) -> BackfillResult:
+    """Archive everything ``filters`` cover (``producers.Backfill``); the result is the
+    ledger's view of that scope afterwards."""
+    producer = Backfill(
+        filters=filters,
+        ledger=services.ledger,
+        settings=services.settings.backfill,
+        instance=services.owner,
+        deleter=services.deleter,
+    )
     deleter = services.deleter
     if deleter is None:
-        return await engine.run(produce)
-    # Deleting while a pass lists would shift its pages: deletions wait for the pass's end.
-    with deleter.deferred():
-        await engine.run(produce)
-    if not report.stopped:
-        # Deletions that failed earlier, and recordings archived before the option was on.
-        since, until, match = scope_of(filters)
-        await deleter.sweep(since=since, until=until, match=match)
-    return report
-
-
-def filters_label(filters: Filters) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(filters.to_query().items())) or "all"
+        await engine.run(producer)
+    else:
+        # Deleting while a pass lists would shift its pages: deletions wait for the pass's end.
+        with deleter.deferred():
+            await engine.run(producer)
+        if not engine.stopped:
+            # Deletions that failed earlier, and recordings archived before the option was on.
+            scope = producer.scope
+            await deleter.sweep(since=scope.since, until=scope.until, match=scope.match)
+    tally = await producer.scope.tally(services.ledger, producer.seen)
+    return BackfillResult(
+        tally=tally,
+        counts=engine.counts.snapshot(),
+        passes=producer.passes,
+        stopped=engine.stopped,
+        storage_full=engine.storage_full,
+        scope_size=tally.owed + tally.archived + tally.given_up,
+        rejected=len(producer.rejected),
+    )
 
 
 def install_stop_signals(engine: Engine) -> Callable[[], None]:

@@ -18,6 +18,7 @@ from typing import Any, Self
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from archiver import metrics
 from archiver.config import FilterSettings, TelnyxSettings
@@ -32,10 +33,17 @@ from archiver.errors import (
     ServerError,
 )
 from archiver.models import MalformedEntry, Recording
+from archiver.netguard import Origin
 from archiver.redact import redact, register_secret
 from archiver.retry import RetryPolicy, call_with_retry
 
 log = logging.getLogger(__name__)
+
+# A page of 250 entries is ~150 KB: a response beyond this cap is not a listing.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# Redirects of a GET followed within the API's origin (another origin is never followed).
+MAX_API_REDIRECTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,24 +208,57 @@ class TelnyxClient:
     async def _request(
         self, method: str, path: str, params: dict[str, str] | None = None
     ) -> tuple[int, str]:
+        """One call, redirects handled here: the session's Authorization header must reach
+        the API's origin only, so aiohttp never follows one itself. A GET may follow a few
+        redirects within that origin; anything else 3xx is an ApiError, its body unread."""
         assert self._session is not None, "use TelnyxClient as an async context manager"
-        url = f"{self._base}{path}"
+        url = URL(f"{self._base}{path}")
         try:
-            async with self._session.request(method, url, params=params) as resp:
-                body = await resp.text(errors="replace")
-                metrics.API_RESPONSES.labels(status=str(resp.status)).inc()
-                raise_for_api_status(resp.status, resp.headers, body)
-                return resp.status, body
+            for _ in range(MAX_API_REDIRECTS + 1):
+                async with self._session.request(
+                    method, url, params=params, allow_redirects=False
+                ) as resp:
+                    metrics.API_RESPONSES.labels(status=str(resp.status)).inc()
+                    if 300 <= resp.status < 400:
+                        url, params = self._redirect_target(method, path, resp), None
+                        continue
+                    body = await read_capped(resp, f"{method} {path}")
+                    raise_for_api_status(resp.status, resp.headers, body)
+                    return resp.status, body
         except (aiohttp.ClientError, TimeoutError) as exc:
             metrics.API_RESPONSES.labels(status="network").inc()
             raise NetworkError(redact(f"{method} {path}: {type(exc).__name__}: {exc}")) from exc
+        raise ApiError(
+            f"{method} {path}: the API redirected more than {MAX_API_REDIRECTS} times; "
+            "check telnyx.base_url"
+        )
+
+    def _redirect_target(self, method: str, path: str, resp: aiohttp.ClientResponse) -> URL:
+        location = resp.headers.get(aiohttp.hdrs.LOCATION)
+        where = f"{method} {path}: the API answered HTTP {resp.status}"
+        if location is None:
+            raise ApiError(f"{where} without a Location", status=resp.status)
+        try:
+            target = resp.url.join(URL(location)).with_fragment(None)
+        except ValueError as exc:
+            raise ApiError(f"{where} with an unreadable Location", status=resp.status) from exc
+        ours, theirs = Origin.of(self._base), Origin.of(target)
+        if theirs != ours:
+            raise ApiError(
+                f"{where} redirecting from {ours} to another origin, {theirs}; not followed, "
+                "so the API key stays with the API: check telnyx.base_url",
+                status=resp.status,
+            )
+        if method != "GET" or resp.status not in (301, 302, 303, 307, 308):
+            raise ApiError(f"{where}; refusing to repeat a {method} elsewhere", status=resp.status)
+        return target
 
     async def _json(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
         async def once() -> Any:
             _, body = await self._request(method, path, params)
             try:
                 return json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise MalformedResponse(f"{method} {path}: the API answered non-JSON") from exc
 
         return await call_with_retry(self._policy, f"{method} {path}", once)
@@ -264,6 +305,34 @@ class TelnyxClient:
         await call_with_retry(self._policy, f"DELETE {path}", once)
 
 
+async def read_capped(resp: aiohttp.ClientResponse, what: str) -> str:
+    """The body as text, read at most ``MAX_RESPONSE_BYTES`` of it. Beyond that a success is
+    refused (``MalformedResponse``) as soon as the cap is passed, never buffered further; an
+    error body is cut to its first ``MAX_ERROR_BODY_BYTES`` (only its message is wanted)."""
+    success = resp.status < 400
+    cap = MAX_RESPONSE_BYTES if success else MAX_ERROR_BODY_BYTES
+    too_big = MalformedResponse(
+        f"{what}: the API answered more than {MAX_RESPONSE_BYTES // 2**20} MiB for one "
+        "response; refusing it"
+    )
+    if success and resp.content_length is not None and resp.content_length > cap:
+        resp.close()
+        raise too_big
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > cap:
+            resp.close()  # the rest is never read: drop the connection with it
+            if success:
+                raise too_big
+            del body[cap:]
+            break
+    try:
+        return body.decode(resp.charset or "utf-8", errors="replace")
+    except LookupError:
+        return body.decode("utf-8", errors="replace")
+
+
 def stand_in_id(entry: Any) -> str:
     """A stable name for an entry without a usable id, so it can be reported like any other."""
     canonical = json.dumps(entry, sort_keys=True, default=repr).encode()
@@ -275,7 +344,7 @@ def parse_page(body: str, number: int) -> Page:
     having a bad moment); an entry that is not a recording is reported, not fatal."""
     try:
         doc = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise MalformedResponse(f"list page {number}: the API answered non-JSON") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise MalformedResponse(f"list page {number}: the answer has no 'data' list")

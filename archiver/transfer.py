@@ -1,10 +1,19 @@
-"""One recording: claim → (fresh URL) → stream and hash → commit with sidecar → complete.
+"""One recording: claim → (fresh URL) → stream, check and hash → commit with sidecar → complete.
 
 The bytes flow from the download host straight into a storage ``Upload`` in chunks, hashed on
 the way (by the storage, beside each write); memory stays at about one chunk whatever the
 recording's size. A transfer cut off midway continues with a Range request from the bytes already
 written (the hash carries on), asking the API for a fresh URL when the old one expired; a server
 that ignores Range makes it start over.
+
+Where the request goes is ``archiver.netguard``'s to decide (no private, link-local or metadata
+address, no credentials in URLs, every redirect checked). What comes back must plausibly be the
+recording (``archiver.media``): no compressed or text body, a media container's first bytes, a
+size consistent with the API's ``size_mb`` (a body growing past it is cut off), and at least
+``workers.min_throughput`` bytes a second on average once ``workers.read_timeout`` has passed
+(a drip fails the transfer, not the run). Anything else is ``WrongContent``: nothing of it is
+kept, and the next attempt asks the API for a fresh URL.
+
 Nothing becomes visible in the archive until size and SHA-256 check out, and the ledger row is
 marked archived only after that. A transfer that gives up leaves nothing behind.
 """
@@ -16,6 +25,7 @@ import contextlib
 import enum
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -27,12 +37,13 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from archiver import layout, metrics
+from archiver import layout, media, metrics, netguard
 from archiver.config import Settings
 from archiver.errors import (
     ApiError,
     ArchiverError,
     AuthError,
+    HeldElsewhere,
     LeaseLost,
     MalformedResponse,
     NetworkError,
@@ -43,6 +54,7 @@ from archiver.errors import (
     TransientError,
     TruncatedBody,
     UrlExpired,
+    WrongContent,
 )
 from archiver.ledger.base import Ledger
 from archiver.models import Recording, StoredObject, utcnow
@@ -74,6 +86,7 @@ class Result(enum.StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"  # not claimable: archived meanwhile, or leased by another worker
     PROCESSING = "processing"  # not downloadable yet
+    HELD = "held"  # another instance is writing its copy right now
     RELEASED = "released"  # given back on shutdown
 
 
@@ -89,6 +102,10 @@ class Outcome:
     error_kind: type[BaseException] | None = None
 
 
+class TooSlow(NetworkError):
+    """The body arrives slower than ``workers.min_throughput`` on average."""
+
+
 class _Again(TransientError):
     """Internal: go straight to the next attempt (to resume with Range, or start over)."""
 
@@ -101,6 +118,7 @@ class _Progress:
     """What survives between attempts of one transfer."""
 
     rec: Recording
+    owner: str
     upload: Upload | None = None
     hasher: Any = None
     position: int = 0
@@ -121,7 +139,8 @@ class _Progress:
 
 
 def download_session(settings: Settings) -> aiohttp.ClientSession:
-    """The session for download hosts: no API key, no compression (bytes are stored as served)."""
+    """The session for download hosts: no API key, no compression (bytes are stored as
+    served), and a connector that only connects where ``netguard`` allows."""
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(
             total=None,
@@ -130,7 +149,9 @@ def download_session(settings: Settings) -> aiohttp.ClientSession:
         ),
         auto_decompress=False,
         headers={"User-Agent": "archiver/0.1"},
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
+        connector=netguard.download_connector(
+            netguard.DownloadPolicy.from_settings(settings.telnyx)
+        ),
     )
 
 
@@ -154,7 +175,12 @@ class Transferer:
         self._ledger = ledger
         self._settings = settings
         self._workers = settings.workers
+        # The same policy as the session's connector (``download_session``): compared by value.
+        self._net_policy = netguard.DownloadPolicy.from_settings(settings.telnyx)
         self._owner = owner
+        # Each transfer is its own lease owner, so a ledger call repeated after a lost answer
+        # is recognised as that transfer's (``archiver.ledger.core``).
+        self._transfers = itertools.count(1)
         self._on_bytes = on_bytes or (lambda n: None)
         # ``workers.concurrency`` bounds the downloads in flight, not the transfers: a transfer
         # that is claiming, committing or recording its result holds no connection.
@@ -168,22 +194,20 @@ class Transferer:
         )
 
     async def transfer(self, rec: Recording) -> Outcome:
+        owner = f"{self._owner}/{next(self._transfers)}"
         attempt = await self._ledger.claim(
-            rec.id,
-            owner=self._owner,
-            lease_seconds=self._workers.lease_seconds,
-            max_attempts=self._workers.max_attempts,
+            rec.id, owner=owner, lease_seconds=self._workers.lease_seconds
         )
         if attempt is None:
             return Outcome(rec.id, Result.SKIPPED)
         started = time.monotonic()
-        progress = _Progress(rec=rec)
+        progress = _Progress(rec=rec, owner=owner)
         progress.reset_hash()
         metrics.IN_FLIGHT.inc()
         heartbeat = asyncio.create_task(self._heartbeat(progress))
         try:
             stored = await self._fetch(progress)
-            if not await self._ledger.complete(rec.id, owner=self._owner, stored=stored):
+            if not await self._ledger.complete(rec.id, owner=owner, stored=stored):
                 log.warning("%s was archived by another worker meanwhile", rec.id)
                 return Outcome(rec.id, Result.SKIPPED, key=stored.key)
         except asyncio.CancelledError:
@@ -200,11 +224,18 @@ class Transferer:
             return Outcome(rec.id, Result.SKIPPED, error=str(exc))
         except ProcessingAtSource as exc:
             await self._discard(progress)
-            await self._ledger.release(rec.id, owner=self._owner)
+            await self._ledger.release(rec.id, owner=owner, note="still processing at the source")
             return Outcome(rec.id, Result.PROCESSING, error=str(exc))
+        except HeldElsewhere as exc:
+            # Another instance (alive, or stopped) writes this copy: no fault of the recording,
+            # so no attempt is used; it stays owed and is taken again on a later pass.
+            await self._discard(progress)
+            await self._ledger.release(rec.id, owner=owner, note=str(exc))
+            log.warning("%s", exc, extra={"recording_id": rec.id})
+            return Outcome(rec.id, Result.HELD, error=str(exc))
         except Exception as exc:
             await self._discard(progress)
-            return await self._fail(rec.id, exc, attempt)
+            return await self._fail(progress, exc, attempt)
         finally:
             heartbeat.cancel()
             metrics.IN_FLIGHT.dec()
@@ -233,7 +264,8 @@ class Transferer:
                 log.exception("after archiving %s: deleting it at the source failed", rec.id)
         return Outcome(rec.id, Result.ARCHIVED, bytes=stored.size, seconds=seconds, key=stored.key)
 
-    async def _fail(self, recording_id: str, exc: BaseException, attempt: int) -> Outcome:
+    async def _fail(self, progress: _Progress, exc: BaseException, attempt: int) -> Outcome:
+        recording_id = progress.rec.id
         if isinstance(exc, ArchiverError):
             # Storage trouble is the archive's fault, not the recording's: keep it retryable.
             permanent = not exc.transient and not isinstance(exc, StorageError)
@@ -242,7 +274,9 @@ class Transferer:
             log.exception("internal error archiving %s", recording_id)
             permanent = False
             message = redact(f"internal error: {type(exc).__name__}: {exc}")
-        await self._ledger.fail(recording_id, owner=self._owner, error=message, permanent=permanent)
+        await self._ledger.fail(
+            recording_id, owner=progress.owner, error=message, permanent=permanent
+        )
         metrics.FAILED.labels(permanent=str(permanent).lower()).inc()
         log.warning(
             "failed %s: %s",
@@ -262,7 +296,7 @@ class Transferer:
         """On cancellation: nothing partial stays, and the row is free for the next run."""
         await self._discard(progress)
         with contextlib.suppress(Exception):
-            await self._ledger.release(progress.rec.id, owner=self._owner)
+            await self._ledger.release(progress.rec.id, owner=progress.owner)
 
     async def _discard(self, progress: _Progress) -> None:
         if progress.upload is not None:
@@ -279,7 +313,7 @@ class Transferer:
             await asyncio.sleep(interval)
             try:
                 held = await self._ledger.heartbeat(
-                    recording_id, owner=self._owner, lease_seconds=self._workers.lease_seconds
+                    recording_id, owner=progress.owner, lease_seconds=self._workers.lease_seconds
                 )
             except ArchiverError as exc:
                 log.warning("lease heartbeat for %s failed: %s", recording_id, exc)
@@ -318,11 +352,18 @@ class Transferer:
         if progress.position > 0:
             headers["Range"] = f"bytes={progress.position}-"
         try:
-            async with self._download_slots, self._http.get(url, headers=headers) as resp:
+            async with (
+                self._download_slots,
+                netguard.open_download(
+                    self._http, url, headers=headers, policy=self._net_policy
+                ) as resp,
+            ):
                 metrics.DOWNLOAD_RESPONSES.labels(status=str(resp.status)).inc()
                 await self._check_status(progress, resp)
                 total = await self._prepare(progress, resp)
                 await self._stream(progress, resp)
+        except WrongContent as exc:
+            await self._refuse(progress, exc)
         except aiohttp.ClientPayloadError as exc:
             raise TruncatedBody(
                 f"{rec.id}: body cut off at byte {progress.position}: {type(exc).__name__}"
@@ -333,6 +374,11 @@ class Transferer:
             ) from exc
         if total is not None and progress.position != total:
             raise TruncatedBody(f"{rec.id}: got {progress.position} of {total} bytes")
+        try:
+            # Without a length to go by, a body cut short looks complete: size_mb says.
+            media.check_size(progress.position, rec.size_mb)
+        except WrongContent as exc:
+            await self._refuse(progress, exc)
 
     async def _stream(self, progress: _Progress, resp: aiohttp.ClientResponse) -> None:
         """Copy the body into the upload in chunks of about ``chunk_size``, hashing on the way.
@@ -345,9 +391,32 @@ class Transferer:
         held = 0
         limit = self._workers.chunk_size
         writing: asyncio.Task[None] | None = None
+        cap = media.max_plausible_size(progress.rec.size_mb)
+        floor = self._workers.min_throughput
+        grace = self._workers.read_timeout
+        began, received = time.monotonic(), 0
+
+        def check_pace(nbytes: int) -> None:
+            """Refuse a body past the size the API announced, or slower than the floor."""
+            nonlocal received
+            received += nbytes
+            if cap is not None and progress.position + held > cap:
+                raise WrongContent(
+                    f"{progress.rec.id}: the download host sends more than the {cap:,} bytes "
+                    f"the API's size_mb {progress.rec.size_mb} allows; refusing the body"
+                )
+            elapsed = time.monotonic() - began
+            if floor and elapsed > grace and received < floor * (elapsed - grace):
+                raise TooSlow(
+                    f"{progress.rec.id}: the download host sent {received:,} bytes in "
+                    f"{elapsed:.0f}s, slower than workers.min_throughput ({floor:,} bytes/s)"
+                )
 
         async def put(chunk: bytes) -> None:
             progress.check_lease()
+            if progress.position == 0:
+                # The first bytes say what this is: a recording, or a page from a portal.
+                media.check_head(chunk[: media.HEAD_BYTES], content_type=progress.content_type)
             try:
                 # The storage hashes beside its write, in the same hand-off to a disk thread.
                 await upload.write(chunk, digest=progress.hasher)
@@ -395,6 +464,7 @@ class Transferer:
             async for data, _ in resp.content.iter_chunks():
                 pieces.append(data)
                 held += len(data)
+                check_pace(len(data))
                 if held >= limit:
                     await flush()
         except (aiohttp.ClientError, TimeoutError):
@@ -431,6 +501,7 @@ class Transferer:
 
     async def _prepare(self, progress: _Progress, resp: aiohttp.ClientResponse) -> int | None:
         """Open (or continue) the upload for this response; return the expected final size."""
+        media.check_headers(resp.headers.get("Content-Type"), resp.headers.get("Content-Encoding"))
         if progress.upload is None:
             progress.content_type = resp.headers.get("Content-Type")
             ext = layout.extension(progress.content_type, str(resp.url), progress.rec)
@@ -440,6 +511,10 @@ class Transferer:
                 # A killed process left bytes behind: re-hash them, then ask for the rest.
                 progress.reset_hash()
                 async for chunk in progress.upload.existing():
+                    if progress.position == 0:
+                        media.check_head(
+                            chunk[: media.HEAD_BYTES], content_type=progress.content_type
+                        )
                     progress.hasher.update(chunk)
                     progress.position += len(chunk)
                 log.info("resuming %s from byte %d", progress.rec.id, progress.position)
@@ -450,13 +525,23 @@ class Transferer:
             if match is None or int(match.group(1)) != progress.position:
                 await self._restart(progress)
                 raise _Again(f"{progress.rec.id}: unusable Content-Range; starting over")
-            return None if match.group(3) == "*" else int(match.group(3))
-        if progress.position > 0:
-            # A 200 to a Range request: the server ignored it, so take the whole body again.
-            log.info("%s: server ignored Range; starting over", progress.rec.id)
-            await self._restart(progress)
-        length = resp.headers.get("Content-Length")
-        return int(length) if length and length.isdigit() else None
+            total = None if match.group(3) == "*" else int(match.group(3))
+        else:
+            if progress.position > 0:
+                # A 200 to a Range request: the server ignored it: take the whole body again.
+                log.info("%s: server ignored Range; starting over", progress.rec.id)
+                await self._restart(progress)
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        if total is not None:
+            media.check_size(total, progress.rec.size_mb)  # announced: refused before a byte
+        return total
+
+    async def _refuse(self, progress: _Progress, exc: WrongContent) -> None:
+        """Not the recording: keep none of it, and ask the API for a fresh URL next time."""
+        await self._restart(progress)
+        progress.need_fresh_url = True
+        raise exc
 
     async def _restart(self, progress: _Progress) -> None:
         if progress.upload is not None:

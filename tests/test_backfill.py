@@ -10,7 +10,7 @@ from pathlib import Path
 from archiver.errors import NetworkError
 from archiver.ledger import open_ledger
 from archiver.models import State
-from archiver.pipeline import RunReport
+from archiver.service import BackfillResult as RunReport
 from archiver.service import backfill, make_engine, open_services
 from archiver.simulator import Faults, Simulator, add_hostile_entries, make_recordings
 from archiver.telnyx import Filters
@@ -104,7 +104,7 @@ async def test_processing_recordings_are_archived_when_they_complete(sim_factory
     assert set(archived_files(tmp_path)) == {r.id for r in recs}
 
 
-async def test_processing_forever_is_not_a_failure(sim_factory, tmp_path):
+async def test_processing_forever_is_owed_not_failed(sim_factory, tmp_path):
     recs = make_recordings(10, seed=6, processing=2)
     for rec in recs:
         if rec.status == "processing":
@@ -112,7 +112,10 @@ async def test_processing_forever_is_not_a_failure(sim_factory, tmp_path):
     sim: Simulator = await sim_factory(recs)
     settings = make_settings(sim, tmp_path)
     report = await run(settings)
-    assert report.archived == 8 and report.all_archived
+    # Still processing after the wait: not done, and not a failure either.
+    processing = {r.id for r in recs if r.status == "processing"}
+    assert report.archived == 8 and not report.all_archived and report.exit_code == 1
+    assert set(report.tally.processing) == processing and not report.failed
     async with open_ledger(path=settings.ledger.path) as ledger:
         pending = [r.id for r in recs if r.status == "processing"]
         for rid in pending:
@@ -272,7 +275,9 @@ async def test_a_lost_lease_stops_the_transfer_and_stores_nothing(sim_factory, t
     thief = asyncio.create_task(steal())
     report = await run(settings)
     await thief
-    assert report.archived == 0 and report.skipped >= 1
+    assert report.archived == 0 and report.counts.skipped >= 1
+    # The thief holds it: owed, being archived elsewhere, not reported done.
+    assert set(report.tally.in_progress) == {rid} and report.exit_code == 1
     assert sim.download_completions[rid] == 0  # stopped mid-body: not fetched to the end
     assert archived_files(tmp_path) == {}
     assert list((tmp_path / "archive").rglob("*.partial")) == []

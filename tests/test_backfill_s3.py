@@ -60,7 +60,7 @@ async def check_archive(
             row = await ledger.get(rec_id)
             assert row is not None and row.state is State.ARCHIVED, rec_id
             assert row.sha256 == sim.expected_sha256(rec_id)
-            assert row.attempts == 1  # one claim: one upload, continued across every retry
+            assert row.claims == 1  # one claim: one upload, continued across every retry
             assert row.storage_key is not None
             keys[rec_id] = row.storage_key
             info = await storage.stat(row.storage_key)

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ from archiver.config import Settings, load_settings
 from archiver.ledger import open_ledger
 from archiver.manifest import COLUMNS
 from archiver.models import LedgerRow, Recording, StoredObject
-from archiver.pipeline import RunReport
 from archiver.purge import SourceDeleter
+from archiver.service import BackfillResult as RunReport
 from archiver.service import backfill, make_engine, open_services
 from archiver.simulator import Faults, Simulator, add_hostile_entries, make_recordings
 from archiver.storage.base import Capabilities, ObjectInfo
@@ -431,15 +431,20 @@ async def test_purge_and_dry_runs_keep_what_is_not_verified(sim_factory, tmp_pat
 
 
 class LockedStorage:
-    """Answers ``stat`` as a bucket with Object Lock would: all the deleter asks of storage."""
+    """Answers ``stat`` and ``read`` as a bucket with Object Lock would: all the deleter asks of
+    storage (the lock's own rules are proven on a real SeaweedFS in test_s3.py)."""
 
     capabilities = Capabilities(name="locked", object_lock=True)
 
     def __init__(self) -> None:
         self.objects: dict[str, ObjectInfo] = {}
+        self.data: dict[str, bytes] = {}
 
     async def stat(self, key: str) -> ObjectInfo | None:
         return self.objects.get(key)
+
+    async def read(self, key: str) -> AsyncIterator[bytes]:
+        yield self.data[key]
 
 
 class RecordedDeletes:
@@ -459,13 +464,17 @@ async def test_no_delete_at_source_without_object_lock_retention(tmp_path):
     # (id, retention the commit reported, retention the object reports now)
     cases = [("locked", until, until), ("never-locked", None, None), ("lock-gone", until, None)]
     async with open_ledger(path=tmp_path / "ledger.db") as ledger:
-        await ledger.observe([Recording(id=rid) for rid, _, _ in cases], max_attempts=5)
+        await ledger.observe([Recording(id=rid) for rid, _, _ in cases])
         for rid, committed, now in cases:
-            digest = hashlib.sha256(rid.encode()).hexdigest()
-            await ledger.claim(rid, owner="t", lease_seconds=30, max_attempts=5)
-            stored = StoredObject(key=rid, size=10, sha256=digest, retain_until=committed)
+            data = b"OggS" + rid.encode().ljust(60, b"\0")  # shaped like a recording
+            digest = hashlib.sha256(data).hexdigest()
+            await ledger.claim(rid, owner="t", lease_seconds=30)
+            stored = StoredObject(key=rid, size=len(data), sha256=digest, retain_until=committed)
             assert await ledger.complete(rid, owner="t", stored=stored)
-            storage.objects[rid] = ObjectInfo(key=rid, size=10, sha256=digest, retain_until=now)
+            storage.data[rid] = data
+            storage.objects[rid] = ObjectInfo(
+                key=rid, size=len(data), sha256=digest, retain_until=now
+            )
         deleter = SourceDeleter(api=api, ledger=ledger, storage=storage, settings=settings)
         report = await deleter.sweep()
         marked = {rid for rid, _, _ in cases if (await ledger.get(rid)).deleted_at_source}

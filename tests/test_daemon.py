@@ -371,28 +371,30 @@ async def test_a_partial_failure_holds_the_high_water_mark(sim_factory, tmp_path
         sim,
         tmp_path,
         workers__transfer_attempts=1,
+        daemon__first_start=7,
         daemon__overlap_days=1,
         daemon__rescan_days=7,
     )
 
-    report, daemon = await run_daemon(settings, once=True, notifier=_quiet())
-    assert daemon.last is not None and daemon.last.ok
-    assert bad.id in report.failed and bad.id not in report.permanent
+    engine, polling = await run_daemon(settings, once=True, notifier=_quiet())
+    assert polling.last is not None and polling.last.ok and polling.last.owed == 1
     query = sim.api_requests[0].query
     assert query["filter[date_ended_at][gte]"] == str(today - timedelta(days=7))
     assert query["filter[date_ended_at][lte]"] == str(today)
     async with open_ledger(path=settings.ledger.path) as ledger:
+        tally = await ledger.tally([bad.id])
+        assert set(tally.retrying) == {bad.id}  # failed, will be retried: owed
         # Held at the failed recording's day, not moved to today.
         assert await ledger.get_meta(HWM_KEY) == bad_day.isoformat()
         assert await ledger.get_meta(RESCAN_KEY) is not None
         passes = await ledger.last_passes(1)
-        assert passes[0].ok and passes[0].extra["retryable"] == 1
+        assert passes[0].ok and passes[0].extra["high_water_mark"] == bad_day.isoformat()
 
     # The next window still lists the failed recording's day; once it succeeds the mark moves.
     bad.entry_hook = None
     seen = len(sim.api_requests)
-    report, daemon = await run_daemon(settings, once=True, notifier=_quiet())
-    assert report.archived == 1 and report.all_archived
+    engine, polling = await run_daemon(settings, once=True, notifier=_quiet())
+    assert engine.counts.archived == 1 and polling.last is not None and polling.last.owed == 0
     query = sim.api_requests[seen].query
     assert query["filter[date_ended_at][gte]"] == str(bad_day - timedelta(days=1))
     async with open_ledger(path=settings.ledger.path) as ledger:
@@ -406,8 +408,8 @@ async def test_a_failed_listing_never_moves_the_high_water_mark(sim_factory, tmp
     async with open_ledger(path=settings.ledger.path) as ledger:
         await ledger.set_meta(HWM_KEY, earlier.isoformat())
     sim.faults.list_error_rate = 1.0
-    _, daemon = await run_daemon(settings, once=True, notifier=_quiet())
-    assert daemon.last is not None and not daemon.last.ok and daemon.last.error
+    _, polling = await run_daemon(settings, once=True, notifier=_quiet())
+    assert polling.last is not None and not polling.last.ok and polling.last.error
     async with open_ledger(path=settings.ledger.path) as ledger:
         assert await ledger.get_meta(HWM_KEY) == earlier.isoformat()
         last = (await ledger.last_passes(1))[0]

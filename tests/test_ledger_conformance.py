@@ -22,7 +22,7 @@ import pytest
 import archiver.ledger.sqlite as sqlite_module
 from archiver.audit import GENESIS, verify_chain
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
-from archiver.ledger import Ledger, PassRecord, SqliteLedger, open_ledger
+from archiver.ledger import Budget, Ledger, PassRecord, SqliteLedger, open_ledger
 from archiver.ledger.portable import KINDS
 from archiver.ledger.postgres import PostgresLedger
 from archiver.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION
@@ -30,27 +30,31 @@ from archiver.models import Recording, State, StoredObject
 from tests import fixtures_pg
 
 # A backend: given the test's tmp_path, set up an empty store and yield a callable that builds
-# an unopened ledger on it (call it twice for two handles on the same store).
-LedgerMaker = Callable[[], Ledger]
+# an unopened ledger on it (call it twice for two handles on the same store), with the attempt
+# budget given (default: ``BUDGET``).
+LedgerMaker = Callable[..., Ledger]
 Backend = Callable[[Path], AbstractAsyncContextManager[LedgerMaker]]
 
 
 @asynccontextmanager
 async def _sqlite_backend(tmp_path: Path) -> AsyncIterator[LedgerMaker]:
     path = tmp_path / "ledger" / "archiver.sqlite3"
-    yield lambda: SqliteLedger(path)
+    yield lambda budget=BUDGET: SqliteLedger(path, budget=budget)
 
 
 @asynccontextmanager
 async def _postgres_backend(tmp_path: Path) -> AsyncIterator[LedgerMaker]:
     pg = fixtures_pg.cluster()
     async with pg.database() as url:
-        yield lambda: PostgresLedger(url, password_file=pg.password_file)
+        yield lambda budget=BUDGET: PostgresLedger(
+            url, password_file=pg.password_file, budget=budget
+        )
 
 
 BACKENDS: dict[str, Backend] = {"sqlite": _sqlite_backend, "postgres": _postgres_backend}
 
 MAX = 3
+BUDGET = Budget(max_attempts=MAX, max_interruptions=2)
 LEASE = 30.0
 SHORT_LEASE = 0.1
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -102,7 +106,7 @@ def stored(rec_id: str, *, size: int = 1000) -> StoredObject:
 
 
 async def archive(ledger: Ledger, rec_id: str, *, size: int = 1000) -> None:
-    assert await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    assert await ledger.claim(rec_id, owner="w", lease_seconds=LEASE)
     assert await ledger.complete(rec_id, owner="w", stored=stored(rec_id, size=size))
 
 
@@ -118,8 +122,8 @@ async def audit_actions(ledger: Ledger) -> list[tuple[str, str | None]]:
 
 # -- observe -----------------------------------------------------------------------------------
 async def test_observe_inserts_pending_and_returns_ids_needing_work(ledger: Ledger) -> None:
-    assert await ledger.observe([], max_attempts=MAX) == set()
-    got = await ledger.observe([rec("a"), rec("b"), rec("a")], max_attempts=MAX)
+    assert await ledger.observe([]) == set()
+    got = await ledger.observe([rec("a"), rec("b"), rec("a")])
     assert got == {"a", "b"}
 
     row = await ledger.get("a")
@@ -144,9 +148,9 @@ async def test_observe_inserts_pending_and_returns_ids_needing_work(ledger: Ledg
 
 
 async def test_observe_of_archived_id_returns_nothing_and_keeps_it(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
+    await ledger.observe([rec("a")])
     await archive(ledger, "a")
-    assert await ledger.observe([rec("a", status="deleted")], max_attempts=MAX) == set()
+    assert await ledger.observe([rec("a", status="deleted")]) == set()
     row = await ledger.get("a")
     assert row is not None
     assert row.state == State.ARCHIVED
@@ -154,13 +158,13 @@ async def test_observe_of_archived_id_returns_nothing_and_keeps_it(ledger: Ledge
 
 
 async def test_observe_refreshes_metadata_but_never_state(ledger: Ledger) -> None:
-    await ledger.observe([rec("a", ended=None, status="processing")], max_attempts=MAX)
+    await ledger.observe([rec("a", ended=None, status="processing")])
     row = await ledger.get("a")
     assert row is not None
     assert row.source_status == "processing"
     assert row.ended_at is None
 
-    await ledger.observe([rec("a", codec="h264")], max_attempts=MAX)
+    await ledger.observe([rec("a", codec="h264")])
     row = await ledger.get("a")
     assert row is not None
     assert row.state == State.PENDING
@@ -168,29 +172,27 @@ async def test_observe_refreshes_metadata_but_never_state(ledger: Ledger) -> Non
     assert row.ended_at == T0
     assert row.metadata["codec"] == "h264"
 
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
-    assert await ledger.observe([rec("a", codec="vp8")], max_attempts=MAX) == set()
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE) == 1
+    assert await ledger.observe([rec("a", codec="vp8")]) == set()
     row = await ledger.get("a")
     assert row is not None
     assert row.state == State.IN_PROGRESS
-    assert row.attempts == 1
+    # A claim is no attempt: only a failure of the recording uses one.
+    assert (row.attempts, row.claims) == (0, 1)
     assert row.metadata["codec"] == "vp8"
 
 
 async def test_observe_returns_expired_leases_and_retryable_failures(ledger: Ledger) -> None:
-    await ledger.observe([rec("leased"), rec("failed"), rec("perm")], max_attempts=MAX)
-    await ledger.claim("leased", owner="w", lease_seconds=SHORT_LEASE, max_attempts=MAX)
+    await ledger.observe([rec("leased"), rec("failed"), rec("perm")])
+    await ledger.claim("leased", owner="w", lease_seconds=SHORT_LEASE)
     for rec_id, permanent in (("failed", False), ("perm", True)):
-        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE)
         await ledger.fail(rec_id, owner="w", error="boom", permanent=permanent)
 
     ids = [rec("leased"), rec("failed"), rec("perm")]
-    assert await ledger.observe(ids, max_attempts=MAX) == {"failed"}
+    assert await ledger.observe(ids) == {"failed"}
     await asyncio.sleep(SHORT_LEASE * 1.5)
-    assert await ledger.observe(ids, max_attempts=MAX) == {"failed", "leased"}
-    # A retryable failure, or an abandoned lease, that has used up its attempts needs no more
-    # work: a recording that kills its worker every time is not retried forever.
-    assert await ledger.observe(ids, max_attempts=1) == set()
+    assert await ledger.observe(ids) == {"failed", "leased"}
 
 
 async def test_observe_many_pages(ledger: Ledger) -> None:
@@ -201,7 +203,7 @@ async def test_observe_many_pages(ledger: Ledger) -> None:
             rec(f"rec-{n:06d}", ended=T0 + timedelta(seconds=n), duration_secs=60, size_mb=1.5)
             for n in range(start, start + page)
         ]
-        assert len(await ledger.observe(batch, max_attempts=MAX)) == page
+        assert len(await ledger.observe(batch)) == page
     summary = await ledger.summary()
     assert summary.counts[State.PENDING] == total
     assert summary.oldest_unarchived_ended_at == T0
@@ -209,8 +211,8 @@ async def test_observe_many_pages(ledger: Ledger) -> None:
 
 # -- claim, complete, fail, release, reject -------------------------------------------------
 async def test_claim_then_complete_archives(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
-    assert await ledger.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) == 1
+    await ledger.observe([rec("a")])
+    assert await ledger.claim("a", owner="w1", lease_seconds=LEASE) == 1
     row = await ledger.get("a")
     assert row is not None
     assert row.state == State.IN_PROGRESS
@@ -226,21 +228,23 @@ async def test_claim_then_complete_archives(ledger: Ledger) -> None:
     assert row.retain_until == T0 + timedelta(days=365)
     assert row.archived_at is not None
     assert row.lease_owner is None
-    assert row.attempts == 1
+    assert (row.attempts, row.claims, row.completed_by) == (0, 1, "w1")
 
     # Archived is final: never claimed again, a second complete changes nothing.
-    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
-    assert await ledger.complete("a", owner="w1", stored=stored("a", size=1)) is False
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE) is None
+    assert await ledger.complete("a", owner="w2", stored=stored("a", size=1)) is False
+    # The transfer that archived it, asking again (its answer lost): its own commit stands.
+    assert await ledger.complete("a", owner="w1", stored=stored("a", size=2)) is True
     row = await ledger.get("a")
     assert row is not None and row.size == 4242
 
 
 async def test_claim_of_unknown_id_returns_none(ledger: Ledger) -> None:
-    assert await ledger.claim("nope", owner="w", lease_seconds=LEASE, max_attempts=MAX) is None
+    assert await ledger.claim("nope", owner="w", lease_seconds=LEASE) is None
 
 
 async def test_complete_without_claim_is_refused(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
+    await ledger.observe([rec("a")])
     with pytest.raises(LedgerError, match="never claimed"):
         await ledger.complete("a", owner="w", stored=stored("a"))
     with pytest.raises(LedgerError):
@@ -253,10 +257,10 @@ async def test_transitions_at_once_succeed_or_fail_alone(ledger: Ledger) -> None
     """Issued together (SQLite runs them in one group transaction), one refused transition
     undoes nothing of the others, and each caller gets its own answer."""
     ids = [f"r{i}" for i in range(12)]
-    await ledger.observe([rec(i) for i in [*ids, "never"]], max_attempts=MAX)
+    await ledger.observe([rec(i) for i in [*ids, "never"]])
     claims = await asyncio.gather(
-        *(ledger.claim(i, owner="w", lease_seconds=LEASE, max_attempts=MAX) for i in ids),
-        ledger.claim("unknown", owner="w", lease_seconds=LEASE, max_attempts=MAX),
+        *(ledger.claim(i, owner="w", lease_seconds=LEASE) for i in ids),
+        ledger.claim("unknown", owner="w", lease_seconds=LEASE),
     )
     assert claims == [1] * len(ids) + [None]
     results = await asyncio.gather(
@@ -278,35 +282,37 @@ async def test_transitions_at_once_succeed_or_fail_alone(ledger: Ledger) -> None
 
 
 async def test_leased_row_is_not_claimable_until_the_lease_expires(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
-    assert await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE, max_attempts=MAX) == 1
-    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
-    assert await ledger.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) is None
+    await ledger.observe([rec("a")])
+    assert await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE) == 1
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE) is None
+    # An owner names one transfer: the same owner again is that claim, retried.
+    assert await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE) == 1
     await asyncio.sleep(SHORT_LEASE * 1.5)
-    # The crashed worker's attempt counted already.
-    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) == 2
+    # The stopped transfer's claim used no attempt: taking it over counts an interruption.
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE) == 1
     row = await ledger.get("a")
     assert row is not None and row.lease_owner == "w2"
+    assert (row.attempts, row.claims, row.interruptions) == (0, 2, 1)
     assert await ledger.heartbeat("a", owner="w1", lease_seconds=LEASE) is False
 
 
 async def test_heartbeat_extends_the_lease(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
-    await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE, max_attempts=MAX)
+    await ledger.observe([rec("a")])
+    await ledger.claim("a", owner="w1", lease_seconds=SHORT_LEASE)
     assert await ledger.heartbeat("a", owner="w1", lease_seconds=LEASE) is True
     await asyncio.sleep(SHORT_LEASE * 1.5)
-    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
+    assert await ledger.claim("a", owner="w2", lease_seconds=LEASE) is None
     assert await ledger.heartbeat("a", owner="w2", lease_seconds=LEASE) is False
     assert await ledger.heartbeat("missing", owner="w1", lease_seconds=LEASE) is False
 
 
 async def test_complete_after_a_lost_lease(ledger: Ledger) -> None:
-    await ledger.observe([rec("a"), rec("b")], max_attempts=MAX)
+    await ledger.observe([rec("a"), rec("b")])
     for rec_id in ("a", "b"):
-        await ledger.claim(rec_id, owner="slow", lease_seconds=SHORT_LEASE, max_attempts=MAX)
+        await ledger.claim(rec_id, owner="slow", lease_seconds=SHORT_LEASE)
     await asyncio.sleep(SHORT_LEASE * 1.5)
     for rec_id in ("a", "b"):
-        assert await ledger.claim(rec_id, owner="fast", lease_seconds=LEASE, max_attempts=MAX)
+        assert await ledger.claim(rec_id, owner="fast", lease_seconds=LEASE)
 
     # a: the slow worker finishes first; its verified bytes are recorded, the other's are not.
     assert await ledger.complete("a", owner="slow", stored=stored("a", size=1)) is True
@@ -322,58 +328,90 @@ async def test_complete_after_a_lost_lease(ledger: Ledger) -> None:
     assert await audit_actions(ledger) == [("archived", "a"), ("archived", "b")]
 
 
-async def test_fail_and_retry_until_max_attempts(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=2)
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=2) == 1
-    await ledger.fail("a", owner="w", error="timeout", permanent=False)
+async def test_fail_and_retry_until_max_attempts(ledger_factory: LedgerMaker) -> None:
+    async with ledger_factory(budget=Budget(max_attempts=2)) as ledger:
+        await ledger.observe([rec("a")])
+        assert await ledger.claim("a", owner="w1", lease_seconds=LEASE) == 1
+        await ledger.fail("a", owner="w1", error="timeout", permanent=False)
+        row = await ledger.get("a")
+        assert row is not None
+        assert (row.state, row.attempts, row.last_error) == (State.FAILED, 1, "timeout")
+        assert (row.lease_owner, row.permanent) == (None, False)
+
+        assert await ledger.observe([rec("a")]) == {"a"}
+        assert await ledger.claim("a", owner="w2", lease_seconds=LEASE) == 2
+        await ledger.fail("a", owner="w2", error="timeout again", permanent=False)
+        # The budget is used up: failed for good, still owed, never claimed again by itself.
+        row = await ledger.get("a")
+        assert row is not None and (row.state, row.permanent) == (State.FAILED, True)
+        assert await ledger.observe([rec("a")]) == set()
+        assert await ledger.claim("a", owner="w3", lease_seconds=LEASE) is None
+        tally = await ledger.tally(["a"])
+        assert tally.owed == 1 and tally.needs_action == {"a": "timeout again"}
+        assert [e.details for e in [e async for e in ledger.iter_audit()]] == [
+            {"error": "timeout", "permanent": False, "attempt": 1},
+            {"error": "timeout again", "permanent": True, "attempt": 2},
+        ]
+    # A ledger opened with a larger budget does not undo "for good": an operator does.
+    async with ledger_factory(budget=Budget(max_attempts=9)) as ledger:
+        assert await ledger.claim("a", owner="w4", lease_seconds=LEASE) is None
+        assert await ledger.retry(["a", "unknown"]) == ["a"]
+        row = await ledger.get("a")
+        assert row is not None
+        assert (row.state, row.attempts, row.permanent) == (State.PENDING, 0, False)
+        assert await ledger.claim("a", owner="w4", lease_seconds=LEASE) == 1
+        assert (await audit_actions(ledger))[-1] == ("retry_requested", "a")
+
+
+async def test_interruptions_use_no_attempt_but_have_a_limit(ledger: Ledger) -> None:
+    """A claim cut short by its process stopping (its lease expires) is an interruption; past
+    ``max_interruptions`` (2 here) the row is failed for good instead of looping forever."""
+    await ledger.observe([rec("a")])
+    for n in range(3):
+        assert await ledger.claim("a", owner=f"w{n}", lease_seconds=SHORT_LEASE) == 1
+        await asyncio.sleep(SHORT_LEASE * 1.5)
+    assert await ledger.claim("a", owner="w3", lease_seconds=LEASE) is None
     row = await ledger.get("a")
     assert row is not None
-    assert (row.state, row.attempts, row.last_error) == (State.FAILED, 1, "timeout")
-    assert row.lease_owner is None
-
-    assert await ledger.observe([rec("a")], max_attempts=2) == {"a"}
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=2) == 2
-    await ledger.fail("a", owner="w", error="timeout again", permanent=False)
-    assert await ledger.observe([rec("a")], max_attempts=2) == set()
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=2) is None
-    # A later run allowed more attempts may try again.
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=3) == 3
+    assert (row.state, row.permanent, row.attempts) == (State.FAILED, True, 0)
+    assert row.last_error is not None and row.last_error.startswith("interrupted 3 times")
+    assert (await audit_actions(ledger)) == [("failed", "a")]
 
 
 async def test_permanent_failure_is_never_claimable(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
-    await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.observe([rec("a")])
+    await ledger.claim("a", owner="w", lease_seconds=LEASE)
     await ledger.fail("a", owner="w", error="404", permanent=True)
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=1000) is None
-    assert await ledger.observe([rec("a")], max_attempts=1000) == set()
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE) is None
+    assert await ledger.observe([rec("a")]) == set()
     row = await ledger.get("a")
     assert row is not None and (row.state, row.last_error) == (State.FAILED, "404")
 
 
 async def test_fail_and_release_by_a_non_owner_change_nothing(ledger: Ledger) -> None:
-    await ledger.observe([rec("a"), rec("b")], max_attempts=MAX)
+    await ledger.observe([rec("a"), rec("b")])
     await ledger.fail("a", owner="w", error="never claimed", permanent=False)
     await ledger.release("a", owner="w")
     assert await state_of(ledger, "a") == State.PENDING
 
-    await ledger.claim("b", owner="owner", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.claim("b", owner="owner", lease_seconds=LEASE)
     await ledger.fail("b", owner="intruder", error="x", permanent=True)
     await ledger.release("b", owner="intruder")
     row = await ledger.get("b")
     assert row is not None
-    assert (row.state, row.lease_owner, row.attempts) == (State.IN_PROGRESS, "owner", 1)
+    assert (row.state, row.lease_owner, row.claims) == (State.IN_PROGRESS, "owner", 1)
     assert await audit_actions(ledger) == []
 
 
 async def test_release_returns_to_pending_without_counting(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
+    await ledger.observe([rec("a")])
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE) == 1
     await ledger.release("a", owner="w")
     row = await ledger.get("a")
     assert row is not None
     assert (row.state, row.attempts, row.lease_owner) == (State.PENDING, 0, None)
-    assert await ledger.observe([rec("a")], max_attempts=MAX) == {"a"}
-    assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
+    assert await ledger.observe([rec("a")]) == {"a"}
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE) == 1
     assert await audit_actions(ledger) == []
 
 
@@ -381,49 +419,119 @@ async def test_reject(ledger: Ledger) -> None:
     await ledger.reject("../evil", reason="unsafe id", metadata={"id": "../evil"})
     row = await ledger.get("../evil")
     assert row is not None
-    assert (row.state, row.last_error) == (State.FAILED, "unsafe id")
+    assert (row.state, row.last_error, row.permanent) == (State.FAILED, "unsafe id", True)
     assert row.metadata == {"id": "../evil"}
-    assert await ledger.claim("../evil", owner="w", lease_seconds=LEASE, max_attempts=99) is None
+    assert await ledger.claim("../evil", owner="w", lease_seconds=LEASE) is None
 
-    await ledger.observe([rec("seen")], max_attempts=MAX)
+    await ledger.observe([rec("seen")])
     await ledger.reject("seen", reason="no size")
     row = await ledger.get("seen")
     assert row is not None
-    assert (row.state, row.last_error) == (State.FAILED, "no size")
+    assert (row.state, row.last_error, row.rejected) == (State.FAILED, "no size", True)
     assert row.metadata["id"] == "seen"  # kept when reject gives none
-    assert await ledger.observe([rec("seen")], max_attempts=99) == set()
+    assert (await ledger.summary()).permanent_failures == 2
 
-    await ledger.observe([rec("done")], max_attempts=MAX)
+    await ledger.observe([rec("done")])
     await archive(ledger, "done")
     await ledger.reject("done", reason="too late")
     assert await state_of(ledger, "done") == State.ARCHIVED
 
     # Rejecting the same entry for the same reason on every pass records it once.
     await ledger.reject("../evil", reason="unsafe id")
+    await ledger.reject("seen", reason="no size")
+    # An entry rejected for what it said is judged again when it is listed again.
+    assert await ledger.observe([rec("seen")]) == {"seen"}
+    row = await ledger.get("seen")
+    assert row is not None
+    assert (row.state, row.permanent, row.rejected, row.last_error) == (
+        State.PENDING,
+        False,
+        False,
+        None,
+    )
     assert await audit_actions(ledger) == [
         ("rejected", "../evil"),
         ("rejected", "seen"),
         ("archived", "done"),
+        ("readmitted", "seen"),
     ]
     summary = await ledger.summary()
-    assert summary.permanent_failures == 2
+    assert summary.permanent_failures == 1
+
+
+async def test_tally_says_what_is_owed_and_why(ledger: Ledger) -> None:
+    await ledger.observe(
+        [
+            rec("done"),
+            rec("busy"),
+            rec("flaky"),
+            rec("bad"),
+            rec("new"),
+            rec("proc", status="processing"),
+        ]
+    )
+    await archive(ledger, "done")
+    await ledger.claim("busy", owner="elsewhere", lease_seconds=LEASE)
+    for rec_id, permanent in (("flaky", False), ("bad", True)):
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE)
+        await ledger.fail(rec_id, owner="w", error=f"{rec_id} error", permanent=permanent)
+    await ledger.observe([rec("gone")])
+    assert await ledger.give_up("gone", reason="deleted at the source before archiving") is True
+    assert await ledger.give_up("gone", reason="again") is False
+    with pytest.raises(LedgerError, match="being archived right now"):
+        await ledger.give_up("busy", reason="no")
+
+    tally = await ledger.tally(
+        ["done", "busy", "flaky", "bad", "new", "proc", "gone", "never-seen", "done"]
+    )
+    assert (tally.archived, tally.given_up, tally.unknown, tally.owed) == (1, 1, 1, 5)
+    assert tally.needs_action == {"bad": "bad error"}
+    assert tally.retrying == {"flaky": "flaky error (attempt 1 of 3)"}
+    assert tally.in_progress == {"busy": "being archived by elsewhere"}
+    assert tally.processing == {"proc": "still processing at the source"}
+    assert set(tally.pending) == {"new"}
+    owed = {row.id async for row in ledger.iter_owed()}
+    assert owed == {"busy", "flaky", "bad", "new", "proc"}
+    summary = await ledger.summary()
+    assert summary.counts[State.GIVEN_UP] == 1 and summary.owed == 5
+    assert (await audit_actions(ledger))[-1] == ("given_up", "gone")
+
+
+async def test_reopen_makes_an_archived_copy_owed_again(ledger: Ledger) -> None:
+    await ledger.observe([rec("a"), rec("b")])
+    await archive(ledger, "a")
+    assert await ledger.reopen("a", reason="missing from the archive") is True
+    assert await ledger.reopen("b", reason="not archived") is False
+    row = await ledger.get("a")
+    assert row is not None
+    assert (row.state, row.storage_key, row.last_error) == (
+        State.PENDING,
+        "room-1/a.mp4",
+        "repair: missing from the archive",
+    )
+    assert [r.id async for r in ledger.iter_archived()] == []
+    await archive(ledger, "a", size=77)
+    row = await ledger.get("a")
+    assert row is not None and (row.state, row.size) == (State.ARCHIVED, 77)
+    assert await audit_actions(ledger) == [
+        ("archived", "a"),
+        ("reopened", "a"),
+        ("archived", "a"),
+    ]
 
 
 async def test_concurrent_claims_have_exactly_one_winner(ledger_factory: LedgerMaker) -> None:
     async with ledger_factory() as first, ledger_factory() as second:
-        await first.observe([rec("a")], max_attempts=MAX)
+        await first.observe([rec("a")])
         handles = (first, second)
         results = await asyncio.gather(
-            *(
-                handles[n % 2].claim("a", owner=f"w{n}", lease_seconds=LEASE, max_attempts=MAX)
-                for n in range(20)
-            )
+            *(handles[n % 2].claim("a", owner=f"w{n}", lease_seconds=LEASE) for n in range(20))
         )
     assert sorted(results, key=lambda r: r is None) == [1] + [None] * 19
 
 
 async def test_mark_deleted_at_source(ledger: Ledger) -> None:
-    await ledger.observe([rec("a")], max_attempts=MAX)
+    await ledger.observe([rec("a")])
     await archive(ledger, "a")
     await ledger.mark_deleted_at_source("a")
     await ledger.mark_deleted_at_source("a")
@@ -437,7 +545,7 @@ async def test_mark_deleted_at_source(ledger: Ledger) -> None:
 # -- reads ---------------------------------------------------------------------------------
 async def test_states_in_one_call(ledger: Ledger) -> None:
     assert await ledger.states([]) == {}
-    await ledger.observe([rec(f"r{n:04d}") for n in range(1200)], max_attempts=MAX)
+    await ledger.observe([rec(f"r{n:04d}") for n in range(1200)])
     await archive(ledger, "r0001")
     await ledger.reject("bad", reason="unsafe")
     ids = [f"r{n:04d}" for n in range(1200)] + ["bad", "unknown", "r0001"]
@@ -456,12 +564,12 @@ async def test_summary(ledger: Ledger) -> None:
 
     day = timedelta(days=1)
     recs = [rec(f"r{n}", ended=T0 + n * day) for n in range(7)] + [rec("undated", ended=None)]
-    await ledger.observe(recs, max_attempts=MAX)
+    await ledger.observe(recs)
     await archive(ledger, "r0", size=100)  # the oldest, but archived
     await archive(ledger, "r1", size=23)
-    await ledger.claim("r2", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.claim("r2", owner="w", lease_seconds=LEASE)
     for rec_id, permanent in (("r3", True), ("r4", False), ("r5", False)):
-        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE)
         await ledger.fail(rec_id, owner="w", error="e", permanent=permanent)
 
     summary = await ledger.summary()
@@ -470,13 +578,14 @@ async def test_summary(ledger: Ledger) -> None:
         State.IN_PROGRESS: 1,
         State.ARCHIVED: 2,
         State.FAILED: 3,
+        State.GIVEN_UP: 0,
     }
     assert (summary.permanent_failures, summary.retryable_failures) == (1, 2)
     assert summary.oldest_unarchived_ended_at == T0 + 2 * day
     assert summary.archived_bytes == 123
 
     # A permanent failure is counted apart; it does not hold the lag forever.
-    await ledger.observe([rec("ancient", ended=T0 - day)], max_attempts=MAX)
+    await ledger.observe([rec("ancient", ended=T0 - day)])
     assert (await ledger.summary()).oldest_unarchived_ended_at == T0 - day
     await ledger.reject("ancient", reason="unsafe id")
     after = await ledger.summary()
@@ -485,13 +594,13 @@ async def test_summary(ledger: Ledger) -> None:
 
 
 async def test_failures_newest_first(ledger: Ledger) -> None:
-    await ledger.observe([rec("a"), rec("b"), rec("c"), rec("ok")], max_attempts=MAX)
+    await ledger.observe([rec("a"), rec("b"), rec("c"), rec("ok")])
     for rec_id in ("b", "a", "c"):
-        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE)
         await ledger.fail(rec_id, owner="w", error=f"error {rec_id}", permanent=False)
         await asyncio.sleep(0.002)
     # Being seen again is not a new failure.
-    await ledger.observe([rec("b")], max_attempts=MAX)
+    await ledger.observe([rec("b")])
     assert [r.id for r in await ledger.failures()] == ["c", "a", "b"]
     assert [r.last_error for r in await ledger.failures(limit=2)] == ["error c", "error a"]
 
@@ -501,7 +610,7 @@ async def test_iter_archived_order_and_bounds(ledger: Ledger) -> None:
     ends = {"e": T0 + 2 * hour, "d": T0, "b": T0 + hour, "a": T0 + hour, "c": T0 + 3 * hour}
     recs = [rec(i, ended=e) for i, e in ends.items()]
     recs += [rec("undated", ended=None), rec("pending", ended=T0)]
-    await ledger.observe(recs, max_attempts=MAX)
+    await ledger.observe(recs)
     for rec_id in [*ends, "undated"]:
         await archive(ledger, rec_id)
 
@@ -520,9 +629,9 @@ async def test_iter_archived_order_and_bounds(ledger: Ledger) -> None:
 # -- audit chain, passes, meta -------------------------------------------------------------
 async def test_audit_chain(ledger: Ledger) -> None:
     assert (await verify_chain(ledger.iter_audit())).entries == 0
-    await ledger.observe([rec("a"), rec("b")], max_attempts=MAX)
+    await ledger.observe([rec("a"), rec("b")])
     await archive(ledger, "a", size=7)
-    await ledger.claim("b", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.claim("b", owner="w", lease_seconds=LEASE)
     await ledger.fail("b", owner="w", error="HTTP 500", permanent=False)
     await ledger.reject("bad", reason="no id")
     appended = await ledger.append_audit("note", None, {"by": "test", "at": T0, "n": [1, 2]})
@@ -626,14 +735,14 @@ async def fill(ledger: Ledger) -> None:
     """A ledger with something of everything: states, attempts, leases, audit, passes, meta."""
     hour = timedelta(hours=1)
     recs = [rec(f"r{n}", ended=T0 + n * hour, codec="opus") for n in range(6)]
-    await ledger.observe([*recs, rec("undated", ended=None, status="processing")], max_attempts=MAX)
+    await ledger.observe([*recs, rec("undated", ended=None, status="processing")])
     await archive(ledger, "r0", size=10)
     await archive(ledger, "r1", size=11)
     await ledger.mark_deleted_at_source("r1")
     for rec_id, permanent in (("r2", True), ("r3", False)):
-        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.claim(rec_id, owner="w", lease_seconds=LEASE)
         await ledger.fail(rec_id, owner="w", error=f"boom {rec_id}", permanent=permanent)
-    await ledger.claim("r4", owner="host-a:1:x", lease_seconds=LEASE, max_attempts=MAX)
+    await ledger.claim("r4", owner="host-a:1:x", lease_seconds=LEASE)
     await ledger.reject("../evil", reason="unsafe id", metadata={"id": "../evil", "n": 1.5})
     await ledger.append_audit("verified", None, {"checked": 2, "at": T0})
     for n in range(3):
@@ -685,7 +794,7 @@ async def test_export_import_round_trip(source_name: str, target_name: str, tmp_
             "host-a:1:x",
         )
         # The chain goes on from the imported head, and the ledger works as before.
-        await target.observe([rec("r5")], max_attempts=MAX)
+        await target.observe([rec("r5")])
         await archive(target, "r5")
         assert (await verify_chain(target.iter_audit())).ok
         assert await target.last_passes(limit=1) == [
@@ -721,7 +830,7 @@ async def test_export_import_round_trip(source_name: str, target_name: str, tmp_
 
 async def test_data_survives_reopening(ledger_factory: LedgerMaker) -> None:
     async with ledger_factory() as first:
-        await first.observe([rec("a")], max_attempts=MAX)
+        await first.observe([rec("a")])
         await archive(first, "a")
         await first.set_meta("k", "v")
     async with ledger_factory() as second:
@@ -739,7 +848,7 @@ def _execute(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[A
 async def test_sqlite_audit_tampering_is_detected(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     async with SqliteLedger(path) as ledger:
-        await ledger.observe([rec(f"r{n}") for n in range(4)], max_attempts=MAX)
+        await ledger.observe([rec(f"r{n}") for n in range(4)])
         for n in range(4):
             await archive(ledger, f"r{n}", size=100 + n)
         assert (await verify_chain(ledger.iter_audit())).ok
@@ -778,7 +887,7 @@ async def test_sqlite_two_processes_migrating_at_once(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
         ledgers = [SqliteLedger(path) for _ in range(4)]
         await asyncio.gather(*(stack.enter_async_context(led) for led in ledgers))
-        await ledgers[0].observe([rec("a")], max_attempts=MAX)
+        await ledgers[0].observe([rec("a")])
         assert await state_of(ledgers[3], "a") == State.PENDING
     versions = _execute(path, "SELECT version FROM schema_version ORDER BY version")
     assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
@@ -799,7 +908,7 @@ async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
 async def test_sqlite_exclusive_lock(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     async with SqliteLedger(path, exclusive=True) as owner:
-        await owner.observe([rec("a")], max_attempts=MAX)
+        await owner.observe([rec("a")])
         message = (
             f"another archiver instance is using the ledger {path} (lock held); "
             "stop it first or use a PostgreSQL ledger to run several"
@@ -844,7 +953,7 @@ async def test_sqlite_iterators_page_through_ties(
         ends = [T0 + timedelta(minutes=n // 4) for n in range(10)]  # four rows per minute
         recs = [rec(f"r{n:02d}", ended=e) for n, e in enumerate(ends)]
         recs += [rec(f"u{n}", ended=None) for n in range(4)]
-        await ledger.observe(recs, max_attempts=MAX)
+        await ledger.observe(recs)
         for r in recs:
             await archive(ledger, r.id)
         ids = [r.id async for r in ledger.iter_archived()]
@@ -872,3 +981,42 @@ def test_open_ledger(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unsupported scheme") as caught:
         open_ledger(url="mysql://user:hunter2@host/db")
     assert "hunter2" not in str(caught.value)
+
+
+async def test_sqlite_upgrades_a_version_1_ledger(tmp_path: Path) -> None:
+    """A ledger written before claims were told from attempts: rows exhausted then are failed
+    for good now, rejected entries become judgeable again, claims are what attempts were."""
+    path = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for statement in sqlite_module._statements(MIGRATIONS[0]):
+            db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version (version) VALUES (1)")
+        now = T0.isoformat(timespec="microseconds")
+        for rid, state, attempts, permanent in (
+            ("spent", "failed", 5, 0),
+            ("flaky", "failed", 2, 0),
+            ("refused", "failed", 0, 1),
+            ("done", "archived", 1, 0),
+        ):
+            db.execute(
+                """INSERT INTO recordings (id, state, attempts, permanent, first_seen_at,
+                   updated_at, last_error) VALUES (?, ?, ?, ?, ?, ?, 'x')""",
+                (rid, state, attempts, permanent, now, now),
+            )
+    async with SqliteLedger(path, budget=Budget(max_attempts=5)) as ledger:
+        rows = {rid: await ledger.get(rid) for rid in ("spent", "flaky", "refused", "done")}
+        got = {
+            rid: (row.state, row.attempts, row.claims, row.permanent, row.rejected)
+            for rid, row in rows.items()
+            if row is not None
+        }
+        assert got == {
+            "spent": (State.FAILED, 5, 5, True, False),
+            "flaky": (State.FAILED, 2, 2, False, False),
+            "refused": (State.FAILED, 0, 0, True, True),
+            "done": (State.ARCHIVED, 1, 1, False, False),
+        }
+        assert await ledger.observe([rec("refused"), rec("spent")]) == {"refused"}
+        assert await ledger.give_up("spent", reason="operator") is True
+    assert _execute(path, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]

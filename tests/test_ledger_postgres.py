@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+import archiver.ledger.postgres as postgres_module
 from archiver.audit import verify_chain
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
 from archiver.ledger import open_ledger
@@ -28,7 +29,7 @@ from archiver.simulator import Simulator, make_recordings
 from tests.conftest import ARCHIVER, cli_env
 from tests.conftest import write_config as write_sqlite_config
 from tests.fixtures_pg import PG_PASSWORD, PgCluster
-from tests.test_ledger_conformance import LEASE, MAX, T0, rec, stored
+from tests.test_ledger_conformance import LEASE, T0, rec, stored
 from tests.test_postgres_multi import write_config as write_pg_config
 
 FAST = RetryPolicy(attempts=6, total_seconds=30, initial_backoff=0.01, max_backoff=0.05)
@@ -77,22 +78,22 @@ async def test_a_call_retried_after_its_answer_was_lost_is_applied_once(
         pool = ledger._pool = LoseAnswers(ledger._pool)
 
         pool.lose = 1
-        assert await ledger.observe([rec("a"), rec("b"), rec("c")], max_attempts=MAX) == {
+        assert await ledger.observe([rec("a"), rec("b"), rec("c")]) == {
             "a",
             "b",
             "c",
         }
         pool.lose = 1
-        assert await ledger.claim("a", owner="w", lease_seconds=LEASE, max_attempts=MAX) == 1
+        assert await ledger.claim("a", owner="w", lease_seconds=LEASE) == 1
         pool.lose = 1
         assert await ledger.complete("a", owner="w", stored=stored("a")) is True
         row = await ledger.get("a")
-        assert row is not None and (row.state, row.attempts) == (State.ARCHIVED, 1)
+        assert row is not None and (row.state, row.attempts, row.claims) == (State.ARCHIVED, 0, 1)
 
-        await ledger.claim("b", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.claim("b", owner="w", lease_seconds=LEASE)
         pool.lose = 1
         await ledger.fail("b", owner="w", error="boom", permanent=False)
-        await ledger.claim("c", owner="w", lease_seconds=LEASE, max_attempts=MAX)
+        await ledger.claim("c", owner="w", lease_seconds=LEASE)
         pool.lose = 1
         await ledger.release("c", owner="w")
         row = await ledger.get("c")
@@ -124,25 +125,25 @@ async def test_a_lost_claim_answer_never_hands_the_row_to_two_owners(
     pg_cluster: PgCluster, pg_url: str
 ) -> None:
     async with ledger_at(pg_url, pg_cluster) as first, ledger_at(pg_url, pg_cluster) as second:
-        await first.observe([rec("a")], max_attempts=MAX)
+        await first.observe([rec("a")])
         pool = first._pool = LoseAnswers(first._pool)
         pool.lose = 1
-        assert await first.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) == 1
-        assert await second.claim("a", owner="w2", lease_seconds=LEASE, max_attempts=MAX) is None
-        # A second, separate claim by the same owner is still refused (it is a new call).
-        assert await first.claim("a", owner="w1", lease_seconds=LEASE, max_attempts=MAX) is None
+        assert await first.claim("a", owner="w1", lease_seconds=LEASE) == 1
+        assert await second.claim("a", owner="w2", lease_seconds=LEASE) is None
+        row = await second.get("a")
+        assert row is not None and (row.lease_owner, row.claims) == ("w1", 1)
 
 
 async def test_many_writers_keep_one_audit_chain(pg_cluster: PgCluster, pg_url: str) -> None:
     ids = [f"r{n:03d}" for n in range(90)]
     async with contextlib.AsyncExitStack() as stack:
         ledgers = [await stack.enter_async_context(ledger_at(pg_url, pg_cluster)) for _ in range(3)]
-        await ledgers[0].observe([rec(i) for i in ids], max_attempts=MAX)
+        await ledgers[0].observe([rec(i) for i in ids])
 
         async def work(n: int) -> None:
             ledger = ledgers[n % 3]
             rec_id = ids[n]
-            await ledger.claim(rec_id, owner=f"w{n}", lease_seconds=LEASE, max_attempts=MAX)
+            await ledger.claim(rec_id, owner=f"w{n}", lease_seconds=LEASE)
             if n % 4:
                 await ledger.complete(rec_id, owner=f"w{n}", stored=stored(rec_id))
             else:
@@ -163,11 +164,11 @@ async def test_the_database_restarting_under_a_ledger(
     ids = [f"r{n:03d}" for n in range(150)]
     policy = RetryPolicy(attempts=40, total_seconds=60, initial_backoff=0.05, max_backoff=0.5)
     async with PostgresLedger(pg_url, password_file=pg_cluster.password_file, retry=policy) as led:
-        await led.observe([rec(i) for i in ids], max_attempts=MAX)
+        await led.observe([rec(i) for i in ids])
 
         async def archive_all() -> None:
             for rec_id in ids:
-                assert await led.claim(rec_id, owner="w", lease_seconds=LEASE, max_attempts=MAX)
+                assert await led.claim(rec_id, owner="w", lease_seconds=LEASE)
                 assert await led.complete(rec_id, owner="w", stored=stored(rec_id))
                 await asyncio.sleep(0.005)
 
@@ -330,3 +331,44 @@ async def test_moving_a_sqlite_ledger_into_postgres(
     code, out, _ = await cli("--config", str(pg_config), "status", "--json")
     assert json.loads(out)["counts"]["archived"] == 40
     assert PG_PASSWORD not in out + err
+
+
+async def test_a_version_1_ledger_is_upgraded(pg_cluster: PgCluster, pg_url: str) -> None:
+    conn = await asyncpg.connect(pg_url, password=PG_PASSWORD)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await conn.execute(postgres_module.MIGRATIONS[0])
+        await conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        for rid, state, attempts, permanent, token in (
+            ("spent", "failed", 5, False, None),
+            ("refused", "failed", 0, True, None),
+            ("done", "archived", 1, False, "t1"),
+        ):
+            await conn.execute(
+                """INSERT INTO recordings (id, state, attempts, permanent, first_seen_at,
+                   updated_at, completion_token) VALUES ($1, $2, $3, $4, now(), now(), $5)""",
+                rid,
+                state,
+                attempts,
+                permanent,
+                token,
+            )
+    finally:
+        await conn.close()
+    async with ledger_at(pg_url, pg_cluster) as ledger:
+        got = {}
+        for rid in ("spent", "refused", "done"):
+            row = await ledger.get(rid)
+            assert row is not None
+            got[rid] = (row.state, row.attempts, row.claims, row.permanent, row.rejected)
+        assert got == {
+            "spent": (State.FAILED, 5, 5, True, False),
+            "refused": (State.FAILED, 0, 0, True, True),
+            "done": (State.ARCHIVED, 1, 1, False, False),
+        }
+        assert await ledger.observe([rec("refused"), rec("spent")]) == {"refused"}
+        assert await ledger.give_up("spent", reason="operator") is True
+        assert await ledger.migrate() == SCHEMA_VERSION

@@ -406,13 +406,15 @@ async def test_killed_instance_rows_are_finished_by_the_others(
     assert codes == [0, 0], [inst.text()[-2000:] for inst in survivors]
     await assert_archived_exactly_once(pg_url, pg_cluster, sim, instances)
 
-    # The victim's rows: taken over only once its leases had expired, a second attempt each,
-    # archived by a survivor, and resumed from the bytes the victim left rather than refetched.
+    # The victim's rows: taken over only once its leases had expired (a second claim each, an
+    # interruption, no attempt used: the recording was not at fault), archived by a survivor,
+    # and resumed from the bytes the victim left rather than refetched.
     rows = await db.fetch(
-        "SELECT id, attempts, archived_at FROM recordings WHERE id = ANY($1::text[])",
+        """SELECT id, attempts, claims, interruptions, archived_at FROM recordings
+           WHERE id = ANY($1::text[])""",
         sorted(orphans),
     )
-    assert {row["attempts"] for row in rows} == {2}
+    assert {(row["attempts"], row["claims"], row["interruptions"]) for row in rows} == {(0, 2, 1)}
     assert all(row["archived_at"] > killed_at + timedelta(seconds=lease / 2) for row in rows)
     survivor_ids = {rid for inst in survivors for rid in inst.archived()}
     assert orphans <= survivor_ids

@@ -152,6 +152,7 @@ async def test_the_daemon_archives_a_signed_completion_at_once(sim_factory, tmp_
     config = daemon_config(
         sim,
         tmp_path,
+        first_start=7,  # the whole history is the default: list only the last week here
         poll_interval=30.0,
         webhook_port=hook_port,
         webhook_public_key=public_b64(key),

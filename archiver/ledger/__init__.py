@@ -10,15 +10,28 @@ from pathlib import Path
 from typing import cast
 
 from archiver.errors import ConfigError
-from archiver.ledger.base import AuditEntry, Ledger, PassRecord, Summary
+from archiver.ledger.base import (
+    AuditEntry,
+    Budget,
+    Ledger,
+    PassRecord,
+    RecordsLedger,
+    Summary,
+    Tally,
+    WorkLedger,
+)
 from archiver.ledger.sqlite import SqliteLedger
 
 __all__ = [
     "AuditEntry",
+    "Budget",
     "Ledger",
     "PassRecord",
+    "RecordsLedger",
     "SqliteLedger",
     "Summary",
+    "Tally",
+    "WorkLedger",
     "open_ledger",
 ]
 
@@ -31,15 +44,18 @@ def open_ledger(
     url: str | None = None,
     exclusive: bool = False,
     password_file: Path | None = None,
+    budget: Budget | None = None,
+    must_exist: bool = False,
 ) -> Ledger:
     """The ledger at ``url`` (``postgresql://``) if given, else the SQLite file at ``path``; not
-    yet opened: use the result with ``async with``. ``exclusive`` only applies to a SQLite file;
-    ``password_file`` only to PostgreSQL (without it, ``PGPASSWORD`` is used);
-    several instances may share a PostgreSQL ledger."""
+    yet opened: use the result with ``async with``. ``exclusive`` and ``must_exist`` (refuse to
+    create a file) only apply to a SQLite file; ``password_file`` only to PostgreSQL (without it,
+    ``PGPASSWORD`` is used); several instances may share a PostgreSQL ledger. ``budget`` is the
+    attempt budget the ledger applies (``workers.max_attempts``)."""
     if url is None:
         if path is None:
             raise ConfigError("ledger: set ledger.path (SQLite) or ledger.url (PostgreSQL)")
-        return SqliteLedger(path, exclusive=exclusive)
+        return SqliteLedger(path, exclusive=exclusive, budget=budget, must_exist=must_exist)
     if not url.startswith(_POSTGRES_SCHEMES):
         # Only the scheme is echoed: the rest of a URL may hold a password.
         scheme = f"{url.split('://', 1)[0]}://" if "://" in url else "no scheme"
@@ -52,4 +68,4 @@ def open_ledger(
         postgres = importlib.import_module("archiver.ledger.postgres")
     except ImportError as exc:
         raise ConfigError("ledger.url: PostgreSQL ledger is not available") from exc
-    return cast(Ledger, postgres.PostgresLedger(url, password_file=password_file))
+    return cast(Ledger, postgres.PostgresLedger(url, password_file=password_file, budget=budget))

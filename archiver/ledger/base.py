@@ -1,31 +1,25 @@
-"""The ledger contract: the single source of truth about what is archived.
+"""The ledger contract: the single source of truth about what is archived and what is owed.
 
 One row per recording id. A row changes state only through the named transitions below, each
-one atomic, each one written to the audit chain in the same transaction:
+one atomic, each one that matters to an examiner written to the audit chain in the same
+transaction. The rules behind them (guards, the owed rule, the attempt budget) are written once,
+in ``archiver.ledger.core``; every ledger carries them out and passes
+``tests/test_ledger_conformance.py``.
 
-    observe   new id → pending (metadata refreshed on every sighting, state untouched)
-    claim     pending | failed (retryable, attempts < max) | in_progress with an expired lease
-              (attempts < max) → in_progress, attempts += 1, lease = (owner, expiry).
-              Returns None if the row is not claimable.
-    heartbeat extend a lease still held by owner.
-    complete  in_progress held by owner → archived with key, size, SHA-256. Returns False (and
-              changes nothing) if the lease was lost and someone else archived it meanwhile.
-    fail      in_progress held by owner → failed with the error; ``permanent`` rows are never
-              claimed again, others are retried on later passes while attempts < max_attempts.
-    release   in_progress held by owner → pending, the attempt not counted (shutdown).
-    reject    a hostile or unusable entry → failed permanently, without ever being claimed.
+**Owed.** A recording is owed from the moment it is observed (a listing, a webhook) until it is
+archived or an operator gives it up. Failed for good is still owed: it needs an operator
+(``archiver retry``, ``archiver give-up``). Every claim that something is done is derived from
+this, never from one run's memory.
 
-An archived row is never claimed again: that is how nothing is fetched twice. A lease left by a
-killed process expires and the row becomes claimable for any instance. A ledger opened by the only
-instance allowed (SQLite's exclusive lock) turns leftover in_progress rows into retryable failures
-at once ("interrupted"), since nobody else can be holding them. A shared ledger (PostgreSQL) never
-does that: other instances may be alive, so their rows come back only when their leases expire.
+**The attempt budget** (``Budget``) lives in the ledger, not in its callers. Only a failure of
+the recording itself (``fail``) uses an attempt; a claim cut short by our own process (killed,
+stopped, its lease lost: ``interruptions``) or given back (``release``: shutdown, processing at
+the source, another instance holding its partial copy) does not. A row whose claims keep being
+cut short is failed for good after ``Budget.max_interruptions``, so a recording that kills its
+process every time does not loop forever.
 
-Settings (``meta``) change with ``set_meta``, or with ``advance_meta``, a compare-and-set: when
-several instances share the ledger, only the one whose view is current moves a value such as the
-daemon's high-water mark.
-
-Every implementation passes ``tests/test_ledger_conformance.py``.
+The protocol comes in two parts: ``WorkLedger``, what the engine needs to move recordings, and
+``RecordsLedger``, what the records, reports and operator commands need. ``Ledger`` is both.
 """
 
 from __future__ import annotations
@@ -40,14 +34,63 @@ from archiver.models import LedgerRow, Recording, State, StoredObject
 
 
 @dataclass(frozen=True, slots=True)
+class Budget:
+    """How much trying a recording gets before it is failed for good and needs an operator."""
+
+    # Failures of the recording itself (a bad answer, a refused URL, wrong bytes, ...).
+    max_attempts: int = 5
+    # Claims cut short by our own process stopping (SIGKILL, a lost lease): these use no
+    # attempt, but a recording that kills its process every time must end somewhere.
+    max_interruptions: int = 20
+
+
+@dataclass(frozen=True, slots=True)
 class Summary:
     counts: Mapping[State, int]
+    # Failed for good: owed, not retried until an operator acts.
     permanent_failures: int
     retryable_failures: int
-    # ended_at of the oldest recording seen but not archived, permanent failures aside (they
-    # are counted apart and would hold the alert forever): the lag an operator alerts on.
+    # ended_at of the oldest owed recording that will be retried (needing an operator aside:
+    # they are counted apart and would hold the alert forever): the lag an operator alerts on,
+    # and the day the daemon's high-water mark may not pass.
     oldest_unarchived_ended_at: datetime | None
     archived_bytes: int
+
+    @property
+    def owed(self) -> int:
+        return sum(n for state, n in self.counts.items() if state in OWED_STATES)
+
+
+OWED_STATES = frozenset({State.PENDING, State.IN_PROGRESS, State.FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Where a set of recordings stands, from the ledger (the truth behind an exit code)."""
+
+    archived: int = 0
+    given_up: int = 0
+    # Owed, by why: id → a short reason, per category (see ``archiver.ledger.core.standing``).
+    needs_action: Mapping[str, str] = field(default_factory=dict)
+    retrying: Mapping[str, str] = field(default_factory=dict)
+    processing: Mapping[str, str] = field(default_factory=dict)
+    pending: Mapping[str, str] = field(default_factory=dict)
+    in_progress: Mapping[str, str] = field(default_factory=dict)
+    # Ids asked about that the ledger does not know (never observed).
+    unknown: int = 0
+
+    @property
+    def owed(self) -> int:
+        return sum(
+            len(group)
+            for group in (
+                self.needs_action,
+                self.retrying,
+                self.processing,
+                self.pending,
+                self.in_progress,
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,43 +121,72 @@ class PassRecord:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-class Ledger(Protocol):
-    async def __aenter__(self) -> Self: ...
+class WorkLedger(Protocol):
+    """What the engine (lister, transfers, producers) needs. ``owner`` names one transfer: a
+    call repeated with the same owner (a retry after a lost answer) finds its own commit."""
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    # -- transitions -------------------------------------------------------------------------
-    async def observe(self, recordings: Sequence[Recording], *, max_attempts: int) -> set[str]:
-        """Record a page of sightings in one transaction; return the ids that need work now:
-        pending, retryable failed, or in_progress with an expired lease."""
+    async def observe(self, recordings: Sequence[Recording]) -> set[str]:
+        """Record a page of sightings in one transaction; return the ids some instance may claim
+        now. A row rejected for what its entry said is judged again (pending once more)."""
         ...
 
-    async def claim(
-        self, recording_id: str, *, owner: str, lease_seconds: float, max_attempts: int
-    ) -> int | None:
-        """Take the row for one transfer. Returns the attempt number, or None if not claimable."""
+    async def would_observe(self, recordings: Sequence[Recording]) -> set[str]:
+        """What ``observe`` would return, changing nothing (a dry run's view of the ledger)."""
         ...
 
-    async def heartbeat(self, recording_id: str, *, owner: str, lease_seconds: float) -> bool: ...
+    async def claim(self, recording_id: str, *, owner: str, lease_seconds: float) -> int | None:
+        """Take the row for one transfer: the attempt number (failures so far + 1), or None if
+        the row is not claimable. Taking over an expired lease counts an interruption."""
+        ...
 
-    async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool: ...
+    async def heartbeat(self, recording_id: str, *, owner: str, lease_seconds: float) -> bool:
+        """Extend a lease ``owner`` still holds; False when it was lost."""
+        ...
 
-    async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None: ...
+    async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool:
+        """Mark archived with key, size and SHA-256 (audited). False, changing nothing, when
+        someone else archived it meanwhile; a lost lease is still accepted (the bytes are
+        stored and verified). A row never claimed is refused (LedgerError)."""
+        ...
 
-    async def release(self, recording_id: str, *, owner: str) -> None: ...
+    async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:
+        """A failure of the recording itself: uses an attempt (audited). ``permanent`` (or the
+        budget used up) fails it for good. Changes nothing if ``owner`` lost the lease."""
+        ...
+
+    async def release(self, recording_id: str, *, owner: str, note: str | None = None) -> None:
+        """Give the row back (pending) without using an attempt: shutdown, processing at the
+        source, another instance writing it. ``note`` says why, for ``status``."""
+        ...
 
     async def reject(
         self, recording_id: str, *, reason: str, metadata: Mapping[str, Any] | None = None
-    ) -> None: ...
+    ) -> None:
+        """A listing entry that cannot be archived as it stands: failed for good, audited once
+        per reason, judged again if ``observe`` sees it listed in a usable form."""
+        ...
 
-    async def mark_deleted_at_source(self, recording_id: str) -> None: ...
+    def iter_owed(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[LedgerRow]:
+        """Owed rows (metadata included) ordered like ``iter_archived``."""
+        ...
 
-    # -- reads --------------------------------------------------------------------------------
+    def iter_claimable(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[LedgerRow]:
+        """The owed rows some instance may claim now (``core.claimable``), like ``iter_owed``:
+        what no listing may bring again (expired leases, rows no window lists any more)."""
+        ...
+
+    async def tally(self, recording_ids: Sequence[str]) -> Tally:
+        """Where each of these recordings stands (owed and why, archived, given up)."""
+        ...
+
+
+class RecordsLedger(Protocol):
+    """What records, reports and operator commands need."""
+
     async def get(self, recording_id: str) -> LedgerRow | None: ...
 
     async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
@@ -123,15 +195,34 @@ class Ledger(Protocol):
 
     async def summary(self) -> Summary: ...
 
-    async def failures(self, limit: int = 100) -> list[LedgerRow]: ...
+    async def failures(self, limit: int = 100) -> list[LedgerRow]:
+        """Failed rows, the newest failure first."""
+        ...
 
     def iter_archived(
         self, *, since: datetime | None = None, until: datetime | None = None
     ) -> AsyncIterator[LedgerRow]:
-        """Archived rows ordered by ended_at; since/until bound ended_at (inclusive, exclusive)."""
+        """Archived rows ordered by ended_at; since/until bound ended_at (inclusive, exclusive).
+        Without bounds, rows with no known end come first."""
         ...
 
-    # -- audit chain, passes, settings ---------------------------------------------------------
+    async def mark_deleted_at_source(self, recording_id: str) -> None: ...
+
+    # -- operator transitions (each audited) ----------------------------------------------
+    async def retry(self, recording_ids: Sequence[str] | None = None) -> list[str]:
+        """Failed rows back to pending with their attempts reset: the given ids, or every
+        failed row when None. Returns the ids that changed."""
+        ...
+
+    async def give_up(self, recording_id: str, *, reason: str) -> bool:
+        """An owed recording an operator decides is not to be archived: no longer owed."""
+        ...
+
+    async def reopen(self, recording_id: str, *, reason: str) -> bool:
+        """An archived copy found missing or damaged: owed again, to be fetched again."""
+        ...
+
+    # -- audit chain, passes, settings -------------------------------------------------------
     async def append_audit(
         self, action: str, recording_id: str | None, details: Mapping[str, Any]
     ) -> AuditEntry:
@@ -171,3 +262,16 @@ class Ledger(Protocol):
         states, attempts and audit hashes as they are. Refuses (``LedgerError``) a ledger that
         holds anything unless ``replace``, which empties it first in the same transaction."""
         ...
+
+
+class Ledger(WorkLedger, RecordsLedger, Protocol):
+    """A whole ledger, used as ``async with``."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

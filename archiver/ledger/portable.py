@@ -3,7 +3,7 @@ backends (a SQLite file into PostgreSQL when one host is no longer enough) witho
 
 The file is one JSON object per line, each with a ``type``:
 
-    header     {"format": "archiver-ledger", "format_version": 1, "backend", "exported_at", ...}
+    header     {"format": "archiver-ledger", "format_version": 2, "backend", "exported_at", ...}
     recording  every column of a row, whatever its state: attempts, errors, leases, metadata
     audit      every entry of the audit chain in order, with its hashes unchanged
     pass       the pass history, oldest first
@@ -32,7 +32,13 @@ from archiver.ledger.base import Ledger
 from archiver.models import State
 
 FORMAT = "archiver-ledger"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 files (before claims were told from attempts) are read too: see ``_from_v1``.
+READABLE_VERSIONS = (1, 2)
+# What version 1 left out of a recording, and the attempts that made a v1 row failed for good
+# (the default budget then, also applied by the ledgers' own schema upgrade).
+_V1_ADDED = ("claims", "interruptions", "rejected", "completed_by")
+V1_MAX_ATTEMPTS = 5
 
 Kind = Literal["text", "text?", "int", "int?", "bool", "ts", "ts?", "object"]
 
@@ -61,7 +67,13 @@ RECORDING_FIELDS: Mapping[str, Kind] = {
     "updated_at": "ts",
     "archived_at": "ts?",
     "deleted_at_source": "ts?",
+    "claims": "int",
+    "interruptions": "int",
+    "rejected": "bool",
+    "completed_by": "text?",
 }
+# Columns a row has beside its metadata (what a transition reads).
+BRIEF_FIELDS = tuple(name for name in RECORDING_FIELDS if name != "metadata")
 AUDIT_FIELDS: Mapping[str, Kind] = {
     "seq": "int",
     "at": "ts",
@@ -137,7 +149,20 @@ def _check_value(kind: Kind, value: Any, where: str) -> Any:
     raise LedgerError(f"{where}: expected {base}, got {type(value).__name__}")
 
 
-def decode(line: str, lineno: int) -> tuple[str, dict[str, Any]]:
+def _from_v1(doc: dict[str, Any]) -> None:
+    """A version 1 recording, as a version 2 one: every claim counted as an attempt then."""
+    if any(name in doc for name in _V1_ADDED):
+        return
+    attempts = doc.get("attempts")
+    doc["claims"] = attempts if isinstance(attempts, int) else 0
+    doc["interruptions"] = 0
+    doc["rejected"] = False
+    doc["completed_by"] = None
+    if doc.get("state") == "failed" and isinstance(attempts, int):
+        doc["permanent"] = bool(doc.get("permanent")) or attempts >= V1_MAX_ATTEMPTS
+
+
+def decode(line: str, lineno: int, version: int = FORMAT_VERSION) -> tuple[str, dict[str, Any]]:
     """One line of an export as (type, record) with typed values (datetimes for times)."""
     try:
         doc = json.loads(line)
@@ -151,6 +176,8 @@ def decode(line: str, lineno: int) -> tuple[str, dict[str, Any]]:
     fields = FIELDS.get(kind)
     if fields is None:
         raise LedgerError(f"line {lineno}: unknown record type {kind!r}")
+    if kind == "recording" and version == 1:
+        _from_v1(doc)
     unknown = set(doc) - set(fields)
     if unknown:
         raise LedgerError(f"line {lineno}: unknown {kind} field(s) {', '.join(sorted(unknown))}")
@@ -245,10 +272,11 @@ async def import_ledger(ledger: Ledger, path: Path, *, replace: bool = False) ->
     kind, header = decode(first[1], first[0])
     if kind != "header" or header.get("format") != FORMAT:
         raise LedgerError(f"{path} is not an archiver ledger export (no header line)")
-    if header.get("format_version") != FORMAT_VERSION:
+    version = header.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise LedgerError(
-            f"{path} has export format {header.get('format_version')!r}; this archiver reads "
-            f"{FORMAT_VERSION}"
+            f"{path} has export format {version!r}; this archiver reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     chain = ChainCheck()
     order = {name: n for n, name in enumerate(KINDS)}
@@ -256,7 +284,7 @@ async def import_ledger(ledger: Ledger, path: Path, *, replace: bool = False) ->
     async def records() -> AsyncIterator[tuple[str, dict[str, Any]]]:
         last_rank = 0
         for lineno, line in lines:
-            kind, record = decode(line, lineno)
+            kind, record = decode(line, lineno, version)
             if kind == "end":
                 counts = record.get("counts")
                 if counts != report.counts:

@@ -1,12 +1,13 @@
 """The ledger in PostgreSQL, shared by several archiver instances (contract in ``base``).
 
-The semantics are the SQLite ledger's; what sharing adds:
+The rules are ``archiver.ledger.core``'s; this module carries them out in PostgreSQL. What
+sharing adds:
 
 - Leases run on the database's clock (``now()``), so hosts whose clocks disagree still agree on
-  when a lease expires. A claim is one conditional ``UPDATE`` (one round trip): concurrent
-  claimers of a row queue on its row lock, the loser re-reads the row and finds it taken. Nothing
-  is recovered at start-up: other instances may be alive, so a dead one's rows come back when its
-  leases expire.
+  when a lease expires. A transition locks the rows it reads (``FOR UPDATE``, in id order), so
+  concurrent claimers of a row queue on its lock and the loser finds it taken. Nothing is
+  recovered at start-up: other instances may be alive, so a dead one's rows come back when its
+  leases expire (``core.claimable``).
 - The audit chain stays one linear chain with many writers: an append locks the chain head (the
   single row of ``audit_head``) inside the transition's own transaction.
 - Migrations run at start-up, each in a transaction holding an advisory lock, so instances that
@@ -14,8 +15,8 @@ The semantics are the SQLite ledger's; what sharing adds:
 - Connection lost or refused, a server shutting down or starting up, too many connections,
   serialization failures and deadlocks are ``LedgerUnavailable``; every call then retries its whole
   transaction (``archiver.retry``), so an instance rides out a database restart. Retrying is safe
-  after a commit whose answer was lost: each call carries a token, so a retried claim, completion,
-  audit append, pass or compare-and-set finds its own earlier commit instead of doing it twice.
+  after a commit whose answer was lost: a transition's ``owner`` names one transfer, so its retry
+  finds its own commit (``core``); an audit append, a pass or a compare-and-set carries a token.
 - The password comes from ``password_file`` or ``PGPASSWORD`` and is registered with
   ``archiver.redact``; messages name host, port and database, never the URL.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import os
 import secrets
 import socket
@@ -41,17 +42,25 @@ from collections.abc import (
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from archiver import audit
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
-from archiver.ledger.base import AuditEntry, PassRecord, Summary
-from archiver.ledger.portable import AUDIT_FIELDS, PASS_FIELDS, RECORDING_FIELDS
+from archiver.ledger import core
+from archiver.ledger.base import AuditEntry, Budget, PassRecord, Summary
+from archiver.ledger.portable import (
+    AUDIT_FIELDS,
+    BRIEF_FIELDS,
+    PASS_FIELDS,
+    RECORDING_FIELDS,
+    V1_MAX_ATTEMPTS,
+)
 from archiver.ledger.rows import decode_audit, decode_pass, decode_row, dumps, json_object
-from archiver.models import LedgerRow, Recording, State, StoredObject
+from archiver.ledger.shared import SharedLedger
+from archiver.models import LedgerRow, State
 from archiver.redact import redact, register_secret
 from archiver.retry import RetryPolicy, call_with_retry
 
@@ -138,6 +147,25 @@ MIGRATIONS: list[str] = [
         token text
     );
     """,
+    # 2: claims told from attempts (only failures use one now), interruptions, rejected entries
+    # that are judged again, the transfer that archived a row (replacing the call tokens), and
+    # the given_up state.
+    f"""
+    ALTER TABLE recordings DROP CONSTRAINT recordings_state_check;
+    ALTER TABLE recordings ADD CONSTRAINT recordings_state_check
+        CHECK (state IN ('pending', 'in_progress', 'archived', 'failed', 'given_up'));
+    ALTER TABLE recordings
+        ADD COLUMN claims        integer NOT NULL DEFAULT 0,
+        ADD COLUMN interruptions integer NOT NULL DEFAULT 0,
+        ADD COLUMN rejected      boolean NOT NULL DEFAULT false,
+        ADD COLUMN completed_by  text;
+    UPDATE recordings SET
+        claims = attempts,
+        -- Rejected entries were failed for good without a claim: judged again from now on.
+        rejected = (state = 'failed' AND permanent AND attempts = 0),
+        permanent = permanent OR (state = 'failed' AND attempts >= {V1_MAX_ATTEMPTS});
+    ALTER TABLE recordings DROP COLUMN claim_token, DROP COLUMN completion_token;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -148,52 +176,6 @@ _MIGRATION_LOCK = int.from_bytes(b"ARCHIVER", "big")
 _BATCH = 1000  # rows per read in the streaming iterators and per import batch
 
 DEFAULT_RETRY = RetryPolicy(attempts=30, total_seconds=120.0, initial_backoff=0.1, max_backoff=5.0)
-
-# A row some instance may take now; $max is the max_attempts parameter.
-_CLAIMABLE = """(
-    {r}state = 'pending'
-    OR ({r}state = 'failed' AND NOT {r}permanent AND {r}attempts < {max})
-    OR ({r}state = 'in_progress' AND {r}lease_expires < now() AND {r}attempts < {max})
-)"""
-
-# A sighting refreshes what the API says but is no transition: updated_at stays the time of the
-# row's last transition. Rows are sorted by id so that concurrent pages lock rows in one order.
-_OBSERVE = f"""
-INSERT INTO recordings AS r (
-    id, state, source_status, room_id, session_id, participant_id,
-    started_at, ended_at, metadata, first_seen_at, updated_at
-)
-SELECT u.id, 'pending', u.status, u.room_id, u.session_id, u.participant_id,
-       u.started_at, u.ended_at, u.metadata::jsonb, now(), now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-            $6::timestamptz[], $7::timestamptz[], $8::text[])
-     AS u(id, status, room_id, session_id, participant_id, started_at, ended_at, metadata)
-ON CONFLICT (id) DO UPDATE SET
-    source_status  = excluded.source_status,
-    room_id        = coalesce(excluded.room_id, r.room_id),
-    session_id     = coalesce(excluded.session_id, r.session_id),
-    participant_id = coalesce(excluded.participant_id, r.participant_id),
-    started_at     = coalesce(excluded.started_at, r.started_at),
-    ended_at       = coalesce(excluded.ended_at, r.ended_at),
-    metadata       = excluded.metadata
-WHERE r.state <> 'archived'
-RETURNING r.id, {_CLAIMABLE.format(r="r.", max="$9")} AS needs_work
-"""
-
-_CLAIM = f"""
-UPDATE recordings
-SET state = 'in_progress',
-    attempts = CASE WHEN claim_token = $2 AND state = 'in_progress'
-                    THEN attempts ELSE attempts + 1 END,
-    lease_owner = $3,
-    lease_expires = now() + make_interval(secs => $4),
-    claim_token = $2,
-    updated_at = now()
-WHERE id = $1
-  AND ((claim_token = $2 AND state = 'in_progress' AND lease_owner = $3)
-       OR {_CLAIMABLE.format(r="", max="$5")})
-RETURNING attempts
-"""
 
 _RECORDING_COLUMNS = ", ".join(RECORDING_FIELDS)
 _AUDIT_COLUMNS = ", ".join(AUDIT_FIELDS)
@@ -292,7 +274,52 @@ def _check_url(url: str) -> None:
         )
 
 
-class PostgresLedger:
+_BRIEF_COLUMNS = ", ".join(BRIEF_FIELDS)
+# The array type ``unnest`` needs for each kind of column (``portable.RECORDING_FIELDS``).
+_ARRAY_TYPES = {"text": "text[]", "int": "bigint[]", "bool": "boolean[]", "ts": "timestamptz[]"}
+
+
+def _pg_value(name: str, value: Any) -> Any:
+    """A column value as asyncpg sends it: jsonb as text, text cleaned of what PostgreSQL
+    refuses."""
+    if isinstance(value, State):
+        return value.value
+    if RECORDING_FIELDS[name] == "object":
+        return _jsonb(value if value is not None else {})
+    return _clean(value)
+
+
+def _insert_sql() -> str:
+    columns = list(RECORDING_FIELDS)
+    arrays = ", ".join(
+        f"${n}::{_ARRAY_TYPES.get(RECORDING_FIELDS[c].rstrip('?'), 'text[]')}"
+        for n, c in enumerate(columns, start=1)
+    )
+    select = ", ".join(
+        f"u.{c}::jsonb" if RECORDING_FIELDS[c] == "object" else f"u.{c}" for c in columns
+    )
+    return (
+        f"INSERT INTO recordings ({', '.join(columns)}) "
+        f"SELECT {select} FROM unnest({arrays}) AS u({', '.join(columns)}) "
+        "ON CONFLICT (id) DO NOTHING RETURNING id"
+    )
+
+
+_INSERT = _insert_sql()
+
+
+def _update_sql(columns: Sequence[str]) -> str:
+    unknown = set(columns) - set(RECORDING_FIELDS)
+    if unknown:
+        raise LedgerError(f"no such ledger column(s): {', '.join(sorted(unknown))}")
+    sets = ", ".join(
+        f"{c} = ${n}::jsonb" if RECORDING_FIELDS[c] == "object" else f"{c} = ${n}"
+        for n, c in enumerate(columns, start=2)
+    )
+    return f"UPDATE recordings SET {sets} WHERE id = $1"
+
+
+class PostgresLedger(SharedLedger):
     """The ``Ledger`` protocol over PostgreSQL. Use as ``async with PostgresLedger(url)``."""
 
     def __init__(
@@ -304,6 +331,7 @@ class PostgresLedger:
         pool_size: int = 10,
         retry: RetryPolicy = DEFAULT_RETRY,
         command_timeout: float = 60.0,
+        budget: Budget | None = None,
     ) -> None:
         _check_url(url)
         self._url = url
@@ -311,8 +339,9 @@ class PostgresLedger:
         self.password_file = password_file
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         self.pool_size = pool_size
-        self.retry = retry
+        self.retry_policy = retry
         self.command_timeout = command_timeout
+        self.budget = budget or Budget()
         self._pool: Any = None
 
     def __repr__(self) -> str:
@@ -405,7 +434,7 @@ class PostgresLedger:
             except _DRIVER_ERRORS as exc:
                 raise self._translate(exc, what) from exc
 
-        return await call_with_retry(self.retry, f"ledger {what}", once)
+        return await call_with_retry(self.retry_policy, f"ledger {what}", once)
 
     # -- schema ------------------------------------------------------------------------------
     async def migrate(self) -> int:
@@ -436,192 +465,90 @@ class PostgresLedger:
         await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", current + 1)
         return current + 1, False
 
-    # -- transitions -------------------------------------------------------------------------
-    async def observe(self, recordings: Sequence[Recording], *, max_attempts: int) -> set[str]:
-        if not recordings:
-            return set()
-        # The last sighting of an id in the page wins, as it would applied one by one.
-        latest = {_clean(rec.id): rec for rec in recordings}
-        ids = sorted(latest)
-        recs = [latest[i] for i in ids]
-        args = (
-            ids,
-            [_clean(r.status) for r in recs],
-            [_clean(r.room_id) for r in recs],
-            [_clean(r.session_id) for r in recs],
-            [_clean(r.participant_id) for r in recs],
-            [r.started_at for r in recs],
-            [r.ended_at for r in recs],
-            [_jsonb(r.metadata) for r in recs],
-            max_attempts,
-        )
+    # -- carrying out the core's programs (``SharedLedger``'s primitives) -----------------------
+    async def _carry_out(
+        self,
+        what: str,
+        make: Callable[[], core.Program[_T]],
+        *,
+        grouped: bool = False,
+        durable: bool = True,
+    ) -> _T:
+        """One transaction, retried whole (with a new program each time) while the database is
+        away. Every commit here is durable; there is no group commit to join."""
 
-        async def tx(conn: Any) -> set[str]:
-            rows = await conn.fetch(_OBSERVE, *args)
-            return {row["id"] for row in rows if row["needs_work"]}
+        async def tx(conn: Any) -> _T:
+            clock: list[datetime] = []
+            return await core.run_async(make(), functools.partial(self._answer, conn, clock))
 
-        return await self._run("observe", tx, transaction=False)
+        return await self._run(what, tx)
 
-    async def claim(
-        self, recording_id: str, *, owner: str, lease_seconds: float, max_attempts: int
-    ) -> int | None:
-        token = secrets.token_hex(8)
+    async def _carry_out_dry(self, make: Callable[[], core.Program[_T]]) -> _T:
+        async def read(conn: Any) -> _T:
+            answer = functools.partial(self._answer, conn, [], dry=True)
+            return await core.run_async(make(), answer)
 
-        async def tx(conn: Any) -> int | None:
-            attempts = await conn.fetchval(
-                _CLAIM, recording_id, token, owner, float(lease_seconds), max_attempts
-            )
-            return None if attempts is None else int(attempts)
+        return await self._run("dry run", read, transaction=False)
 
-        return await self._run("claim", tx, transaction=False)
+    async def _clock(self) -> datetime:
+        async def read(conn: Any) -> datetime | None:
+            return _utc(await conn.fetchval("SELECT now()"))
 
-    async def heartbeat(self, recording_id: str, *, owner: str, lease_seconds: float) -> bool:
-        async def tx(conn: Any) -> bool:
-            status = await conn.execute(
-                """UPDATE recordings
-                   SET lease_expires = now() + make_interval(secs => $3), updated_at = now()
-                   WHERE id = $1 AND state = 'in_progress' AND lease_owner = $2""",
-                recording_id,
-                owner,
-                float(lease_seconds),
-            )
-            return bool(status == "UPDATE 1")
+        now = await self._run("clock", read, transaction=False)
+        assert now is not None
+        return now
 
-        return await self._run("heartbeat", tx, transaction=False)
-
-    async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool:
-        token = secrets.token_hex(8)
-        retain_until = None if stored.retain_until is None else _iso(stored.retain_until)
-
-        async def tx(conn: Any) -> bool:
-            row = await conn.fetchrow(
-                """SELECT state, lease_owner, attempts, completion_token
-                   FROM recordings WHERE id = $1 FOR UPDATE""",
-                recording_id,
-            )
-            if row is None:
-                raise LedgerError(f"complete: the ledger has no row for {recording_id!r}")
-            if row["state"] == State.ARCHIVED:
-                # True only if it was this very call, retried after its answer was lost.
-                return bool(row["completion_token"] == token)
-            held = row["state"] == State.IN_PROGRESS and row["lease_owner"] == owner
-            # As in SQLite: a lost lease is still accepted (our bytes are stored and verified;
-            # the other worker's complete then returns False). Only a row nobody ever claimed
-            # is a caller's bug.
-            if not held and row["attempts"] == 0:
-                raise LedgerError(
-                    f"complete: {recording_id!r} was never claimed; claim it before completing"
+    async def _answer(
+        self, conn: Any, clock: list[datetime], op: core.Op, *, dry: bool = False
+    ) -> Any:
+        """Carry out one request; ``dry`` reads without locking and writes nothing."""
+        if dry and isinstance(op, core.Insert | core.Update | core.Audit):
+            return len(op.rows) if isinstance(op, core.Insert) else None
+        lock = "" if dry else "FOR UPDATE"
+        match op:
+            case core.Clock():
+                if not clock:  # one time per transaction: the database's
+                    now = _utc(await conn.fetchval("SELECT now()"))
+                    assert now is not None
+                    clock.append(now)
+                return clock[0]
+            case core.Load(id=rid):
+                row = await conn.fetchrow(
+                    f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = $1 {lock}", rid
                 )
-            await conn.execute(
-                """UPDATE recordings
-                   SET state = 'archived', storage_key = $2, size = $3, sha256 = $4,
-                       version_id = $5, retain_until = $6, permanent = false, last_error = NULL,
-                       lease_owner = NULL, lease_expires = NULL, completion_token = $7,
-                       archived_at = now(), updated_at = now()
-                   WHERE id = $1""",
-                recording_id,
-                stored.key,
-                stored.size,
-                stored.sha256,
-                stored.version_id,
-                stored.retain_until,
-                token,
-            )
-            details = {
-                "key": stored.key,
-                "size": stored.size,
-                "sha256": stored.sha256,
-                "version_id": stored.version_id,
-                "retain_until": retain_until,
-            }
-            await self._append_audit_tx(conn, "archived", recording_id, details)
-            return True
-
-        return await self._run("complete", tx)
-
-    async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:
-        async def tx(conn: Any) -> None:
-            # A lost lease changes nothing: the row is someone else's (or archived) now.
-            attempts = await conn.fetchval(
-                """UPDATE recordings
-                   SET state = 'failed', permanent = $3, last_error = $4, lease_owner = NULL,
-                       lease_expires = NULL, updated_at = now()
-                   WHERE id = $1 AND state = 'in_progress' AND lease_owner = $2
-                   RETURNING attempts""",
-                recording_id,
-                owner,
-                permanent,
-                _clean(error),
-            )
-            if attempts is not None:
-                details = {"error": error, "permanent": permanent, "attempt": attempts}
-                await self._append_audit_tx(conn, "failed", recording_id, details)
-
-        await self._run("fail", tx)
-
-    async def release(self, recording_id: str, *, owner: str) -> None:
-        async def tx(conn: Any) -> None:
-            await conn.execute(
-                """UPDATE recordings
-                   SET state = 'pending', attempts = greatest(attempts - 1, 0),
-                       lease_owner = NULL, lease_expires = NULL, updated_at = now()
-                   WHERE id = $1 AND state = 'in_progress' AND lease_owner = $2""",
-                recording_id,
-                owner,
-            )
-
-        await self._run("release", tx, transaction=False)
-
-    async def reject(
-        self, recording_id: str, *, reason: str, metadata: Mapping[str, Any] | None = None
-    ) -> None:
-        rec_id, reason = _clean(recording_id), _clean(reason)
-        metadata_json = None if metadata is None else _jsonb(metadata)
-
-        async def tx(conn: Any) -> None:
-            # Rejecting the same entry again on every pass would only grow the audit chain.
-            rejected = await conn.fetchval(
-                """INSERT INTO recordings AS r (
-                       id, state, permanent, last_error, metadata, first_seen_at, updated_at
-                   ) VALUES ($1, 'failed', true, $2, coalesce($3::jsonb, '{}'), now(), now())
-                   ON CONFLICT (id) DO UPDATE SET
-                       state = 'failed', permanent = true, last_error = excluded.last_error,
-                       metadata = coalesce($3::jsonb, r.metadata),
-                       lease_owner = NULL, lease_expires = NULL, updated_at = excluded.updated_at
-                   WHERE r.state <> 'archived'
-                     AND NOT (r.state = 'failed' AND r.permanent
-                              AND r.last_error IS NOT DISTINCT FROM excluded.last_error)
-                   RETURNING id""",
-                rec_id,
-                reason,
-                metadata_json,
-            )
-            if rejected is not None:
-                await self._append_audit_tx(conn, "rejected", rec_id, {"reason": reason})
-
-        await self._run("reject", tx)
-
-    async def mark_deleted_at_source(self, recording_id: str) -> None:
-        async def tx(conn: Any) -> None:
-            row = await conn.fetchrow(
-                "SELECT deleted_at_source FROM recordings WHERE id = $1 FOR UPDATE",
-                recording_id,
-            )
-            if row is None:
-                raise LedgerError(
-                    f"mark_deleted_at_source: the ledger has no row for {recording_id!r}"
+                return None if row is None else decode_row(row, _utc)
+            case core.LoadMany(ids=ids):
+                rows = await conn.fetch(
+                    f"""SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ANY($1::text[])
+                        ORDER BY id {lock}""",
+                    [_clean(i) for i in ids],
                 )
-            if row["deleted_at_source"] is not None:
-                return
-            await conn.execute(
-                """UPDATE recordings SET deleted_at_source = now(), updated_at = now()
-                   WHERE id = $1""",
-                recording_id,
-            )
-            await self._append_audit_tx(conn, "deleted_at_source", recording_id, {})
+                return {row["id"]: decode_row(row, _utc) for row in rows}
+            case core.LoadState(state=state):
+                rows = await conn.fetch(
+                    f"""SELECT {_BRIEF_COLUMNS} FROM recordings WHERE state = $1
+                        ORDER BY id {lock}""",
+                    state.value,
+                )
+                return [decode_row(row, _utc) for row in rows]
+            case core.Insert(rows=new):
+                if not new:
+                    return 0
+                arrays = [[_pg_value(c, row[c]) for row in new] for c in RECORDING_FIELDS]
+                return len(await conn.fetch(_INSERT, *arrays))
+            case core.Update(changes=changes):
+                groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+                for rid, values in changes:
+                    params = (_clean(rid), *(_pg_value(c, v) for c, v in values.items()))
+                    groups.setdefault(tuple(values), []).append(params)
+                for changed, params_list in groups.items():
+                    await conn.executemany(_update_sql(changed), params_list)
+                return None
+            case core.Audit(action=action, recording_id=rid, details=details):
+                return await self._append_audit_tx(conn, action, _clean(rid), details)
+        raise LedgerError(f"the PostgreSQL ledger cannot carry out {op!r}")
 
-        await self._run("mark_deleted_at_source", tx)
-
+    # -- transitions (rules: ``archiver.ledger.core``) ------------------------------------------
     # -- reads -------------------------------------------------------------------------------
     async def get(self, recording_id: str) -> LedgerRow | None:
         async def read(conn: Any) -> LedgerRow | None:
@@ -630,57 +557,35 @@ class PostgresLedger:
 
         return await self._run("get", read, transaction=False)
 
-    async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
-        if not recording_ids:
-            return {}
-        ids = list(dict.fromkeys(recording_ids))
-
-        async def read(conn: Any) -> dict[str, State]:
+    async def _brief_rows(self, ids: list[str]) -> dict[str, LedgerRow]:
+        async def read(conn: Any) -> dict[str, LedgerRow]:
             rows = await conn.fetch(
-                "SELECT id, state FROM recordings WHERE id = ANY($1::text[])", ids
+                f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ANY($1::text[])",
+                ids,
             )
-            try:
-                return {row["id"]: State(row["state"]) for row in rows}
-            except ValueError as exc:
-                raise LedgerError(f"the ledger holds a row in an unknown state: {exc}") from exc
+            return {row["id"]: decode_row(row, _utc) for row in rows}
 
         return await self._run("states", read, transaction=False)
 
     async def summary(self) -> Summary:
         async def read(conn: Any) -> list[Any]:
-            return cast(
-                list[Any],
-                await conn.fetch(
-                    """SELECT state, count(*) AS n, count(*) FILTER (WHERE permanent) AS perm,
-                              min(ended_at) FILTER (WHERE NOT permanent) AS oldest,
-                              coalesce(sum(size), 0) AS bytes
-                       FROM recordings GROUP BY state"""
-                ),
+            rows: list[Any] = await conn.fetch(
+                """SELECT state, permanent, count(*) AS n, min(ended_at) AS oldest,
+                          coalesce(sum(size), 0) AS bytes
+                   FROM recordings GROUP BY state, permanent"""
             )
+            return rows
 
-        counts = dict.fromkeys(State, 0)
-        permanent = retryable = archived_bytes = 0
-        oldest: datetime | None = None
-        for row in await self._run("summary", read, transaction=False):
-            try:
-                state = State(row["state"])
-            except ValueError as exc:
-                raise LedgerError(
-                    f"the ledger holds rows in unknown state {row['state']!r}"
-                ) from exc
-            counts[state] = int(row["n"])
-            if state == State.FAILED:
-                permanent, retryable = int(row["perm"]), int(row["n"]) - int(row["perm"])
-            if state == State.ARCHIVED:
-                archived_bytes = int(row["bytes"])
-            elif row["oldest"] is not None and (oldest is None or row["oldest"] < oldest):
-                oldest = row["oldest"]
-        return Summary(
-            counts=counts,
-            permanent_failures=permanent,
-            retryable_failures=retryable,
-            oldest_unarchived_ended_at=_utc(oldest),
-            archived_bytes=archived_bytes,
+        groups = await self._run("summary", read, transaction=False)
+        return core.fold_summary(
+            core.SummaryGroup(
+                row["state"],
+                bool(row["permanent"]),
+                int(row["n"]),
+                _utc(row["oldest"]),
+                int(row["bytes"]),
+            )
+            for row in groups
         )
 
     async def failures(self, limit: int = 100) -> list[LedgerRow]:
@@ -694,24 +599,27 @@ class PostgresLedger:
 
         return await self._run("failures", read, transaction=False)
 
-    async def iter_archived(
-        self, *, since: datetime | None = None, until: datetime | None = None
+    async def _iter_rows(
+        self, states: tuple[State, ...], since: datetime | None, until: datetime | None
     ) -> AsyncIterator[LedgerRow]:
+        """Rows in ``states`` by (ended_at, id), in keyset pages; without bounds, rows with no
+        known end first (as in every ledger); a bound excludes them."""
+        names = [s.value for s in states]
         if since is None and until is None:
-            # Rows with no known end come first, as in SQLite; a bound excludes them.
             after_id = ""
-            while batch := await self._archived_batch(
+            while batch := await self._rows_batch(
                 """SELECT * FROM recordings
-                   WHERE state = 'archived' AND ended_at IS NULL AND id > $1
-                   ORDER BY id LIMIT $2""",
+                   WHERE state = ANY($1::text[]) AND ended_at IS NULL AND id > $2
+                   ORDER BY id LIMIT $3""",
+                names,
                 after_id,
                 _BATCH,
             ):
                 for row in batch:
                     yield row
                 after_id = batch[-1].id
-        where = ["state = 'archived'", "ended_at IS NOT NULL"]
-        params: list[Any] = []
+        where = ["state = ANY($1::text[])", "ended_at IS NOT NULL"]
+        params: list[Any] = [names]
         if since is not None:
             params.append(since)
             where.append(f"ended_at >= ${len(params)}")
@@ -725,18 +633,18 @@ class PostgresLedger:
             f"SELECT * FROM recordings WHERE {base} AND (ended_at, id) > (${n + 1}, ${n + 2}) "
             f"ORDER BY ended_at, id LIMIT ${n + 3}"
         )
-        batch = await self._archived_batch(first, *params, _BATCH)
+        batch = await self._rows_batch(first, *params, _BATCH)
         while batch:
             for row in batch:
                 yield row
             last = batch[-1]
-            batch = await self._archived_batch(more, *params, last.ended_at, last.id, _BATCH)
+            batch = await self._rows_batch(more, *params, last.ended_at, last.id, _BATCH)
 
-    async def _archived_batch(self, query: str, *args: Any) -> list[LedgerRow]:
+    async def _rows_batch(self, query: str, *args: Any) -> list[LedgerRow]:
         async def read(conn: Any) -> list[LedgerRow]:
             return [decode_row(row, _utc) for row in await conn.fetch(query, *args)]
 
-        return await self._run("iter_archived", read, transaction=False)
+        return await self._run("read rows", read, transaction=False)
 
     # -- audit chain, passes, settings -------------------------------------------------------
     async def append_audit(
@@ -768,13 +676,11 @@ class PostgresLedger:
         )
         if head is None:
             raise LedgerError("the ledger has no audit chain head (a damaged schema)")
-        seq, prev_hash = int(head["seq"]) + 1, str(head["hash"])
         at = _utc(head["at"])
         assert at is not None
-        details_text = dumps(details)
-        # Hash what will be read back, so the entry re-verifies whatever ``details`` held.
-        stored_details = json.loads(details_text)
-        digest = audit.entry_hash(prev_hash, seq, at, action, recording_id, stored_details)
+        entry, details_text = core.chain_entry(
+            int(head["seq"]), str(head["hash"]), at, action, recording_id, details
+        )
         await conn.execute(
             """WITH entry AS (
                    INSERT INTO audit (seq, at, action, recording_id, details, prev_hash, hash,
@@ -782,24 +688,16 @@ class PostgresLedger:
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                )
                UPDATE audit_head SET seq = $1, hash = $7""",
-            seq,
+            entry.seq,
             at,
             action,
             recording_id,
             details_text,
-            prev_hash,
-            digest,
+            entry.prev_hash,
+            entry.hash,
             token,
         )
-        return AuditEntry(
-            seq=seq,
-            at=at,
-            action=action,
-            recording_id=recording_id,
-            details=stored_details,
-            prev_hash=prev_hash,
-            hash=digest,
-        )
+        return entry
 
     async def iter_audit(self) -> AsyncIterator[AuditEntry]:
         after = 0

@@ -36,6 +36,8 @@ def json_object(text: str | None, what: str) -> dict[str, Any]:
 
 
 def decode_row(row: Any, when: TimeReader) -> LedgerRow:
+    """A recordings row; one read without its metadata column gives empty metadata."""
+    keys = row.keys()
     try:
         return LedgerRow(
             id=row["id"],
@@ -51,7 +53,11 @@ def decode_row(row: Any, when: TimeReader) -> LedgerRow:
             participant_id=row["participant_id"],
             started_at=when(row["started_at"]),
             ended_at=when(row["ended_at"]),
-            metadata=json_object(row["metadata"], f"the metadata of {row['id']!r}"),
+            metadata=(
+                json_object(row["metadata"], f"the metadata of {row['id']!r}")
+                if "metadata" in keys
+                else {}
+            ),
             lease_owner=row["lease_owner"],
             lease_expires=when(row["lease_expires"]),
             first_seen_at=when(row["first_seen_at"]),
@@ -60,6 +66,11 @@ def decode_row(row: Any, when: TimeReader) -> LedgerRow:
             retain_until=when(row["retain_until"]),
             version_id=row["version_id"],
             deleted_at_source=when(row["deleted_at_source"]),
+            permanent=bool(row["permanent"]),
+            claims=row["claims"],
+            interruptions=row["interruptions"],
+            rejected=bool(row["rejected"]),
+            completed_by=row["completed_by"],
         )
     except (ValueError, TypeError) as exc:
         raise LedgerError(f"the ledger row {row['id']!r} cannot be read: {exc}") from exc

@@ -1,17 +1,19 @@
 """The ledger in one SQLite file: the default for a single archiver instance.
 
-Every call runs on one dedicated thread that alone owns the connection, so the event loop never
-blocks on disk and sqlite3 is never shared between threads. Each transition is one
-``BEGIN IMMEDIATE`` transaction that also appends its audit entry. WAL with ``synchronous=FULL``:
-once ``complete`` returns, the archived row survives a power cut. The busy transitions (``claim``,
-``heartbeat``, ``complete``) that arrive while the thread is busy share its next transaction
-(group commit), so N workers finishing together cost one thread hop and one fsync. Transitions
-whose loss in a power cut is harmless (a sighting, a claim, a heartbeat) commit without waiting
-for the disk when no completion shares their transaction; the next durable commit makes them
-durable too, in order.
+The rules are ``archiver.ledger.core``'s; this module carries them out in SQLite. Every call runs
+on one dedicated thread that alone owns the connection, so the event loop never blocks on disk
+and sqlite3 is never shared between threads. Each transition is one ``BEGIN IMMEDIATE``
+transaction that also appends its audit entry. WAL with ``synchronous=FULL``: once ``complete``
+returns, the archived row survives a power cut. The busy transitions (``claim``, ``heartbeat``,
+``complete``) that arrive while the thread is busy share its next transaction (group commit), so
+N workers finishing together cost one thread hop and one fsync. Transitions whose loss in a power
+cut is harmless (a sighting, a claim, a heartbeat) commit without waiting for the disk when no
+completion shares their transaction; the next durable commit makes them durable too, in order.
 
 ``exclusive=True`` (backfill, run) takes an ``flock`` on ``<path>.lock`` so that two instances
-never share a file ledger; readers (status, verify) open without it.
+never share a file ledger; readers (status, verify) open without it, and ``must_exist`` readers
+refuse a path where no ledger is instead of creating one. The file, its lock and its WAL are
+created 0600 (they hold every recording's metadata).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import json
 import os
 import sqlite3
 import time
@@ -35,20 +36,24 @@ from collections.abc import (
 )
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar
 
 from archiver import audit
 from archiver.errors import LedgerError, LedgerUnavailable
-from archiver.ledger.base import AuditEntry, PassRecord, Summary
-from archiver.ledger.portable import FIELDS, RECORDING_FIELDS
+from archiver.ledger import core
+from archiver.ledger.base import AuditEntry, Budget, PassRecord, Summary
+from archiver.ledger.portable import BRIEF_FIELDS, FIELDS, RECORDING_FIELDS, V1_MAX_ATTEMPTS
 from archiver.ledger.rows import decode_audit, decode_pass, decode_row, dumps, json_object
-from archiver.models import LedgerRow, Recording, State, StoredObject, utcnow
+from archiver.ledger.shared import SharedLedger
+from archiver.models import LedgerRow, State, utcnow
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+FILE_MODE = 0o600
 
 # Applied in order, each in its own transaction; MIGRATIONS[n] takes the schema from n to n + 1.
 # Never edit a released entry: append a new one.
@@ -115,39 +120,62 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 2: claims told from attempts (only failures use one now), interruptions, rejected entries
+    # that are judged again, the transfer that archived a row, and the given_up state.
+    f"""
+    CREATE TABLE recordings_v2 (
+        id                TEXT PRIMARY KEY,
+        state             TEXT NOT NULL
+                          CHECK (state IN ('pending', 'in_progress', 'archived', 'failed',
+                                           'given_up')),
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        permanent         INTEGER NOT NULL DEFAULT 0,
+        last_error        TEXT,
+        storage_key       TEXT,
+        size              INTEGER,
+        sha256            TEXT,
+        version_id        TEXT,
+        retain_until      TEXT,
+        source_status     TEXT,
+        room_id           TEXT,
+        session_id        TEXT,
+        participant_id    TEXT,
+        started_at        TEXT,
+        ended_at          TEXT,
+        metadata          TEXT NOT NULL DEFAULT '{{}}',
+        lease_owner       TEXT,
+        lease_expires     TEXT,
+        first_seen_at     TEXT NOT NULL,
+        updated_at        TEXT NOT NULL,
+        archived_at       TEXT,
+        deleted_at_source TEXT,
+        claims            INTEGER NOT NULL DEFAULT 0,
+        interruptions     INTEGER NOT NULL DEFAULT 0,
+        rejected          INTEGER NOT NULL DEFAULT 0,
+        completed_by      TEXT
+    );
+    INSERT INTO recordings_v2
+    SELECT id, state, attempts,
+           CASE WHEN state = 'failed' AND attempts >= {V1_MAX_ATTEMPTS} THEN 1 ELSE permanent END,
+           last_error, storage_key, size, sha256, version_id, retain_until, source_status,
+           room_id, session_id, participant_id, started_at, ended_at, metadata, lease_owner,
+           lease_expires, first_seen_at, updated_at, archived_at, deleted_at_source,
+           attempts, 0,
+           -- Rejected entries were failed for good without a claim: judged again from now on.
+           CASE WHEN state = 'failed' AND permanent = 1 AND attempts = 0 THEN 1 ELSE 0 END,
+           NULL
+    FROM recordings;
+    DROP TABLE recordings;
+    ALTER TABLE recordings_v2 RENAME TO recordings;
+    CREATE INDEX recordings_state ON recordings (state, ended_at, id);
+    CREATE INDEX recordings_ended_at ON recordings (ended_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _BATCH = 1000  # rows per read in the streaming iterators
 _IN_CHUNK = 500  # ids per ``IN (...)``, far below SQLite's variable limit
-
-# A row some instance may take now. Parameters :max_attempts and :now. The unary ``+`` keeps
-# the planner on the id lookup: given a long ``id IN (...)`` it would otherwise scan every
-# pending row through the state index (100x slower at 100,000 rows).
-_CLAIMABLE = """(
-    +state = 'pending'
-    OR (+state = 'failed' AND permanent = 0 AND attempts < :max_attempts)
-    OR (+state = 'in_progress' AND lease_expires < :now AND attempts < :max_attempts)
-)"""
-
-# A sighting refreshes what the API says but is no transition: updated_at stays the time of the
-# row's last transition, so failures() lists the newest failures, not the latest seen.
-_OBSERVE = """
-INSERT INTO recordings (
-    id, state, source_status, room_id, session_id, participant_id,
-    started_at, ended_at, metadata, first_seen_at, updated_at
-) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET
-    source_status  = excluded.source_status,
-    room_id        = coalesce(excluded.room_id, room_id),
-    session_id     = coalesce(excluded.session_id, session_id),
-    participant_id = coalesce(excluded.participant_id, participant_id),
-    started_at     = coalesce(excluded.started_at, started_at),
-    ended_at       = coalesce(excluded.ended_at, ended_at),
-    metadata       = excluded.metadata
-WHERE state != 'archived'
-"""
 
 
 @dataclass(slots=True)
@@ -224,13 +252,59 @@ def _translate(exc: sqlite3.Error, path: Path) -> LedgerError | LedgerUnavailabl
     return LedgerError(f"the ledger {path} is unusable: {message}")
 
 
-class SqliteLedger:
+_ROW_COLUMNS = ", ".join(RECORDING_FIELDS)
+_BRIEF_COLUMNS = ", ".join(BRIEF_FIELDS)
+
+
+def _encode(name: str, value: Any) -> Any:
+    """A column value as SQLite stores it (the kinds of ``portable.RECORDING_FIELDS``)."""
+    if value is None:
+        return None
+    kind = RECORDING_FIELDS[name]
+    if kind.startswith("ts"):
+        return _ts(value)
+    if kind == "object":
+        return dumps(value)
+    if kind == "bool":
+        return int(value)
+    if isinstance(value, State):
+        return value.value
+    return value
+
+
+def _updates(
+    changes: Sequence[tuple[str, Mapping[str, Any]]],
+) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
+    """One ``UPDATE`` (with its parameter rows) per set of columns changed."""
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for rid, values in changes:
+        columns = tuple(values)
+        unknown = set(columns) - set(RECORDING_FIELDS)
+        if unknown:
+            raise LedgerError(f"no such ledger column(s): {', '.join(sorted(unknown))}")
+        groups.setdefault(columns, []).append((*(_encode(c, values[c]) for c in columns), rid))
+    for columns, params in groups.items():
+        sets = ", ".join(f"{c} = ?" for c in columns)
+        yield f"UPDATE recordings SET {sets} WHERE id = ?", params
+
+
+class SqliteLedger(SharedLedger):
     """The ``Ledger`` protocol over one SQLite file. Use as ``async with SqliteLedger(path)``."""
 
-    def __init__(self, path: Path, *, exclusive: bool = False, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        exclusive: bool = False,
+        busy_timeout: float = 10.0,
+        budget: Budget | None = None,
+        must_exist: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.exclusive = exclusive
         self.busy_timeout = busy_timeout
+        self.budget = budget or Budget()
+        self.must_exist = must_exist
         self._executor: ThreadPoolExecutor | None = None
         # Touched only on the executor's thread.
         self._conn: sqlite3.Connection | None = None
@@ -255,7 +329,7 @@ class SqliteLedger:
             await self._call(self._open_sync)
             await self.migrate()
             if self.exclusive:
-                await self._call(self._recover_orphans_sync)
+                await self._carry_out("recover", lambda: core.recover_orphans(self.budget))
         except BaseException:
             # The error that stopped the opening is the one to report, not a failed close.
             with contextlib.suppress(LedgerError, LedgerUnavailable):
@@ -285,7 +359,17 @@ class SqliteLedger:
             raise _translate(exc, self.path) from exc
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.must_exist and not self.path.is_file():
+            raise LedgerError(f"there is no ledger at {self.path} (check ledger.path)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created here, not by sqlite3, to be private from the first byte on; SQLite gives
+            # its WAL and shared-memory files the same mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+        except OSError as exc:
+            raise LedgerError(
+                f"the ledger {self.path} cannot be opened: {exc.strerror or exc}"
+            ) from exc
         if self.exclusive:
             self._lock_sync()
         conn = sqlite3.connect(
@@ -303,7 +387,12 @@ class SqliteLedger:
         self._conn = conn
 
     def _lock_sync(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise LedgerError(
+                f"the ledger's lock {self.lock_path} cannot be opened: {exc.strerror or exc}"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -365,24 +454,96 @@ class SqliteLedger:
             if not durable:
                 conn.execute("PRAGMA synchronous = FULL")
 
-    # -- schema ------------------------------------------------------------------------------
-    def _recover_orphans_sync(self) -> int:
-        """With the exclusive lock held no other process can be transferring, so every
-        in_progress row was left by a killed one: count it as a failed attempt now instead of
-        waiting for its lease, so it is retried at once while attempts remain, and a recording
-        that kills the process every time ends failed rather than being retried forever."""
-        _, now = _now()
-        with self._write() as conn:
-            cursor = conn.execute(
-                """UPDATE recordings
-                   SET state = 'failed', permanent = 0, lease_owner = NULL, lease_expires = NULL,
-                       updated_at = ?,
-                       last_error = 'interrupted: the process stopped mid-transfer'
-                   WHERE state = 'in_progress'""",
-                (now,),
-            )
-            return cursor.rowcount
+    # -- carrying out the core's programs (``SharedLedger``'s primitives) -----------------------
+    async def _carry_out(
+        self,
+        what: str,
+        make: Callable[[], core.Program[_T]],
+        *,
+        grouped: bool = False,
+        durable: bool = True,
+    ) -> _T:
+        if grouped:
 
+            def apply(conn: sqlite3.Connection) -> _T:
+                return core.run_sync(make(), functools.partial(self._answer, conn))
+
+            result: _T = await self._grouped(apply, durable=durable)
+            return result
+        return await self._call(self._carry_out_sync, make(), durable)
+
+    def _carry_out_sync(self, program: core.Program[_T], durable: bool) -> _T:
+        with self._write(durable=durable) as conn:
+            return core.run_sync(program, functools.partial(self._answer, conn))
+
+    async def _carry_out_dry(self, make: Callable[[], core.Program[_T]]) -> _T:
+        return await self._call(self._carry_out_dry_sync, make())
+
+    def _carry_out_dry_sync(self, program: core.Program[_T]) -> _T:
+        answer = functools.partial(self._answer, self._db(), dry=True)
+        return core.run_sync(program, answer)
+
+    async def _brief_rows(self, ids: list[str]) -> dict[str, LedgerRow]:
+        return await self._call(self._brief_rows_on, self._db(), ids)
+
+    async def _clock(self) -> datetime:
+        return utcnow()
+
+    def _answer(self, conn: sqlite3.Connection, op: core.Op, *, dry: bool = False) -> Any:
+        """Carry out one request; ``dry`` reads as usual but writes nothing."""
+        if dry and isinstance(op, core.Insert | core.Update | core.Audit):
+            return len(op.rows) if isinstance(op, core.Insert) else None
+        match op:
+            case core.Clock():
+                return _now()[0]
+            case core.Load(id=rid):
+                found = conn.execute(
+                    f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ?", (rid,)
+                ).fetchone()
+                return None if found is None else decode_row(found, _dt)
+            case core.LoadMany(ids=ids):
+                return self._brief_rows_on(conn, list(ids))
+            case core.LoadState(state=state):
+                rows = conn.execute(
+                    f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE state = ? ORDER BY id",
+                    (state.value,),
+                )
+                return [decode_row(row, _dt) for row in rows]
+            case core.Insert(rows=rows):
+                if not rows:
+                    return 0
+                columns = list(RECORDING_FIELDS)
+                before = conn.total_changes
+                conn.executemany(
+                    f"INSERT INTO recordings ({_ROW_COLUMNS}) VALUES "
+                    f"({', '.join('?' * len(columns))}) ON CONFLICT (id) DO NOTHING",
+                    [tuple(_encode(c, row[c]) for c in columns) for row in rows],
+                )
+                return conn.total_changes - before
+            case core.Update(changes=changes):
+                for sql, params in _updates(changes):
+                    conn.executemany(sql, params)
+                return None
+            case core.Audit(action=action, recording_id=rid, details=details):
+                now_dt, now = _now()
+                return self._append_audit_tx(conn, now_dt, now, action, rid, details)
+        raise LedgerError(f"the SQLite ledger cannot carry out {op!r}")
+
+    @staticmethod
+    def _brief_rows_on(conn: sqlite3.Connection, ids: list[str]) -> dict[str, LedgerRow]:
+        found: dict[str, LedgerRow] = {}
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            placeholders = ", ".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id IN ({placeholders})", chunk
+            )
+            for row in rows:
+                decoded = decode_row(row, _dt)
+                found[decoded.id] = decoded
+        return found
+
+    # -- schema ------------------------------------------------------------------------------
     async def migrate(self) -> int:
         """Bring the schema to ``SCHEMA_VERSION``; return the version the file is at."""
         return await self._call(self._migrate_sync)
@@ -407,113 +568,7 @@ class SqliteLedger:
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (current + 1,))
 
-    # -- transitions -------------------------------------------------------------------------
-    async def observe(self, recordings: Sequence[Recording], *, max_attempts: int) -> set[str]:
-        if not recordings:
-            return set()
-        return await self._call(self._observe_sync, list(recordings), max_attempts)
-
-    def _observe_sync(self, recordings: list[Recording], max_attempts: int) -> set[str]:
-        _, now = _now()
-        # A sighting never changes an archived row (the upsert skips them): leave those out, so a
-        # pass over an archive that is up to date reads one index lookup per id and writes nothing.
-        archived = self._archived_among(list(dict.fromkeys(rec.id for rec in recordings)))
-        recordings = [rec for rec in recordings if rec.id not in archived]
-        if not recordings:
-            return set()
-        rows = [
-            (
-                rec.id,
-                rec.status,
-                rec.room_id,
-                rec.session_id,
-                rec.participant_id,
-                _ts_or_none(rec.started_at),
-                _ts_or_none(rec.ended_at),
-                dumps(rec.metadata),
-                now,
-                now,
-            )
-            for rec in recordings
-        ]
-        ids = list(dict.fromkeys(rec.id for rec in recordings))
-        need_work: set[str] = set()
-        with self._write(durable=False) as conn:
-            conn.executemany(_OBSERVE, rows)
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                params: dict[str, Any] = {f"id{i}": rid for i, rid in enumerate(chunk)}
-                params.update(max_attempts=max_attempts, now=now)
-                placeholders = ", ".join(f":id{i}" for i in range(len(chunk)))
-                query = f"SELECT id FROM recordings WHERE id IN ({placeholders}) AND {_CLAIMABLE}"
-                need_work.update(row[0] for row in conn.execute(query, params))
-        return need_work
-
-    def _archived_among(self, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(ids), _IN_CHUNK):
-            chunk = ids[start : start + _IN_CHUNK]
-            placeholders = ", ".join("?" * len(chunk))
-            query = (
-                f"SELECT id FROM recordings WHERE id IN ({placeholders}) AND +state = 'archived'"
-            )
-            found.update(row[0] for row in self._db().execute(query, chunk))
-        return found
-
-    async def claim(
-        self, recording_id: str, *, owner: str, lease_seconds: float, max_attempts: int
-    ) -> int | None:
-        apply = functools.partial(self._claim_tx, recording_id, owner, lease_seconds, max_attempts)
-        result: int | None = await self._grouped(apply, durable=False)
-        return result
-
-    @staticmethod
-    def _claim_tx(
-        recording_id: str,
-        owner: str,
-        lease_seconds: float,
-        max_attempts: int,
-        conn: sqlite3.Connection,
-    ) -> int | None:
-        now_dt, now = _now()
-        rows = conn.execute(
-            f"""UPDATE recordings
-                SET state = 'in_progress', attempts = attempts + 1, lease_owner = :owner,
-                    lease_expires = :expires, updated_at = :now
-                WHERE id = :id AND {_CLAIMABLE}
-                RETURNING attempts""",
-            {
-                "id": recording_id,
-                "owner": owner,
-                "expires": _ts(now_dt + timedelta(seconds=lease_seconds)),
-                "now": now,
-                "max_attempts": max_attempts,
-            },
-        ).fetchall()
-        return int(rows[0][0]) if rows else None
-
-    async def heartbeat(self, recording_id: str, *, owner: str, lease_seconds: float) -> bool:
-        apply = functools.partial(self._heartbeat_tx, recording_id, owner, lease_seconds)
-        held: bool = await self._grouped(apply, durable=False)
-        return held
-
-    @staticmethod
-    def _heartbeat_tx(
-        recording_id: str, owner: str, lease_seconds: float, conn: sqlite3.Connection
-    ) -> bool:
-        now_dt, now = _now()
-        cursor = conn.execute(
-            """UPDATE recordings SET lease_expires = ?, updated_at = ?
-               WHERE id = ? AND state = 'in_progress' AND lease_owner = ?""",
-            (_ts(now_dt + timedelta(seconds=lease_seconds)), now, recording_id, owner),
-        )
-        return cursor.rowcount == 1
-
-    async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool:
-        apply = functools.partial(self._complete_tx, recording_id, owner, stored)
-        done: bool = await self._grouped(apply, durable=True)
-        return done
-
+    # -- group commit ----------------------------------------------------------------------------
     async def _grouped(self, apply: Callable[[sqlite3.Connection], Any], *, durable: bool) -> Any:
         """Run ``apply`` in the next group transaction; return what it returns."""
         if self._executor is None:
@@ -569,149 +624,6 @@ class SqliteLedger:
                 conn.execute("RELEASE one")
         return results
 
-    def _complete_tx(
-        self, recording_id: str, owner: str, stored: StoredObject, conn: sqlite3.Connection
-    ) -> bool:
-        now_dt, now = _now()
-        row = conn.execute(
-            "SELECT state, lease_owner, attempts FROM recordings WHERE id = ?",
-            (recording_id,),
-        ).fetchone()
-        if row is None:
-            raise LedgerError(f"complete: the ledger has no row for {recording_id!r}")
-        if row["state"] == State.ARCHIVED:
-            return False
-        held = row["state"] == State.IN_PROGRESS and row["lease_owner"] == owner
-        # A lost lease (another owner now, or released, or failed by them) is still
-        # accepted: our bytes are stored and verified, and recording that is the truth;
-        # the other worker's complete then returns False. Only a row nobody ever claimed
-        # (attempts == 0; claims that count are never undone) is a caller's bug.
-        if not held and row["attempts"] == 0:
-            raise LedgerError(
-                f"complete: {recording_id!r} was never claimed; claim it before completing"
-            )
-        retain_until = _ts_or_none(stored.retain_until)
-        conn.execute(
-            """UPDATE recordings
-               SET state = 'archived', storage_key = ?, size = ?, sha256 = ?,
-                   version_id = ?, retain_until = ?, permanent = 0, last_error = NULL,
-                   lease_owner = NULL, lease_expires = NULL, archived_at = ?, updated_at = ?
-               WHERE id = ?""",
-            (
-                stored.key,
-                stored.size,
-                stored.sha256,
-                stored.version_id,
-                retain_until,
-                now,
-                now,
-                recording_id,
-            ),
-        )
-        self._append_audit_tx(
-            conn,
-            now_dt,
-            now,
-            "archived",
-            recording_id,
-            {
-                "key": stored.key,
-                "size": stored.size,
-                "sha256": stored.sha256,
-                "version_id": stored.version_id,
-                "retain_until": retain_until,
-            },
-        )
-        return True
-
-    async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:
-        await self._call(self._fail_sync, recording_id, owner, error, permanent)
-
-    def _fail_sync(self, recording_id: str, owner: str, error: str, permanent: bool) -> None:
-        now_dt, now = _now()
-        with self._write() as conn:
-            # A lost lease changes nothing: the row is someone else's (or archived) now.
-            rows = conn.execute(
-                """UPDATE recordings
-                   SET state = 'failed', permanent = ?, last_error = ?, lease_owner = NULL,
-                       lease_expires = NULL, updated_at = ?
-                   WHERE id = ? AND state = 'in_progress' AND lease_owner = ?
-                   RETURNING attempts""",
-                (int(permanent), error, now, recording_id, owner),
-            ).fetchall()
-            if rows:
-                details = {"error": error, "permanent": permanent, "attempt": rows[0][0]}
-                self._append_audit_tx(conn, now_dt, now, "failed", recording_id, details)
-
-    async def release(self, recording_id: str, *, owner: str) -> None:
-        await self._call(self._release_sync, recording_id, owner)
-
-    def _release_sync(self, recording_id: str, owner: str) -> None:
-        _, now = _now()
-        with self._write() as conn:
-            conn.execute(
-                """UPDATE recordings
-                   SET state = 'pending', attempts = max(attempts - 1, 0), lease_owner = NULL,
-                       lease_expires = NULL, updated_at = ?
-                   WHERE id = ? AND state = 'in_progress' AND lease_owner = ?""",
-                (now, recording_id, owner),
-            )
-
-    async def reject(
-        self, recording_id: str, *, reason: str, metadata: Mapping[str, Any] | None = None
-    ) -> None:
-        await self._call(self._reject_sync, recording_id, reason, metadata)
-
-    def _reject_sync(
-        self, recording_id: str, reason: str, metadata: Mapping[str, Any] | None
-    ) -> None:
-        now_dt, now = _now()
-        with self._write() as conn:
-            # Rejecting the same entry again on every pass would only grow the audit chain.
-            rows = conn.execute(
-                """INSERT INTO recordings (
-                       id, state, permanent, last_error, metadata, first_seen_at, updated_at
-                   ) VALUES (:id, 'failed', 1, :reason, coalesce(:metadata, '{}'), :now, :now)
-                   ON CONFLICT (id) DO UPDATE SET
-                       state = 'failed', permanent = 1, last_error = excluded.last_error,
-                       metadata = coalesce(:metadata, metadata),
-                       lease_owner = NULL, lease_expires = NULL, updated_at = excluded.updated_at
-                   WHERE state != 'archived'
-                     AND NOT (state = 'failed' AND permanent = 1
-                              AND last_error IS excluded.last_error)
-                   RETURNING id""",
-                {
-                    "id": recording_id,
-                    "reason": reason,
-                    "metadata": None if metadata is None else dumps(metadata),
-                    "now": now,
-                },
-            ).fetchall()
-            if rows:
-                details = {"reason": reason}
-                self._append_audit_tx(conn, now_dt, now, "rejected", recording_id, details)
-
-    async def mark_deleted_at_source(self, recording_id: str) -> None:
-        await self._call(self._mark_deleted_sync, recording_id)
-
-    def _mark_deleted_sync(self, recording_id: str) -> None:
-        now_dt, now = _now()
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT deleted_at_source FROM recordings WHERE id = ?", (recording_id,)
-            ).fetchone()
-            if row is None:
-                raise LedgerError(
-                    f"mark_deleted_at_source: the ledger has no row for {recording_id!r}"
-                )
-            if row[0] is not None:
-                return
-            conn.execute(
-                "UPDATE recordings SET deleted_at_source = ?, updated_at = ? WHERE id = ?",
-                (now, now, recording_id),
-            )
-            self._append_audit_tx(conn, now_dt, now, "deleted_at_source", recording_id, {})
-
     # -- reads -------------------------------------------------------------------------------
     async def get(self, recording_id: str) -> LedgerRow | None:
         return await self._call(self._get_sync, recording_id)
@@ -721,57 +633,17 @@ class SqliteLedger:
         found = row.fetchone()
         return None if found is None else decode_row(found, _dt)
 
-    async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
-        if not recording_ids:
-            return {}
-        return await self._call(self._states_sync, list(dict.fromkeys(recording_ids)))
-
-    def _states_sync(self, ids: list[str]) -> dict[str, State]:
-        found: dict[str, State] = {}
-        conn = self._db()
-        for start in range(0, len(ids), _IN_CHUNK):
-            chunk = ids[start : start + _IN_CHUNK]
-            placeholders = ", ".join("?" * len(chunk))
-            query = f"SELECT id, state FROM recordings WHERE id IN ({placeholders})"
-            for rec_id, state in conn.execute(query, chunk):
-                try:
-                    found[rec_id] = State(state)
-                except ValueError as exc:
-                    raise LedgerError(
-                        f"the ledger row {rec_id!r} has unknown state {state!r}"
-                    ) from exc
-        return found
-
     async def summary(self) -> Summary:
         return await self._call(self._summary_sync)
 
     def _summary_sync(self) -> Summary:
-        counts = dict.fromkeys(State, 0)
-        permanent = retryable = archived_bytes = 0
-        oldest: str | None = None
         rows = self._db().execute(
-            """SELECT state, count(*), coalesce(sum(permanent), 0),
-                      min(CASE WHEN permanent = 0 THEN ended_at END), coalesce(sum(size), 0)
-               FROM recordings GROUP BY state"""
+            """SELECT state, permanent, count(*), min(ended_at), coalesce(sum(size), 0)
+               FROM recordings GROUP BY state, permanent"""
         )
-        for state_text, count, permanent_count, min_ended, size_sum in rows:
-            try:
-                state = State(state_text)
-            except ValueError as exc:
-                raise LedgerError(f"the ledger holds rows in unknown state {state_text!r}") from exc
-            counts[state] = count
-            if state == State.FAILED:
-                permanent, retryable = permanent_count, count - permanent_count
-            if state == State.ARCHIVED:
-                archived_bytes = size_sum
-            elif min_ended is not None and (oldest is None or min_ended < oldest):
-                oldest = min_ended
-        return Summary(
-            counts=counts,
-            permanent_failures=permanent,
-            retryable_failures=retryable,
-            oldest_unarchived_ended_at=_dt(oldest),
-            archived_bytes=archived_bytes,
+        return core.fold_summary(
+            core.SummaryGroup(state, bool(permanent), count, _dt(oldest), size)
+            for state, permanent, count, oldest, size in rows
         )
 
     async def failures(self, limit: int = 100) -> list[LedgerRow]:
@@ -785,19 +657,20 @@ class SqliteLedger:
         )
         return [decode_row(row, _dt) for row in rows]
 
-    async def iter_archived(
-        self, *, since: datetime | None = None, until: datetime | None = None
+    async def _iter_rows(
+        self, states: tuple[State, ...], since: datetime | None, until: datetime | None
     ) -> AsyncIterator[LedgerRow]:
+        """Rows in ``states`` by (ended_at, id), in keyset pages; without bounds, rows with no
+        known end first (NULL sorts first; a bound excludes them)."""
         if since is None and until is None:
-            # Rows with no known end come first, as NULL sorts first; a bound excludes them.
             after_id = ""
-            while batch := await self._call(self._archived_undated_sync, after_id):
+            while batch := await self._call(self._undated_sync, states, after_id):
                 for row in batch:
                     yield row
                 after_id = batch[-1].id
         after: tuple[str, str] | None = None
         while batch := await self._call(
-            self._archived_dated_sync, _ts_or_none(since), _ts_or_none(until), after
+            self._dated_sync, states, _ts_or_none(since), _ts_or_none(until), after
         ):
             for row in batch:
                 yield row
@@ -805,20 +678,27 @@ class SqliteLedger:
             assert last.ended_at is not None
             after = (_ts(last.ended_at), last.id)
 
-    def _archived_undated_sync(self, after_id: str) -> list[LedgerRow]:
+    def _undated_sync(self, states: tuple[State, ...], after_id: str) -> list[LedgerRow]:
+        marks = ", ".join("?" * len(states))
         rows = self._db().execute(
-            """SELECT * FROM recordings
-               WHERE state = 'archived' AND ended_at IS NULL AND id > ?
-               ORDER BY id LIMIT ?""",
-            (after_id, _BATCH),
+            f"""SELECT * FROM recordings
+                WHERE state IN ({marks}) AND ended_at IS NULL AND id > ?
+                ORDER BY id LIMIT ?""",
+            (*(s.value for s in states), after_id, _BATCH),
         )
         return [decode_row(row, _dt) for row in rows]
 
-    def _archived_dated_sync(
-        self, since: str | None, until: str | None, after: tuple[str, str] | None
+    def _dated_sync(
+        self,
+        states: tuple[State, ...],
+        since: str | None,
+        until: str | None,
+        after: tuple[str, str] | None,
     ) -> list[LedgerRow]:
-        where = ["state = 'archived'", "ended_at IS NOT NULL"]
         params: dict[str, Any] = {"limit": _BATCH}
+        params.update({f"s{n}": s.value for n, s in enumerate(states)})
+        marks = ", ".join(f":s{n}" for n in range(len(states)))
+        where = [f"state IN ({marks})", "ended_at IS NOT NULL"]
         if since is not None:
             where.append("ended_at >= :since")
             params["since"] = since
@@ -859,25 +739,16 @@ class SqliteLedger:
     ) -> AuditEntry:
         """Chain one entry inside the caller's write transaction."""
         last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev_hash = (1, audit.GENESIS) if last is None else (last[0] + 1, last[1])
-        details_text = dumps(details)
-        # Hash what will be read back, so the entry re-verifies whatever ``details`` held.
-        stored_details = json.loads(details_text)
-        digest = audit.entry_hash(prev_hash, seq, at, action, recording_id, stored_details)
+        prev_seq, prev_hash = (0, audit.GENESIS) if last is None else (last[0], last[1])
+        entry, details_text = core.chain_entry(
+            prev_seq, prev_hash, at, action, recording_id, details
+        )
         conn.execute(
             """INSERT INTO audit (seq, at, action, recording_id, details, prev_hash, hash)
                VALUES (?, ?, ?, ?, ?, ?, ?)""",
-            (seq, at_text, action, recording_id, details_text, prev_hash, digest),
+            (entry.seq, at_text, action, recording_id, details_text, prev_hash, entry.hash),
         )
-        return AuditEntry(
-            seq=seq,
-            at=at,
-            action=action,
-            recording_id=recording_id,
-            details=stored_details,
-            prev_hash=prev_hash,
-            hash=digest,
-        )
+        return entry
 
     async def iter_audit(self) -> AsyncIterator[AuditEntry]:
         after = 0

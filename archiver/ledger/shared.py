@@ -1,0 +1,162 @@
+"""The part of every ledger that is the same for all of them: each protocol method, in terms of
+a few primitives a ledger module provides in its dialect (``_carry_out`` a program of
+``archiver.ledger.core`` in a transaction, read rows, read the clock).
+
+A ledger module subclasses ``SharedLedger`` and keeps only what is its own: SQL, transactions,
+schema, and (SQLite) group commit or (PostgreSQL) retries and idempotency tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from archiver.ledger import core
+from archiver.ledger.base import OWED_STATES, Budget, Tally
+from archiver.models import LedgerRow, Recording, State, StoredObject
+
+T = TypeVar("T")
+
+
+class SharedLedger:
+    """The rules carried out the same way by every ledger; see ``WorkLedger``/``RecordsLedger``
+    for what each method promises."""
+
+    budget: Budget
+
+    # -- what a ledger module provides ----------------------------------------------------------
+    async def _carry_out(
+        self,
+        what: str,
+        make: Callable[[], core.Program[T]],
+        *,
+        grouped: bool = False,
+        durable: bool = True,
+    ) -> T:
+        """Run the program ``make()`` builds in one transaction. ``grouped``: it may share a
+        transaction with others issued at the same moment (group commit); ``durable=False``: its
+        loss in a power cut is harmless (a sighting, a claim, a heartbeat)."""
+        raise NotImplementedError
+
+    async def _carry_out_dry(self, make: Callable[[], core.Program[T]]) -> T:
+        """Run the program reading as usual, locking and writing nothing."""
+        raise NotImplementedError
+
+    def _iter_rows(
+        self, states: tuple[State, ...], since: datetime | None, until: datetime | None
+    ) -> AsyncIterator[LedgerRow]:
+        """Rows in ``states`` ordered by (ended_at, id), metadata included, in keyset pages;
+        without bounds rows with no known end come first, a bound excludes them."""
+        raise NotImplementedError
+
+    async def _brief_rows(self, ids: list[str]) -> dict[str, LedgerRow]:
+        """The rows of these ids (without metadata), unlocked."""
+        raise NotImplementedError
+
+    async def _clock(self) -> datetime:
+        """Now, on the clock leases run on."""
+        raise NotImplementedError
+
+    # -- transitions ----------------------------------------------------------------------------
+    async def observe(self, recordings: Sequence[Recording]) -> set[str]:
+        if not recordings:
+            return set()
+        page = list(recordings)
+        return await self._carry_out(
+            "observe", lambda: core.observe(page, self.budget), durable=False
+        )
+
+    async def would_observe(self, recordings: Sequence[Recording]) -> set[str]:
+        if not recordings:
+            return set()
+        page = list(recordings)
+        return await self._carry_out_dry(lambda: core.observe(page, self.budget))
+
+    async def claim(self, recording_id: str, *, owner: str, lease_seconds: float) -> int | None:
+        return await self._carry_out(
+            "claim",
+            lambda: core.claim(
+                recording_id, owner=owner, lease_seconds=lease_seconds, budget=self.budget
+            ),
+            grouped=True,
+            durable=False,
+        )
+
+    async def heartbeat(self, recording_id: str, *, owner: str, lease_seconds: float) -> bool:
+        return await self._carry_out(
+            "heartbeat",
+            lambda: core.heartbeat(recording_id, owner=owner, lease_seconds=lease_seconds),
+            grouped=True,
+            durable=False,
+        )
+
+    async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool:
+        return await self._carry_out(
+            "complete",
+            lambda: core.complete(recording_id, owner=owner, stored=stored),
+            grouped=True,
+        )
+
+    async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:
+        await self._carry_out(
+            "fail",
+            lambda: core.fail(
+                recording_id, owner=owner, error=error, permanent=permanent, budget=self.budget
+            ),
+        )
+
+    async def release(self, recording_id: str, *, owner: str, note: str | None = None) -> None:
+        await self._carry_out("release", lambda: core.release(recording_id, owner=owner, note=note))
+
+    async def reject(
+        self, recording_id: str, *, reason: str, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        await self._carry_out(
+            "reject", lambda: core.reject(recording_id, reason=reason, metadata=metadata)
+        )
+
+    async def mark_deleted_at_source(self, recording_id: str) -> None:
+        await self._carry_out(
+            "mark_deleted_at_source", lambda: core.mark_deleted_at_source(recording_id)
+        )
+
+    async def retry(self, recording_ids: Sequence[str] | None = None) -> list[str]:
+        ids = None if recording_ids is None else list(recording_ids)
+        return await self._carry_out("retry", lambda: core.retry(ids))
+
+    async def give_up(self, recording_id: str, *, reason: str) -> bool:
+        return await self._carry_out("give_up", lambda: core.give_up(recording_id, reason=reason))
+
+    async def reopen(self, recording_id: str, *, reason: str) -> bool:
+        return await self._carry_out("reopen", lambda: core.reopen(recording_id, reason=reason))
+
+    # -- reads ----------------------------------------------------------------------------------
+    async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
+        if not recording_ids:
+            return {}
+        rows = await self._brief_rows(list(dict.fromkeys(recording_ids)))
+        return {rid: row.state for rid, row in rows.items()}
+
+    async def tally(self, recording_ids: Sequence[str]) -> Tally:
+        ids = list(dict.fromkeys(recording_ids))
+        rows = await self._brief_rows(ids) if ids else {}
+        return core.tally(ids, rows, await self._clock(), self.budget)
+
+    def iter_archived(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[LedgerRow]:
+        return self._iter_rows((State.ARCHIVED,), since, until)
+
+    def iter_owed(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[LedgerRow]:
+        return self._iter_rows(tuple(sorted(OWED_STATES)), since, until)
+
+    async def iter_claimable(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[LedgerRow]:
+        now = await self._clock()
+        async for row in self.iter_owed(since=since, until=until):
+            if core.claimable(row, now, self.budget):
+                yield row
