@@ -156,6 +156,12 @@ async def _ledger_export(args: argparse.Namespace, settings: Settings) -> int:
     return await commands.ledger_export(settings, output=args.output)
 
 
+async def _ledger_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import commands
+
+    return await commands.ledger_rebuild(settings, deep=args.deep)
+
+
 async def _ledger_import(args: argparse.Namespace, settings: Settings) -> int:
     from archiver import commands
 
@@ -267,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ledger_command",
         required=True,
         parser_class=_Parser,
-        metavar="{migrate,export,import}",
+        metavar="{migrate,export,import,rebuild}",
     )
     lg_sub.add_parser(
         "migrate", help="bring the schema up to date (every start does it too)"
@@ -280,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("file", type=Path, help="a file written by 'archiver ledger export'")
     li.add_argument(
         "--force", action="store_true", help="replace whatever the ledger holds (all of it)"
+    )
+    lr = lg_sub.add_parser(
+        "rebuild",
+        help="make the configured, empty ledger from the archive (sidecars and objects)",
+    )
+    lr.set_defaults(handler=_ledger_rebuild)
+    lr.add_argument(
+        "--deep", action="store_true", help="re-hash every object instead of trusting sidecars"
     )
 
     demo = command("demo", None, "archive a simulated account into ./demo-archive")

@@ -171,8 +171,15 @@ async def dry_run(settings: Settings, filters: Filters) -> int:
 
 
 # -- status -------------------------------------------------------------------------------------
+def _reading(settings: Settings) -> contextlib.AbstractAsyncContextManager[Services]:
+    """Ledger and archive for a read-only command: nothing is created or written in the
+    archive, a missing ledger is an error, and the ledger must be the archive's."""
+    return open_services(settings, exclusive=False, api=False, storage_ready=False, must_exist=True)
+
+
 async def status(settings: Settings, *, as_json: bool) -> int:
-    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
+    async with _reading(settings) as svc:
+        ledger = svc.ledger
         summary = await ledger.summary()
         failures = await ledger.failures(limit=50)
         passes = await ledger.last_passes(limit=5)
@@ -290,13 +297,7 @@ async def verify(settings: Settings, *, deep: bool, repair: bool = False) -> int
     Read-only without ``repair``: it never writes to the archive (an auditor's read-only mount)."""
     from archiver.verify import Problem
 
-    opened = (
-        open_services(settings, exclusive=True)
-        if repair
-        else open_services(
-            settings, exclusive=False, api=False, storage_ready=False, must_exist=True
-        )
-    )
+    opened = open_services(settings, exclusive=True) if repair else _reading(settings)
     async with opened as svc:
         total = (await svc.ledger.summary()).counts.get(State.ARCHIVED, 0)
         with make_progress("verifying") as progress:
@@ -439,10 +440,10 @@ async def manifest(
     from archiver.manifest import day_range, open_output, write_manifest
 
     start, end = day_range(since, until)
-    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
+    async with _reading(settings) as svc:
         try:
             with open_output(output) as out:
-                rows = ledger.iter_archived(since=start, until=end)
+                rows = svc.ledger.iter_archived(since=start, until=end)
                 stats = await write_manifest(rows, out, fmt)
         except BrokenPipeError:
             raise
@@ -466,11 +467,11 @@ async def audit_verify(settings: Settings) -> int:
     head: AuditEntry | None = None
     problems: list[str] = []
     checked = 0
-    async with make_ledger(settings, exclusive=False, must_exist=True) as ledger:
+    async with _reading(settings) as svc:
 
         async def entries() -> AsyncIterator[AuditEntry]:
             nonlocal head
-            async for entry in ledger.iter_audit():
+            async for entry in svc.ledger.iter_audit():
                 head = entry
                 yield entry
 
@@ -566,6 +567,25 @@ async def ledger_export(settings: Settings, *, output: Path | None) -> int:
     # stdout may be the export itself: the summary goes to stderr.
     where = f" to {output}" if output is not None else ""
     print(f"exported {report.line()}{where}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def ledger_rebuild(settings: Settings, *, deep: bool) -> int:
+    """Make a new ledger from what the archive holds (``archiver.identity.rebuild``)."""
+    from archiver.identity import rebuild
+    from archiver.service import ledger_files_of
+
+    async with open_services(
+        settings, exclusive=True, api=False, storage_ready=False, check_identity=False
+    ) as svc:
+        report = await rebuild(svc.ledger, svc.storage, deep=deep, ignore=ledger_files_of(settings))
+    print(f"ledger rebuild: {report.line()}; ledger id {report.ledger_id}")
+    for key, why in sorted(report.skipped.items())[:50]:
+        print(f"  skipped {key}: {why}")
+    print(
+        "the rebuilt rows are archived copies only: run `archiver backfill` to find what the "
+        "source still has that the archive lacks, and `archiver verify --deep` to check them"
+    )
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import tomllib
 import types
 from collections.abc import Mapping
@@ -169,6 +170,9 @@ class DaemonSettings:
 @dataclass(frozen=True, slots=True)
 class SourceSettings:
     delete_after_archive: bool = False
+    # Before a deletion at the source, the copy must also parse as media (ffprobe) and last as
+    # long as the API's duration_secs (within 2 s).
+    media_check: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +478,10 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
         problems.append("logging.format: must be 'auto', 'text' or 'json'")
     if logging.level.lower() not in ("debug", "info", "warning", "error"):
         problems.append("logging.level: must be debug, info, warning or error")
+    if s["source"].media_check and shutil.which("ffprobe") is None:
+        problems.append(
+            "source.media_check: ffprobe is not on PATH (install the Debian package ffmpeg)"
+        )
     url = s["ledger"].url
     if url is not None and not url.startswith(("postgresql://", "postgres://")):
         problems.append("ledger.url: must be a postgresql:// URL")

@@ -10,7 +10,9 @@ the source only when all of these hold:
   backend: a same-size corrupted copy blocks the deletion);
 - where Object Lock is on (the backend's capabilities, or ``storage.s3.object_lock_mode``), the
   commit applied it: the row carries the retain-until date the backend reported, and the stored
-  object still reports one.
+  object still reports one;
+- with ``source.media_check``, the copy parses as media (ffprobe) and its duration is the API's
+  ``duration_secs`` within 2 s.
 
 Deletion is by id only (``DELETE /v2/room_recordings/{id}``, ``TelnyxClient.delete``); the bulk
 endpoint is never called. Each deletion is marked in the ledger (``mark_deleted_at_source``),
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+from archiver import media
 from archiver.config import Settings
 from archiver.errors import ArchiverError, AuthError, NotFound
 from archiver.ledger.base import Ledger
@@ -93,6 +96,7 @@ class SourceDeleter:
         self._storage = storage
         # Either side saying Object Lock is enough to insist on retention before deleting.
         self._retention = storage.capabilities.object_lock or retention_required(settings)
+        self._media_check = settings.source.media_check
         self._deferred: list[str] | None = None
         self.report = PurgeReport()
 
@@ -163,6 +167,14 @@ class SourceDeleter:
                 info = await self._storage.stat(row.storage_key)
                 if info is None or info.retain_until is None:
                     return "the stored object reports no Object Lock retention"
+            if self._media_check and row.storage_key:
+                duration = row.metadata.get("duration_secs")
+                wrong = await media.check_media(
+                    self._storage.read(row.storage_key),
+                    duration if isinstance(duration, int) else None,
+                )
+                if wrong is not None:
+                    return wrong
         except ArchiverError as exc:
             return f"the copy could not be checked: {redact(str(exc))}"
         return None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from archiver import identity
 from archiver.config import Settings
 from archiver.errors import ConfigError
 from archiver.ledger.base import Budget, Ledger, Tally
@@ -58,6 +59,13 @@ def make_storage(settings: Settings) -> StorageBackend:
     raise ConfigError(f"storage.backend: unknown backend {settings.storage.backend!r}")
 
 
+def ledger_files_of(settings: Settings) -> identity.Ignore:
+    """The SQLite ledger's own files, where they sit inside a local archive (the demo's)."""
+    if settings.storage.backend != "local" or settings.ledger.url is not None:
+        return lambda key: False
+    return identity.ledger_files(settings.ledger.path, settings.storage.path)
+
+
 def budget_of(settings: Settings) -> Budget:
     return Budget(
         max_attempts=settings.workers.max_attempts,
@@ -98,8 +106,11 @@ async def open_services(
     api: bool = True,
     storage_ready: bool = True,
     must_exist: bool = False,
+    check_identity: bool = True,
 ) -> AsyncIterator[Services]:
-    """Everything a command needs, opened in data-flow order and closed in reverse."""
+    """Everything a command needs, opened in data-flow order and closed in reverse. The ledger
+    must be the archive's (``archiver.identity``); a writer (``exclusive`` and
+    ``storage_ready``) records that on an archive that has no identity record yet."""
     async with AsyncExitStack() as stack:
         client = TelnyxClient(settings.telnyx) if api else None  # fails early without a key
         ledger = await stack.enter_async_context(
@@ -111,6 +122,13 @@ async def open_services(
             removed = await storage.cleanup_stale(STALE_PARTIAL_SECONDS)
             if removed:
                 log.info("removed %d stale partial uploads", removed)
+        if check_identity:
+            await identity.check(
+                ledger,
+                storage,
+                writable=exclusive and storage_ready,
+                ignore=ledger_files_of(settings),
+            )
         if client is not None:
             await stack.enter_async_context(client)
         http = await stack.enter_async_context(download_session(settings)) if api else None

@@ -1,7 +1,10 @@
 """Re-read the archive against the ledger.
 
 Quick: every archived row's object exists with the recorded size (and, where the backend keeps
-one, the recorded SHA-256), and its sidecar exists. Deep: also re-read and re-hash every byte.
+one, the recorded SHA-256), and its sidecar exists. Deep: also re-read and re-hash every byte,
+and judge the copy by the checks a download passes (``archiver.media``: it starts like a media
+container, its size fits the API's ``size_mb``), so a copy an older version archived without
+them is reported too. A hash only proves the bytes are the ones that were stored.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from archiver import layout
+from archiver import layout, media
 from archiver.errors import ArchiverError
 from archiver.ledger.base import Ledger
 from archiver.models import LedgerRow
@@ -94,11 +97,20 @@ async def check_row(
     if deep:
         hasher = hashlib.sha256()
         size = 0
+        head = b""
         async for chunk in storage.read(key):
             hasher.update(chunk)
+            if len(head) < media.HEAD_BYTES:
+                head += chunk[: media.HEAD_BYTES - len(head)]
             size += len(chunk)
         if size != row.size:
             return Problem(row.id, key, f"read {size} bytes, ledger says {row.size}")
         if hasher.hexdigest() != row.sha256:
             return Problem(row.id, key, "content changed: SHA-256 does not match the ledger")
+        size_mb = row.metadata.get("size_mb")
+        wrong = media.check_copy(
+            head, size, size_mb=size_mb if isinstance(size_mb, int | float) else None
+        )
+        if wrong is not None:
+            return Problem(row.id, key, wrong)
     return None

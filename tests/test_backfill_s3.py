@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from archiver.identity import IDENTITY_KEY
 from archiver.ledger import open_ledger
 from archiver.models import State, utcnow
 from archiver.simulator import Faults, Simulator, make_recordings
@@ -79,7 +80,8 @@ async def check_archive(
             sidecar = await storage.stat(row.storage_key + ".json")
             assert sidecar is not None and within(sidecar.retain_until, low, high)
     counts = versions_by_key(server, prefix)
-    assert set(counts) == set(keys.values()) | {k + ".json" for k in keys.values()}
+    # Recordings, their sidecars, and the archive's identity record (archiver.identity).
+    assert set(counts) == set(keys.values()) | {k + ".json" for k in keys.values()} | {IDENTITY_KEY}
     assert set(counts.values()) == {1}  # each stored once
     uploads = server.client().list_multipart_uploads(Bucket=server.locked_bucket, Prefix=prefix)
     assert not uploads.get("Uploads")

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from archiver.daemon import HWM_KEY, RESCAN_KEY, run_daemon
+from archiver.identity import IDENTITY_KEY
 from archiver.ledger import open_ledger
 from archiver.models import State
 from archiver.notify import Notifier
@@ -275,7 +276,9 @@ async def test_sigterm_mid_transfer_exits_cleanly_within_the_grace(sim_factory, 
     assert took < grace + 3.0, took
     assert not any(sim.download_completions.values())
     assert stray_files(tmp_path) == []
-    assert not [p for p in (tmp_path / "archive").rglob("*") if p.is_file()]
+    # Nothing but the archive's identity record (archiver.identity).
+    files = [p for p in (tmp_path / "archive").rglob("*") if p.is_file()]
+    assert [p.name for p in files] == [IDENTITY_KEY]
     async with open_ledger(path=tmp_path / "ledger.db") as ledger:
         states = await ledger.states([r.id for r in recs])
         for rec in recs:

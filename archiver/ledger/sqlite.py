@@ -362,7 +362,7 @@ class SqliteLedger(SharedLedger):
         if self.must_exist and not self.path.is_file():
             raise LedgerError(f"there is no ledger at {self.path} (check ledger.path)")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             # Created here, not by sqlite3, to be private from the first byte on; SQLite gives
             # its WAL and shared-memory files the same mode.
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))

@@ -177,6 +177,10 @@ class StorageBackend(Protocol):
         """Remove the object (refused by a locked object: StorageError)."""
         ...
 
+    def iter_keys(self) -> AsyncIterator[str]:
+        """Every committed key, in no promised order; partial uploads are not keys."""
+        ...
+
     async def cleanup_stale(self, older_than_seconds: float) -> int:
         """Remove what killed processes left behind: partial uploads older than the limit, and
         temporary files that are never resumed (a sidecar being written) as soon as no live

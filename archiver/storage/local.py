@@ -619,6 +619,17 @@ class LocalStorage:
     async def cleanup_stale(self, older_than_seconds: float) -> int:
         return await _in_io_thread(self._cleanup_stale, time.time() - older_than_seconds)
 
+    async def iter_keys(self) -> AsyncIterator[str]:
+        # One directory per thread hop: a large tree is walked without holding it all.
+        walk = os.walk(self._root, followlinks=False)
+        while (here := await _in_io_thread(next, walk, None)) is not None:
+            dirpath, dirnames, filenames = here
+            dirnames.sort()
+            base = Path(dirpath).relative_to(self._root)
+            for name in sorted(filenames):
+                if not is_partial_name(name):
+                    yield (base / name).as_posix()
+
     # The methods below run in a worker thread.
 
     def _real_root(self) -> Path:

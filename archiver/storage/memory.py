@@ -170,5 +170,9 @@ class MemoryStorage:
         check_key(key)
         self._objects.pop(key, None)
 
+    async def iter_keys(self) -> AsyncIterator[str]:
+        for key in sorted(self._objects):
+            yield key
+
     async def cleanup_stale(self, older_than_seconds: float) -> int:
         return 0

@@ -682,6 +682,27 @@ class S3Storage:
         check_key(key)
         await self._run(self._delete, key, version_id)
 
+    async def iter_keys(self) -> AsyncIterator[str]:
+        token: str | None = None
+        while True:
+            keys, token = await self._run(self._list_page, token)
+            for key in keys:
+                yield key
+            if token is None:
+                return
+
+    def _list_page(self, token: str | None) -> tuple[list[str], str | None]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._prefix, "MaxKeys": 1000}
+        if token is not None:
+            kwargs["ContinuationToken"] = token
+        try:
+            page = self.client.list_objects_v2(**kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(exc, f"list the objects in S3 bucket {self.bucket!r}") from exc
+        keys = [obj["Key"][len(self._prefix) :] for obj in page.get("Contents", [])]
+        following = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+        return keys, following
+
     async def cleanup_stale(self, older_than_seconds: float) -> int:
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
         return await self._run(self._cleanup_stale, cutoff)
