@@ -1020,3 +1020,32 @@ async def test_sqlite_upgrades_a_version_1_ledger(tmp_path: Path) -> None:
         assert await ledger.observe([rec("refused"), rec("spent")]) == {"refused"}
         assert await ledger.give_up("spent", reason="operator") is True
     assert _execute(path, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_sqlite_the_only_instance_takes_back_what_a_killed_one_held(tmp_path: Path) -> None:
+    """With the exclusive lock nobody else can be transferring: rows left in progress are
+    pending again at once, as an interruption (no attempt); past the limit, failed for good."""
+    path = tmp_path / "ledger.sqlite3"
+    budget = Budget(max_attempts=MAX, max_interruptions=1)
+    async with SqliteLedger(path, exclusive=True, budget=budget) as ledger:
+        await ledger.observe([rec("a"), rec("b")])
+        assert await ledger.claim("a", owner="killed/1", lease_seconds=LEASE) == 1
+        assert await ledger.claim("b", owner="killed/2", lease_seconds=LEASE) == 1
+    # (closed without release: what SIGKILL leaves)
+    async with SqliteLedger(path, exclusive=True, budget=budget) as ledger:
+        row = await ledger.get("a")
+        assert row is not None
+        assert (row.state, row.attempts, row.interruptions, row.lease_owner) == (
+            State.PENDING,
+            0,
+            1,
+            None,
+        )
+        assert await ledger.claim("a", owner="next/1", lease_seconds=LEASE) == 1
+    async with SqliteLedger(path, exclusive=True, budget=budget) as ledger:
+        row = await ledger.get("a")
+        assert row is not None and (row.state, row.permanent) == (State.FAILED, True)
+        assert row.last_error is not None and row.last_error.startswith("interrupted 2 times")
+        assert await state_of(ledger, "b") == State.PENDING
+    async with SqliteLedger(path) as reader:  # a reader never takes anything back
+        assert await state_of(reader, "b") == State.PENDING
