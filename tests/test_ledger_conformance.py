@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -1049,3 +1051,22 @@ async def test_sqlite_the_only_instance_takes_back_what_a_killed_one_held(tmp_pa
         assert await state_of(ledger, "b") == State.PENDING
     async with SqliteLedger(path) as reader:  # a reader never takes anything back
         assert await state_of(reader, "b") == State.PENDING
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+async def test_sqlite_files_are_private(tmp_path: Path, umask: int) -> None:
+    """The ledger holds every recording's metadata: it, its WAL and its lock are 0600, and a
+    directory it creates 0750 (less where the umask says so)."""
+    path = tmp_path / "new" / "ledger.sqlite3"
+    old = os.umask(umask)
+    try:
+        async with SqliteLedger(path, exclusive=True) as ledger:
+            await ledger.observe([rec("a")])
+            modes = {
+                p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir() if p.is_file()
+            }
+    finally:
+        os.umask(old)
+    assert modes["ledger.sqlite3"] == modes["ledger.sqlite3.lock"] == 0o600
+    assert modes.get("ledger.sqlite3-wal", 0o600) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750 & ~umask
