@@ -309,6 +309,25 @@ def max_plausible_size(size_mb: float | None) -> int | None:
     return None if bounds is None else bounds[1]
 
 
+# Without ``size_mb``, a body is bounded by what its duration could hold at a bitrate far above
+# any room recording's (64 Mbit/s; 1080p video is a few), plus room for headers; without a
+# duration either, by a hard cap. Only there to stop an endless body from filling the disk.
+_MAX_BYTES_PER_SECOND = 8_000_000
+_MAX_OVERHEAD = 64 * 1024 * 1024
+HARD_CAP = 64 * 1024**3
+
+
+def size_limit(size_mb: float | None, duration_secs: int | None) -> tuple[int, str]:
+    """The most bytes a download may bring, and what says so (for the refusal's sentence)."""
+    plausible = max_plausible_size(size_mb)
+    if plausible is not None:
+        return plausible, f"the API's size_mb {size_mb}"
+    if isinstance(duration_secs, int) and duration_secs >= 0:
+        limit = duration_secs * _MAX_BYTES_PER_SECOND + _MAX_OVERHEAD
+        return limit, f"{duration_secs} s at 64 Mbit/s (no size_mb)"
+    return HARD_CAP, "archiver's limit for a recording of unknown size and duration"
+
+
 def check_size(size: int, size_mb: float | None) -> None:
     """Refuse an empty body, and a body whose size ``size_mb`` cannot stand for."""
     if size <= 0:

@@ -108,7 +108,12 @@ class Work:
 
     async def list_pass(self, filters: Filters) -> PassStats:
         """List every page the filters match, queueing what the ledger says is claimable."""
-        return await self._lister.list_pass(filters)
+        stats = await self._lister.list_pass(filters)
+        if not self.stop.is_set():
+            # Only a listing that reached its last page makes the scope known: what a listing
+            # cut short by a stop never reached is in no ledger (see ``Engine.listed_to_end``).
+            self._engine.listed_to_end += 1
+        return stats
 
     async def sweep(self, scope: Scope, *, exclude: set[str]) -> int:
         """Queue every claimable row in ``scope`` that no listing of this pass brought: a lease
@@ -178,6 +183,8 @@ class Engine:
         self.stop = asyncio.Event()
         # Set when stop came before the producer was done (a signal, a full archive).
         self.stopped = False
+        # Listing passes that ran to their last page, not cut short by stop.
+        self.listed_to_end = 0
         self.storage_full = False
         self.in_flight: set[str] = set()
         # Set while ``run`` is running: how ``submit`` reaches the queue.

@@ -184,10 +184,14 @@ class BackfillResult:
     scope_size: int = 0
     # Listing entries refused as they stand (owed, failed for good, in ``tally``).
     rejected: int = 0
+    # Some listing pass reached its last page. A stop before that leaves the scope unknown.
+    listed_to_end: bool = True
 
     @property
     def all_archived(self) -> bool:
-        return self.tally.owed == 0
+        # The tally covers what was listed and what the ledger knew; recordings on pages a
+        # stopped listing never reached are in neither, so nothing owed there proves nothing.
+        return self.tally.owed == 0 and self.listed_to_end
 
     @property
     def archived(self) -> int:
@@ -241,6 +245,7 @@ async def backfill(services: Services, filters: Filters, engine: Engine) -> Back
         storage_full=engine.storage_full,
         scope_size=tally.owed + tally.archived + tally.given_up,
         rejected=len(producer.rejected),
+        listed_to_end=engine.listed_to_end > 0,
     )
 
 

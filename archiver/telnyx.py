@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields
 from datetime import date
 from types import TracebackType
@@ -32,7 +32,7 @@ from archiver.errors import (
     RateLimited,
     ServerError,
 )
-from archiver.models import MalformedEntry, Recording
+from archiver.models import _EPHEMERAL_FIELDS, MalformedEntry, Recording
 from archiver.netguard import Origin
 from archiver.redact import redact, register_secret
 from archiver.retry import RetryPolicy, call_with_retry
@@ -99,7 +99,7 @@ class Filters:
 class Page:
     number: int
     recordings: list[Recording]
-    # Entries that could not be read as a recording at all: (a stable stand-in id, why).
+    # Entries that could not be read as a recording: (their id, or a stable stand-in, why).
     malformed: list[tuple[str, str]]
     total_pages: int | None
     total_results: int | None
@@ -289,9 +289,17 @@ class TelnyxClient:
         doc = await self._json("GET", f"/room_recordings/{quote(recording_id, safe='')}")
         data = doc.get("data") if isinstance(doc, dict) else None
         try:
-            return Recording.from_api(data)
+            rec = Recording.from_api(data)
         except MalformedEntry as exc:
             raise MalformedResponse(f"retrieve {recording_id!r}: {exc}") from exc
+        if rec.id != recording_id:
+            # Trusted, the other recording's bytes would be archived as this one's, and this
+            # one deleted at the source on the strength of that copy.
+            raise MalformedResponse(
+                f"retrieve {recording_id[:80]!r}: the API answered with another recording, "
+                f"{rec.id[:80]!r}"
+            )
+        return rec
 
     async def delete(self, recording_id: str) -> None:
         """Delete ONE recording at the source. The bulk delete endpoint is never called."""
@@ -334,7 +342,17 @@ async def read_capped(resp: aiohttp.ClientResponse, what: str) -> str:
 
 
 def stand_in_id(entry: Any) -> str:
-    """A stable name for an entry without a usable id, so it can be reported like any other."""
+    """The name an entry that cannot be read as a recording is reported under, the same in
+    every listing: its own id when that is usable (the ledger row is then the recording's, and
+    is judged again once it is listed in a usable form), else a hash of what it says. The hash
+    leaves out the presigned download_url, which differs in every listing: with it, each run
+    would add another row owed for good for the same entry."""
+    if isinstance(entry, Mapping):
+        try:
+            return Recording.from_api({"id": entry.get("id")}).id
+        except MalformedEntry:
+            pass
+        entry = {k: v for k, v in entry.items() if k not in _EPHEMERAL_FIELDS}
     canonical = json.dumps(entry, sort_keys=True, default=repr).encode()
     return "malformed-" + hashlib.sha256(canonical).hexdigest()[:16]
 

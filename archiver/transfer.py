@@ -66,6 +66,7 @@ from archiver.telnyx import wait_hint
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 _BLOCK = 4096
 
 
@@ -113,6 +114,17 @@ class _Again(TransientError):
         super().__init__(message, retry_after=0)
 
 
+class _ConfirmEnd(_Again):
+    """Internal: a body ended without a length to check it against (no Content-Length, no
+    Content-Range total): ask past its end, which must answer 416 with its size, before
+    trusting it. Not a failure: it takes none of the retries."""
+
+
+class _Resuming(_Again):
+    """Internal: a partial copy a stopped process left was found; ask for the rest with Range.
+    Found once per transfer, and no failure of anything: it takes none of the retries."""
+
+
 @dataclass(slots=True)
 class _Progress:
     """What survives between attempts of one transfer."""
@@ -128,6 +140,8 @@ class _Progress:
     lease_lost: bool = False
     # A write failed after its chunk was hashed: hash and upload may disagree.
     hash_suspect: bool = False
+    # Asking past the end of a body that came without a length (``_ConfirmEnd``).
+    confirming_end: bool = False
 
     def check_lease(self) -> None:
         if self.lease_lost:
@@ -328,7 +342,14 @@ class Transferer:
     async def _fetch(self, progress: _Progress) -> StoredObject:
         async for attempt in retrying(self._policy, f"download {progress.rec.id}"):
             with attempt:
-                await self._attempt(progress)
+                try:
+                    await self._attempt(progress)
+                except _Resuming:
+                    # Charged to the retries, a crash would cost the recording an attempt
+                    # (with transfer_attempts = 1, every crash would): go on at once instead.
+                    await self._attempt(progress)
+                except _ConfirmEnd:
+                    await self._attempt(progress)
         assert progress.upload is not None
         return await self._store(progress, progress.upload)
 
@@ -359,9 +380,11 @@ class Transferer:
                 ) as resp,
             ):
                 metrics.DOWNLOAD_RESPONSES.labels(status=str(resp.status)).inc()
-                await self._check_status(progress, resp)
-                total = await self._prepare(progress, resp)
-                await self._stream(progress, resp)
+                total: int | None = progress.position
+                if not self._has_every_byte(progress, resp):
+                    await self._check_status(progress, resp)
+                    total = await self._prepare(progress, resp)
+                    await self._stream(progress, resp)
         except WrongContent as exc:
             await self._refuse(progress, exc)
         except aiohttp.ClientPayloadError as exc:
@@ -375,10 +398,16 @@ class Transferer:
         if total is not None and progress.position != total:
             raise TruncatedBody(f"{rec.id}: got {progress.position} of {total} bytes")
         try:
-            # Without a length to go by, a body cut short looks complete: size_mb says.
+            # What size_mb cannot stand for is refused at once, whatever the host says.
             media.check_size(progress.position, rec.size_mb)
         except WrongContent as exc:
             await self._refuse(progress, exc)
+        if total is None:
+            # A connection that closes early looks like a body that ended: without a length,
+            # only the host saying there is nothing past it (416) proves this is all of it.
+            progress.confirming_end = True
+            raise _ConfirmEnd(f"{rec.id}: confirming the end of a body sent without a length")
+        progress.confirming_end = False
 
     async def _stream(self, progress: _Progress, resp: aiohttp.ClientResponse) -> None:
         """Copy the body into the upload in chunks of about ``chunk_size``, hashing on the way.
@@ -391,7 +420,7 @@ class Transferer:
         held = 0
         limit = self._workers.chunk_size
         writing: asyncio.Task[None] | None = None
-        cap = media.max_plausible_size(progress.rec.size_mb)
+        cap, capped_by = media.size_limit(progress.rec.size_mb, progress.rec.duration_secs)
         floor = self._workers.min_throughput
         grace = self._workers.read_timeout
         began, received = time.monotonic(), 0
@@ -400,10 +429,10 @@ class Transferer:
             """Refuse a body past the size the API announced, or slower than the floor."""
             nonlocal received
             received += nbytes
-            if cap is not None and progress.position + held > cap:
+            if progress.position + held > cap:
                 raise WrongContent(
-                    f"{progress.rec.id}: the download host sends more than the {cap:,} bytes "
-                    f"the API's size_mb {progress.rec.size_mb} allows; refusing the body"
+                    f"the download host sends more than the {cap:,} bytes {capped_by} allows; "
+                    "refusing the body"
                 )
             elapsed = time.monotonic() - began
             if floor and elapsed > grace and received < floor * (elapsed - grace):
@@ -479,6 +508,16 @@ class Transferer:
             raise
         await flush(last=True)
 
+    @staticmethod
+    def _has_every_byte(progress: _Progress, resp: aiohttp.ClientResponse) -> bool:
+        """A 416 to ``bytes=N-`` saying the size is N: the partial copy holds the whole body
+        (its process was stopped between the last byte and the commit). Starting over would
+        download it all again, and take a retry for a crash."""
+        if resp.status != 416 or progress.position == 0 or progress.upload is None:
+            return False
+        match = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+        return match is not None and int(match.group(1)) == progress.position
+
     async def _check_status(self, progress: _Progress, resp: aiohttp.ClientResponse) -> None:
         status = resp.status
         if status in (200, 206):
@@ -519,7 +558,12 @@ class Transferer:
                     progress.position += len(chunk)
                 log.info("resuming %s from byte %d", progress.rec.id, progress.position)
                 if resp.status == 200 and resp.headers.get("Accept-Ranges") == "bytes":
-                    raise _Again("resuming with a Range request")
+                    raise _Resuming("resuming with a Range request")
+        if progress.confirming_end and resp.status == 200:
+            raise WrongContent(
+                "the download host sends no length and ignores Range: the end of the body "
+                "cannot be confirmed, so it may be cut short"
+            )
         if resp.status == 206:
             match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
             if match is None or int(match.group(1)) != progress.position:
@@ -548,6 +592,7 @@ class Transferer:
             await progress.upload.restart()
         progress.reset_hash()
         progress.hash_suspect = False
+        progress.confirming_end = False
 
     async def _store(self, progress: _Progress, upload: Upload) -> StoredObject:
         progress.check_lease()

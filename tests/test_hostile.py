@@ -1,13 +1,14 @@
 """Never archive the wrong bytes, never delete on a bad copy: hostile download hosts, hostile
 listings and bad stored copies, end to end.
 
-Every test runs against local storage and real S3 (SeaweedFS), through the real ``archiver``
-command in a subprocess (its exit code and output are part of the promise), against the simulator
-over loopback, with ``[source] delete_after_archive = true`` where it applies. For a hostile
-answer: nothing of it is stored (no object, no sidecar, no partial file or multipart upload left),
-its ledger row is owed with a sentence saying what was wrong (``archiver status``), no DELETE goes
-to the API for it, the backfill exits 1, and the good recordings of the same run are archived and
-deleted at the source as usual.
+Each test runs on local storage and on real S3 (SeaweedFS), against the simulator over loopback,
+through the real ``archiver`` command in a subprocess (its exit code and output are part of the
+promise), with ``[source] delete_after_archive = true`` where it applies. For a hostile answer:
+nothing of it is stored (no object, no sidecar, no partial file or multipart upload left), its
+ledger row is owed with a sentence saying what was wrong (``archiver status``), no DELETE goes to
+the API for it, the backfill exits 1, and the good recordings of the same run are archived and
+deleted at the source as usual. The one test run in-process is the one whose failure would fill
+the disk: there a listener stops the engine past a byte budget.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from archiver import layout, simulator
 from archiver.config import Settings, load_settings
 from archiver.ledger import open_ledger
 from archiver.models import LedgerRow, State, StoredObject
-from archiver.service import make_ledger, make_storage
+from archiver.pipeline import Engine, Listener
+from archiver.service import backfill, make_engine, make_ledger, make_storage, open_services
 from archiver.simulator import Faults, SimRecording, Simulator, container_header, make_recordings
-from archiver.telnyx import TelnyxClient
+from archiver.telnyx import Filters, TelnyxClient
 from tests.conftest import API_KEY, ARCHIVER, KEY_ENV, cli_env
 from tests.fixtures_s3 import S3Server
 
@@ -145,8 +147,8 @@ def settings_of(config: Path) -> Settings:
     return load_settings(str(config), env={KEY_ENV: API_KEY})
 
 
-async def archiver(config: Path, *args: str) -> tuple[int, str, str]:
-    """The real command, in a subprocess, within ``DEADLINE``: (exit code, stdout, stderr)."""
+async def archiver(config: Path, *args: str, deadline: float = DEADLINE) -> tuple[int, str, str]:
+    """The real command, in a subprocess, within ``deadline``: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         *ARCHIVER,
         "--config",
@@ -158,11 +160,11 @@ async def archiver(config: Path, *args: str) -> tuple[int, str, str]:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), DEADLINE)
+        out, err = await asyncio.wait_for(proc.communicate(), deadline)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        pytest.fail(f"archiver {' '.join(args)} did not finish within {DEADLINE:g} s")
+        pytest.fail(f"archiver {' '.join(args)} did not finish within {deadline:g} s")
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -223,6 +225,7 @@ class Attack:
     size: int = 300_000
     faults: Mapping[str, Any] = field(default_factory=dict)
     keys: Mapping[str, Any] = field(default_factory=dict)
+    deadline: float = DEADLINE  # for the backfill
 
 
 def _with_credentials(sim: Simulator, rec: SimRecording) -> str:
@@ -233,29 +236,40 @@ def _with_credentials(sim: Simulator, rec: SimRecording) -> str:
 ATTACKS = [
     # Half of the body, no Content-Length, a clean end: only size_mb shows it is cut short.
     Attack("half_no_length", "150,000 bytes, but the API's size_mb 0.3", fault="half_no_length"),
-    Attack("html", "an HTML page", fault="html"),
+    Attack("html", "an HTML page (Content-Type: text/html", fault="html"),
     Attack("empty", "an empty body", fault="empty"),
-    Attack("redirect_elsewhere", "a text body", fault="redirect_elsewhere"),
+    Attack(
+        "redirect_elsewhere", "a text body (Content-Type: text/plain", fault="redirect_elsewhere"
+    ),
     Attack(
         "wrong_type_binary", "does not start like any media container", fault="wrong_type_binary"
     ),
-    Attack("gzip", "gzip-encoded body", fault="gzip"),
+    Attack("gzip", "a gzip-encoded body (Content-Encoding: gzip)", fault="gzip"),
     Attack("oversize", "5,300,000 bytes, but the API's size_mb 0.3", fault="oversize"),
-    # 6 MB: past the 5 MiB multipart threshold on S3, so an upload is under way when it is cut.
-    Attack("endless", "sends more than the", fault="endless", size=6_000_000),
+    # 6 MB: past the 5 MiB multipart threshold on S3, so an upload is under way when it is cut
+    # off, at size_mb 6.0's most: 6.05 MiB.
+    Attack("endless", "sends more than the 6,343,884 bytes", fault="endless", size=6_000_000),
     Attack(
         "drip",
         "slower than workers.min_throughput",
         fault="drip",
         faults={"drip_interval": 0.05},
         keys={"workers__read_timeout": 1.0},
+        # Four tries of about a second each (read_timeout, then the floor), not 4 hours.
+        deadline=20.0,
     ),
     Attack(
         "metadata",
-        "169.254.169.254 is a cloud metadata address",
+        "169.254.169.254 is a cloud metadata address, where archiver never connects",
         url=lambda sim, rec: "http://169.254.169.254/latest/meta-data/",
     ),
     Attack("api_echo", "the Telnyx API's own origin", url=lambda sim, rec: sim.echo_url),
+    # Another origin by name, the API's address and port once resolved.
+    Attack(
+        "api_echo_by_name",
+        "is the Telnyx API itself",
+        url=lambda sim, rec: sim.echo_url.replace("//127.0.0.1:", "//localhost:"),
+    ),
     Attack("userinfo", "carries credentials", url=_with_credentials),
 ]
 
@@ -281,7 +295,7 @@ async def test_a_hostile_answer_is_never_archived_nor_deleted_at_the_source(
         **attack.keys,
     )
 
-    code, out, err = await archiver(config, "backfill")
+    code, out, err = await archiver(config, "backfill", deadline=attack.deadline)
     assert code == 1, out + err
     no_traceback(out, err)
     assert lines_with(out, bad.id), out
@@ -315,6 +329,89 @@ async def test_a_hostile_answer_is_never_archived_nor_deleted_at_the_source(
         assert not [r for r in sim.download_requests if r.id == bad.id]
     else:
         assert sim.injected[f"download:{attack.fault}"] > 0
+
+
+# -- bodies whose length nothing announces (open bugs in archiver/transfer.py) ------------------
+
+
+def _without_size_mb(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != "size_mb"}
+
+
+@pytest.mark.parametrize("listed", ["small", "no_size_mb"])
+async def test_a_body_cut_short_where_size_mb_cannot_tell_is_neither_archived_nor_deleted(
+    listed: str, site: Site, sim_factory: Any
+) -> None:
+    # 40 kB is listed as size_mb 0.0, and 20 kB fits that; without size_mb anything fits.
+    recs = make_recordings(3, seed=67, size=40_000 if listed == "small" else 300_000)
+    bad, good = recs[0], recs[1:]
+    bad.download_fault = "half_no_length"
+    if listed == "no_size_mb":
+        bad.entry_hook = _without_size_mb
+    sim: Simulator = await sim_factory(recs)
+    config = write_config(
+        sim,
+        site,
+        source__delete_after_archive=True,
+        workers__transfer_attempts=2,
+        workers__max_attempts=2,
+    )
+
+    code, out, err = await archiver(config, "backfill")
+
+    assert bad.id not in sim.deleted_ids, "half of the recording was archived, the rest deleted"
+    assert deletes(sim) == expected_deletes([g.id for g in good])
+    assert code == 1, out + err
+    settings = settings_of(config)
+    row = (await rows(settings, [bad.id]))[bad.id]
+    assert row.state is not State.ARCHIVED and row.last_error
+    keys = await check_good_ones_archived_and_deleted(sim, site, settings, good)
+    assert site.stored() == sorted(keys) and site.unfinished() == []
+
+
+class StopPast(Listener):
+    """Stops the engine once a run has received more than ``limit`` bytes: the bound that keeps
+    an unbounded transfer from filling the disk while its test fails."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = 0
+        self.engine: Engine | None = None
+
+    def transferred(self, nbytes: int) -> None:
+        self.received += nbytes
+        if self.received > self.limit and self.engine is not None:
+            self.engine.stop.set()
+
+
+async def test_an_endless_body_without_size_mb_is_cut_off(site: Site, sim_factory: Any) -> None:
+    recs = make_recordings(3, seed=68, size=50_000)
+    bad, good = recs[0], recs[1:]
+    bad.download_fault = "endless"
+    bad.entry_hook = _without_size_mb
+    bad.duration_secs = 2  # even 25 MB a second would be 50 MB
+    sim: Simulator = await sim_factory(recs)
+    config = write_config(
+        sim,
+        site,
+        source__delete_after_archive=True,
+        workers__transfer_attempts=1,
+        workers__max_attempts=1,
+        daemon__shutdown_grace=0.0,
+    )
+    settings = settings_of(config)
+    guard = StopPast(128 * MiB)
+
+    async with open_services(settings) as services:
+        engine = guard.engine = make_engine(services, [guard])
+        result = await asyncio.wait_for(backfill(services, Filters(), engine), DEADLINE)
+
+    assert not result.stopped, f"still reading the endless body after {guard.received:,} bytes"
+    assert result.exit_code == 1
+    row = (await rows(settings, [bad.id]))[bad.id]
+    assert row.state is State.FAILED and row.last_error
+    keys = await check_good_ones_archived_and_deleted(sim, site, settings, good)
+    assert site.stored() == sorted(keys) and site.unfinished() == []
 
 
 # -- a listing from somewhere else ---------------------------------------------------------------
@@ -356,7 +453,7 @@ async def test_a_listing_redirected_to_another_origin_is_not_followed(
     sim: Simulator = await sim_factory(recs)
     # What the other origin would list: the real recordings with working download URLs, and
     # one it made up. Trusted, they would be archived and then deleted at the source.
-    entries = [
+    entries: list[dict[str, Any]] = [
         {
             "id": rec.id,
             "record_type": "room_recording",
@@ -411,21 +508,85 @@ async def test_absurd_entries_are_rejected_without_being_kept(site: Site, sim_fa
 
     # Nothing the ledger holds for them is more than a few hundred bytes, audit entries included.
     settings = settings_of(config)
-    with sqlite3.connect(settings.ledger.path) as db:
-        others = db.execute("SELECT * FROM recordings WHERE id != ?", (good.id,)).fetchall()
-        audit = db.execute(
-            "SELECT * FROM audit WHERE recording_id IS NULL OR recording_id != ?", (good.id,)
-        ).fetchall()
-    db.close()
+    others, audit = ledger_dump(settings, good.id)
     assert len(others) == 2
     for record in [*others, *audit]:
-        for value in record:
-            assert not isinstance(value, str | bytes) or len(value) <= 400, record
+        for value in record.values():
+            if isinstance(value, bytes):
+                value = value.decode(errors="replace")
+            if isinstance(value, str):
+                assert len(value) <= 400, record
+                assert "a" * 200 not in value and "b" * 200 not in value, record
+    # The one with a usable id is owed under it; the other under a stand-in.
+    ids = sorted(str(r["id"]) for r in others)
+    assert ids[0] == long_url.id and ids[1].startswith("malformed-"), ids
 
     # Their (working) URLs were never fetched; the good one went its usual way.
     assert {r.id for r in sim.download_requests} == {good.id}
     await check_good_ones_archived_and_deleted(sim, site, settings, [good])
     assert deletes(sim) == expected_deletes([good.id])
+
+    # Listed again later (every signed URL differs: a new Expires), they are the same two rows,
+    # not two more owed for good on every run.
+    sim.url_ttl += 100
+    code, out, err = await archiver(config, "backfill")
+    assert code == 1, out + err
+    assert sorted(str(r["id"]) for r in ledger_dump(settings, good.id)[0]) == ids
+
+    # Listed in a usable form, the recording is archived and deleted like any other.
+    long_url.entry_hook = None
+    code, out, err = await archiver(config, "backfill")
+    assert code == 1, out + err  # the stand-in is still owed: nothing says what it was
+    await check_good_ones_archived_and_deleted(sim, site, settings, [good, long_url])
+    assert [str(r["id"]) for r in ledger_dump(settings, good.id, long_url.id)[0]] == ids[1:]
+
+
+def ledger_dump(
+    settings: Settings, *leave_out: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The SQLite ledger's recording rows and audit entries, but those of ``leave_out``."""
+    marks = ", ".join("?" * len(leave_out))
+    with sqlite3.connect(settings.ledger.path) as db:
+        db.row_factory = sqlite3.Row
+        found = db.execute(f"SELECT * FROM recordings WHERE id NOT IN ({marks})", leave_out)
+        recordings = [dict(r) for r in found.fetchall()]
+        found = db.execute(
+            f"SELECT * FROM audit WHERE coalesce(recording_id, '') NOT IN ({marks})", leave_out
+        )
+        audit = [dict(r) for r in found.fetchall()]
+    db.close()
+    return recordings, audit
+
+
+# -- an API answer about another recording -------------------------------------------------------
+
+
+async def test_a_retrieve_answering_for_another_recording_is_not_trusted(
+    site: Site, sim_factory: Any
+) -> None:
+    recs = make_recordings(3, seed=69, size=50_000)
+    asked, other, good = recs
+    sim: Simulator = await sim_factory(recs)
+    config = write_config(sim, site, source__delete_after_archive=True, workers__max_attempts=2)
+    settings = settings_of(config)
+    # The ledger owes ``asked`` from an earlier listing; now the API answers for it (in lists
+    # and retrieves) with the entry of another recording, working download URL and all.
+    async with TelnyxClient(settings.telnyx) as api:
+        listed = await api.retrieve(asked.id)
+    async with make_ledger(settings, exclusive=False) as ledger:
+        assert asked.id in await ledger.observe([listed])
+    asked.entry_hook = lambda e: {**e, "id": other.id, "download_url": sim.download_url(other.id)}
+
+    code, out, err = await archiver(config, "backfill")
+
+    assert asked.id not in sim.deleted_ids, "deleted at the source for a copy of another one"
+    assert code == 1, out + err
+    no_traceback(out, err)
+    row = (await rows(settings, [asked.id]))[asked.id]
+    assert row.state is not State.ARCHIVED and row.storage_key is None, row
+    assert row.last_error is not None and "answered with another recording" in row.last_error
+    keys = await check_good_ones_archived_and_deleted(sim, site, settings, [other, good])
+    assert site.stored() == sorted(keys)
 
 
 # -- a bad copy archived before these checks existed ---------------------------------------------
@@ -542,8 +703,9 @@ async def test_media_check_deletes_only_a_copy_as_long_as_the_api_says(
 
 # Every content type the simulator gives a container header (``simulator.container_header``).
 CONTENT_TYPES = sorted(simulator._HEADERS)
-# Around the edges of what size_mb allows, a block boundary, a multipart upload on S3.
-SIZES = [1_000, 49_999, 150_001, 1_050_000, 6_000_000]
+# At the edges of what the listed size_mb allows (1,050,000 and 1,150,000 are both listed as
+# 1.1, 150,001 as 0.2), a tiny one, and one that becomes a multipart upload on S3.
+SIZES = [1_000, 49_999, 150_001, 1_050_000, 1_150_000, 6_000_000]
 
 
 def test_every_content_type_the_simulator_serves_starts_like_a_container() -> None:

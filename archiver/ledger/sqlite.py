@@ -54,6 +54,8 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 FILE_MODE = 0o600
+# A time after every lease: what a reader uses as "now" when no writer can be running.
+_NO_LIVE_LEASE = datetime.max.replace(tzinfo=UTC)
 
 # Applied in order, each in its own transaction; MIGRATIONS[n] takes the schema from n to n + 1.
 # Never edit a released entry: append a new one.
@@ -487,7 +489,30 @@ class SqliteLedger(SharedLedger):
         return await self._call(self._brief_rows_on, self._db(), ids)
 
     async def _clock(self) -> datetime:
-        return utcnow()
+        return await self._call(self._lease_clock_sync)
+
+    def _lease_clock_sync(self) -> datetime:
+        """Now, to tell a live lease from a dead one. A reader on a ledger whose lock nobody
+        holds knows that no transfer can be running: every lease is dead (what the next writer
+        does with them, ``recover_orphans``, a dry run and ``status`` see now)."""
+        if self.exclusive or self._lock_held_elsewhere():
+            return utcnow()
+        return _NO_LIVE_LEASE
+
+    def _lock_held_elsewhere(self) -> bool:
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # no writer ever ran
+        except OSError:
+            return True  # cannot tell: assume the leases may be live
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also lets go of the shared lock
+        return False
 
     def _answer(self, conn: sqlite3.Connection, op: core.Op, *, dry: bool = False) -> Any:
         """Carry out one request; ``dry`` reads as usual but writes nothing."""
@@ -495,7 +520,7 @@ class SqliteLedger(SharedLedger):
             return len(op.rows) if isinstance(op, core.Insert) else None
         match op:
             case core.Clock():
-                return _now()[0]
+                return self._lease_clock_sync() if dry else _now()[0]
             case core.Load(id=rid):
                 found = conn.execute(
                     f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ?", (rid,)
