@@ -288,6 +288,8 @@ class Transferer:
             log.exception("internal error archiving %s", recording_id)
             permanent = False
             message = redact(f"internal error: {type(exc).__name__}: {exc}")
+        # The row is the recording's: its error need not name it again (status prints both).
+        message = message.removeprefix(f"{recording_id}: ")
         await self._ledger.fail(
             recording_id, owner=progress.owner, error=message, permanent=permanent
         )
