@@ -119,8 +119,14 @@ async def check(
 
 async def write_identity(ledger: Ledger, storage: StorageBackend, ledger_id: str | None) -> str:
     if ledger_id is None:
-        ledger_id = str(uuid.uuid4())
-        await ledger.set_meta(LEDGER_ID, ledger_id)
+        # Two first writers at once must agree: the one whose id the ledger takes wins, and
+        # both write the record with that id.
+        proposed = str(uuid.uuid4())
+        if await ledger.advance_meta(LEDGER_ID, None, proposed):
+            ledger_id = proposed
+        else:
+            ledger_id = await ledger.get_meta(LEDGER_ID)
+            assert ledger_id is not None
     doc = {
         "format": FORMAT,
         "format_version": 1,

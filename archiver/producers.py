@@ -14,7 +14,8 @@ source are left (after ``backfill.processing_wait``).
     start = high-water mark - daemon.overlap_days        end = today (UTC)
 
 widened to ``today - daemon.rescan_days`` every ``daemon.rescan_interval``. On a ledger without a
-mark the first window is the whole history (``daemon.first_start = "all"``) or that many days.
+mark the first window is the whole history (``daemon.first_start = "all"``) or that many days (at
+least ``daemon.rescan_days``: the first pass is also the first wide re-scan).
 Every pass also sweeps the ledger for claimable owed rows (an expired lease of a stopped
 instance, a pending row no window lists any more), so a dead instance's work is resumed within
 its lease plus one poll.
@@ -256,7 +257,10 @@ class Polling:
                 "the whole history" if start is None else f"recordings that ended since {start}",
             )
         else:
-            start = min(hwm - timedelta(days=self._daemon.overlap_days), today)
+            # A mark ahead of this host's clock (another host's clock ran ahead, or this one
+            # was stepped back) still leaves the overlap before today: clamping after the
+            # subtraction would list today alone and skip yesterday's late arrivals.
+            start = min(hwm, today) - timedelta(days=self._daemon.overlap_days)
         wide = False
         if self._daemon.rescan_days > 0:
             last_at = _parse_datetime(await self._ledger.get_meta(RESCAN_KEY))
@@ -333,7 +337,9 @@ class Polling:
             hwm = await self._advance(window)
         else:
             hwm = await self._read_date(HWM_KEY)
-        if result.ok and window is not None and window.wide:
+        # Only a complete wide pass counts as the re-scan: a shift may have hidden recordings
+        # anywhere in the wide window, so the immediate re-listing must be wide as well.
+        if result.complete and window is not None and window.wide:
             await self._ledger.set_meta(RESCAN_KEY, started.isoformat())
         stats = result.stats or PassStats()
         done = result.done

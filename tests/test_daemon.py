@@ -435,3 +435,188 @@ async def test_run_once_is_one_pass_for_cron(sim_factory, tmp_path):
     assert in_archive(tmp_path, recs)()
     lists = [r for r in sim.api_requests if r.path.endswith("/room_recordings")]
     assert len(lists) == 1
+
+
+# -- the first start, the processing hold and the exit codes (the daemon as a subprocess) -------
+
+
+def spread(n: int, seed: int, days: int, **kw: Any) -> list[SimRecording]:
+    """Recordings that ended over the last ``days`` days."""
+    start = datetime.now(UTC) - timedelta(days=days)
+    return make_recordings(n, seed=seed, start=start, days=days, size=(2000, 8000), **kw)
+
+
+def ended_day(rec: SimRecording) -> Any:
+    assert rec.ended_at is not None
+    return rec.ended_at.astimezone(UTC).date()
+
+
+async def ledger_view(root: Path, fn: Callable[[Any], Any]) -> Any:
+    """Read the daemon's SQLite ledger beside it (a reader needs no lock)."""
+    async with open_ledger(path=root / "ledger.db") as ledger:
+        return await fn(ledger)
+
+
+async def wait_until(
+    check: Callable[[], Any], limit: float, what: str, daemon: Daemon | None = None
+) -> float:
+    """``wait_for`` for an async predicate."""
+    began = time.monotonic()
+    while not await check():
+        if daemon is not None and daemon.proc.returncode is not None:
+            raise AssertionError(f"daemon exited {daemon.proc.returncode}:\n{daemon.text()}")
+        if time.monotonic() - began > limit:
+            tail = daemon.text()[-4000:] if daemon else ""
+            raise AssertionError(f"timed out waiting for {what}\n{tail}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+def mark_is(root: Path, day: Any) -> Callable[[], Any]:
+    async def check() -> bool:
+        return await ledger_view(root, lambda led: led.get_meta(HWM_KEY)) == day.isoformat()
+
+    return check
+
+
+def pass_lines(daemon: Daemon) -> list[str]:
+    return [
+        str(e["message"])
+        for e in daemon.events()
+        if str(e.get("message", "")).startswith("pass ") and "pass_number" in e
+    ]
+
+
+async def test_the_first_start_archives_the_whole_history(sim_factory, tmp_path):
+    await first_start_archives(sim_factory, tmp_path, "all")
+
+
+async def test_a_first_start_of_7_days_archives_only_the_last_week(sim_factory, tmp_path):
+    await first_start_archives(sim_factory, tmp_path, 7)
+
+
+async def first_start_archives(sim_factory: Any, tmp_path: Path, first_start: str | int) -> None:
+    recs = [*spread(60, seed=71, days=90), *recent(6, seed=77)]
+    today = datetime.now(UTC).date()
+    # Nothing on the days around the 7-day boundary: a run across midnight cannot blur it.
+    recs = [r for r in recs if (today - ended_day(r)).days not in (6, 7, 8)]
+    wanted = [r for r in recs if first_start == "all" or (today - ended_day(r)).days < 7]
+    assert 6 <= len(wanted) < len(recs) - 30 or first_start == "all"
+    sim: Simulator = await sim_factory(recs)
+    extra = {} if first_start == "all" else {"first_start": first_start}
+    config = daemon_config(sim, tmp_path, page_size=25, **extra)  # the default is "all"
+    daemon = await Daemon.start(config)
+    try:
+        took = await wait_for(archived(sim, wanted), 20, "the history", daemon)
+        await wait_until(mark_is(tmp_path, today), 10, "the mark at today", daemon)
+        report_figure(f"first start ({first_start}): {len(wanted)} recordings archived", took)
+        # A few more passes: nothing older is ever fetched.
+        passes = len(pass_lines(daemon))
+        await wait_for(lambda: len(pass_lines(daemon)) >= passes + 2, 10, "more passes", daemon)
+        rc, _ = await daemon.stop(signal.SIGTERM)
+    finally:
+        await daemon.kill()
+    assert rc == 0, daemon.text()
+    first = next(r for r in sim.api_requests if r.path.endswith("/room_recordings")).query
+    if first_start == "all":
+        assert "filter[date_ended_at][gte]" not in first
+    else:
+        assert first["filter[date_ended_at][gte]"] == str(today - timedelta(days=7))
+    assert first["filter[date_ended_at][lte]"] == str(today)
+    # Every one of them within the first pass (its listing covers the whole window).
+    lines = pass_lines(daemon)
+    assert lines[0].startswith("pass 1 ok") and f"{len(wanted)} archived" in lines[0], lines
+    fetched = {rid for rid, n in sim.download_completions.items() if n}
+    assert fetched == {r.id for r in wanted}
+    assert all(n == 1 for n in sim.download_completions.values())
+    known = await ledger_view(tmp_path, lambda led: led.states([r.id for r in recs]))
+    assert set(known) == {r.id for r in wanted}  # the older ones were never even listed
+
+
+async def test_archiver_run_holds_the_mark_at_a_processing_recording(sim_factory, tmp_path):
+    today = datetime.now(UTC).date()
+    day = today - timedelta(days=5)
+    noon = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+    old = make_recordings(1, seed=72, start=noon, days=0)[0]
+    old.status, old.completed_at, old.processing_lists_left = "processing", None, 0  # for now
+    recs = [*recent(8, seed=73), old]
+    sim: Simulator = await sim_factory(recs)
+    config = daemon_config(sim, tmp_path, overlap_days=1)
+    config.write_text(config.read_text().replace("max_attempts = 10", "max_attempts = 2"))
+    daemon = await Daemon.start(config)
+
+    def retrieves() -> int:
+        return sum(r.path.endswith(f"/room_recordings/{old.id}") for r in sim.api_requests)
+
+    def lists_since(n: int) -> list[Any]:
+        return [r.query for r in sim.api_requests[n:] if r.path.endswith("/room_recordings")]
+
+    try:
+        await wait_for(archived(sim, recs[:-1]), 15, "the others", daemon)
+        await wait_until(mark_is(tmp_path, day), 10, "the mark held at its day", daemon)
+        # Later passes list from the day before the mark: it is seen again, still processing.
+        seen = len(sim.api_requests)
+        passes = len(pass_lines(daemon))
+        await wait_for(lambda: len(pass_lines(daemon)) >= passes + 2, 10, "more passes", daemon)
+        assert lists_since(seen) and all(
+            q["filter[date_ended_at][gte]"] == str(day - timedelta(days=1))
+            for q in lists_since(seen)
+        )
+        assert await mark_is(tmp_path, day)() and retrieves() == 0
+
+        # The listing fails: the row is taken from the ledger and asked for by id (retrieve).
+        sim.faults.list_error_rate = 1.0
+        await wait_for(lambda: retrieves() >= 2, 15, "retrieves from the ledger", daemon)
+        row = await ledger_view(tmp_path, lambda led: led.get(old.id))
+        assert row.state is State.PENDING and row.attempts == 0, row
+        assert row.last_error == "still processing at the source"
+        # It completes at the source: the next retrieve archives it; the mark waits for a
+        # listing that works.
+        old.status, old.completed_at = "completed", datetime.now(UTC)
+        await wait_for(archived(sim, [old]), 15, "the old recording", daemon)
+        assert await mark_is(tmp_path, day)()
+        sim.faults.list_error_rate = 0.0
+        await wait_until(mark_is(tmp_path, today), 15, "the mark to move on", daemon)
+        rc, _ = await daemon.stop(signal.SIGTERM)
+    finally:
+        await daemon.kill()
+    assert rc == 0, daemon.text()
+    assert all(sim.download_completions[r.id] == 1 for r in recs)
+    row = await ledger_view(tmp_path, lambda led: led.get(old.id))
+    assert row.state is State.ARCHIVED and row.attempts == 0
+
+
+async def run_once(config: Path) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        *ARCHIVER,
+        "--config",
+        str(config),
+        "run",
+        "--once",
+        env=cli_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_run_once_exits_1_while_anything_is_owed_0_once_not(sim_factory, tmp_path):
+    recs = recent(4, seed=74)
+    stuck = recent(1, seed=75)[0]
+    stuck.status, stuck.completed_at, stuck.processing_lists_left = "processing", None, 0
+    sim: Simulator = await sim_factory([*recs, stuck])
+    config = daemon_config(sim, tmp_path)
+    assert await run_once(config) == 1  # one recording still processing: owed
+    assert all(sim.download_completions[r.id] == 1 for r in recs)
+    assert await run_once(config) == 1  # still owed on the next run
+    stuck.status, stuck.completed_at = "completed", datetime.now(UTC)
+    assert await run_once(config) == 0
+    assert sim.download_completions[stuck.id] == 1
+    # A recording failed for good (its download host refuses it) is owed too: exit 1.
+    bad = just_ended(1, seed=76)[0]
+    bad.download_fault = "html"  # refused as not a recording
+    sim.add([bad])
+    config.write_text(config.read_text().replace("[workers]", "[workers]\nmax_attempts = 1"))
+    assert await run_once(config) == 1
+    failed = await ledger_view(tmp_path, lambda led: led.get(bad.id))
+    assert failed.state is State.FAILED and failed.permanent, failed

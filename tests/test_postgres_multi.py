@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import hashlib
 import json
 import signal
 import time
@@ -508,3 +510,404 @@ async def test_instances_starting_at_once_migrate_once(tmp_path, pg_cluster, pg_
             assert await schema_versions(other) == list(range(1, SCHEMA_VERSION + 1))
         finally:
             await other.close()
+
+
+# -- the completeness figures: a kill, a stop ---------------------------------------------------
+def with_poll(config: Path, poll: float) -> Path:
+    text = config.read_text()
+    assert text.count("poll_interval = 0.5\n") == 1
+    config.write_text(text.replace("poll_interval = 0.5\n", f"poll_interval = {poll}\n"))
+    return config
+
+
+def partial_sizes(root: Path, ids: set[str]) -> dict[str, int]:
+    """The bytes of each recording's resumable partial file (absent: no partial)."""
+    sizes: dict[str, int] = {}
+    for rid in ids:
+        for path in (root / "archive").rglob(f".{rid}.*.partial"):
+            sizes[rid] = path.stat().st_size
+    return sizes
+
+
+class BodyGate:
+    """A seam in the simulator: the bodies of chosen recordings pause between two chunks.
+
+    Needed because the kernel would otherwise finish a stopped client's downloads for it: the
+    simulator keeps sending into socket buffers (megabytes on loopback) while the client sleeps.
+    The recording a body belongs to is known in the handler's task from its content iterator."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, last_byte_sent: set[str]) -> None:
+        self.paused: set[str] = set()
+        self.opened = asyncio.Event()
+        serving: contextvars.ContextVar[str | None] = contextvars.ContextVar("serving")
+        plain = simulator.iter_content
+
+        def content(rec: SimRecording, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+            serving.set(rec.id)  # runs in the download handler's task
+            stop_at = rec.size if end is None else end
+            pos = start
+            for chunk in plain(rec, start, end):
+                pos += len(chunk)
+                if pos >= stop_at:
+                    last_byte_sent.add(rec.id)
+                yield chunk
+
+        gate = self
+
+        class Asyncio:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(asyncio, name)
+
+            async def sleep(self, delay: float) -> None:
+                await asyncio.sleep(delay)
+                while serving.get(None) in gate.paused:
+                    await gate.opened.wait()
+
+        monkeypatch.setattr(simulator, "iter_content", content)
+        monkeypatch.setattr(simulator, "asyncio", Asyncio())
+
+    def pause(self, ids: set[str]) -> None:
+        self.opened.clear()
+        self.paused = set(ids)
+
+    def open(self) -> None:
+        self.paused = set()
+        self.opened.set()
+
+
+async def held_by(db: Db, inst: Instance) -> set[str]:
+    rows = await db.fetch(
+        "SELECT id FROM recordings WHERE state = 'in_progress' AND lease_owner LIKE $1",
+        f"%:{inst.pid}:%",
+    )
+    return {row["id"] for row in rows}
+
+
+async def assert_archive_matches_the_source(db: Db, root: Path, sim: Simulator) -> None:
+    """Every archived file has exactly the source's bytes (a resume duplicated none)."""
+    rows = await db.fetch("SELECT id, storage_key, size, sha256 FROM recordings")
+    assert len(rows) == len(sim.recordings)
+    for row in rows:
+        data = (root / "archive" / row["storage_key"]).read_bytes()
+        expected = sim.expected_sha256(row["id"])
+        assert len(data) == sim.recordings[row["id"]].size == row["size"], row["id"]
+        assert hashlib.sha256(data).hexdigest() == expected == row["sha256"], row["id"]
+    assert not list((root / "archive").rglob("*.partial"))
+
+
+@pytest.mark.timeout(60)
+async def test_sigkill_one_of_three_all_archived_within_lease_and_two_polls(
+    sim_factory, tmp_path, pg_cluster, pg_url, db, monkeypatch
+):
+    total, lease, poll = 36, 2.0, 2.0
+    recs = recent_recordings(total, seed=81, size=(1_150_000, 1_250_000))
+    # About 19 chunks of 64 KiB, 50 ms apart: a transfer takes about 1 s, longer than the
+    # heartbeat interval (lease / 3), so what the dead instance held were heartbeat leases.
+    sim: Simulator = await sim_factory(recs, Faults(slow_chunk_delay=0.05, slow_rate=1.0))
+    last_byte_sent: set[str] = set()
+    gate = BodyGate(monkeypatch, last_byte_sent)
+    config = with_poll(write_config(sim, tmp_path, pg_url, pg_cluster, lease=lease), poll)
+    instances = await asyncio.gather(
+        *(start(f"instance-{n}", tmp_path, config, "run") for n in range(3))
+    )
+    victim, survivors = instances[0], instances[1:]
+    left: dict[str, int] = {}
+    async with running(list(instances)):
+
+        async def victim_mid_transfer() -> bool:
+            held = await held_by(db, victim)
+            sizes = partial_sizes(tmp_path, held)
+            # From the fetch to the kill nothing awaits: the simulator sends no further byte.
+            if len(held) < 2 or held & last_byte_sent or sum(1 for n in sizes.values() if n) < 2:
+                return False
+            # One of them well past its first heartbeat (three quarters of its bytes in).
+            if not any(n >= 0.75 * sim.recordings[rid].size for rid, n in sizes.items()):
+                return False
+            if len(victim.archived()) < 1:  # it did part of the work before it died
+                return False
+            # Nothing more of these is sent while it dies: the kernel would take bytes for a
+            # process that is gone, and the simulator would count its download complete.
+            gate.pause(held)
+            victim.proc.send_signal(signal.SIGKILL)
+            return True
+
+        await wait_until("the victim to be mid-transfer", victim_mid_transfer, instances, limit=30)
+        killed = time.monotonic()
+        killed_at = datetime.now(UTC)
+        await victim.proc.wait()
+        orphans = await held_by(db, victim)
+        left = {rid: n for rid, n in partial_sizes(tmp_path, orphans).items() if n}
+        assert orphans and len(left) >= 2 and not orphans & last_byte_sent
+        gate.open()  # the rest goes to the survivors, once the leases expire
+
+        async def all_archived() -> bool:
+            return await db.count("archived") == total
+
+        await wait_until("the survivors to finish", all_archived, instances, limit=30)
+        after_kill = time.monotonic() - killed
+        codes = await stop(survivors)
+    assert victim.proc.returncode == -signal.SIGKILL
+    assert codes == [0, 0], [inst.text()[-2000:] for inst in survivors]
+    print(f"\nFIGURE SIGKILL to all archived = {after_kill:.3f}s (bound {lease + 2 * poll:g}s)")
+    assert after_kill <= lease + 2 * poll, after_kill
+    await assert_archived_exactly_once(pg_url, pg_cluster, sim, instances)
+    await assert_archive_matches_the_source(db, tmp_path, sim)
+    rows = await db.fetch(
+        """SELECT id, attempts, interruptions, claims, archived_at, completed_by FROM recordings
+           WHERE id = ANY($1::text[])""",
+        sorted(orphans),
+    )
+    # An interruption each, no attempt used; taken over only once the dead leases expired.
+    assert {(r["attempts"], r["interruptions"], r["claims"]) for r in rows} == {(0, 1, 2)}
+    assert all(r["archived_at"] > killed_at + timedelta(seconds=lease / 2) for r in rows)
+    assert not any(f":{victim.pid}:" in r["completed_by"] for r in rows)
+    # Each partial the victim left was continued from its last byte, not fetched again.
+    ranges = {(r.id, r.range) for r in sim.download_requests}
+    assert all((rid, f"bytes={n}-") in ranges for rid, n in left.items()), (left, ranges)
+    report(
+        "SIGKILL one of 3",
+        instances,
+        total,
+        {"all archived after the kill": after_kill},
+        f"; {len(orphans)} rows orphaned, {len(left)} resumed from the victim's partials",
+    )
+
+
+async def status_json(config: Path) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        *ARCHIVER,
+        "--config",
+        str(config),
+        "status",
+        "--json",
+        env=cli_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (T: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.timeout(60)
+async def test_a_stopped_instance_uses_nobodys_attempts(
+    sim_factory, tmp_path, pg_cluster, pg_url, db, monkeypatch
+):
+    began = time.monotonic()
+    total, lease = 6, 2.0
+    # 3 MB in 64 KiB chunks 50 ms apart: 2.4 s a transfer.
+    recs = recent_recordings(total, seed=83, size=3_000_000)
+    sim: Simulator = await sim_factory(recs, Faults(slow_chunk_delay=0.05, slow_rate=1.0))
+    last_byte_sent: set[str] = set()
+    gate = BodyGate(monkeypatch, last_byte_sent)
+    config = write_config(sim, tmp_path, pg_url, pg_cluster, lease=lease)
+    instances = [await start("instance-0", tmp_path, config, "run")]
+    async with running(instances):
+        # The second starts once the first has given the new archive its identity record:
+        # two first writers at once can disagree on it (see the xfail test below), and this
+        # test reads `archiver status`, which checks it.
+        async def has_identity() -> bool:
+            return (tmp_path / "archive" / ".archiver-id.json").exists()
+
+        await wait_until("the archive's identity record", has_identity, instances, limit=20)
+        instances.append(await start("instance-1", tmp_path, config, "run"))
+        held: set[str] = set()
+        stopped = other = instances[0]
+
+        async def one_mid_transfer() -> bool:
+            """Either instance, once it holds two partial files or more (none near its end)."""
+            nonlocal held, stopped, other
+            for inst, rest in ((instances[0], instances[1]), (instances[1], instances[0])):
+                held = await held_by(db, inst)
+                sizes = partial_sizes(tmp_path, held)
+                if len(held) >= 2 and not held & last_byte_sent and all(map(sizes.get, held)):
+                    gate.pause(held)  # nothing more of these is sent until SIGCONT
+                    inst.proc.send_signal(signal.SIGSTOP)
+                    stopped, other = inst, rest
+                    return True
+            return False
+
+        await wait_until("an instance holding partial files", one_mid_transfer, instances, limit=20)
+
+        async def is_stopped() -> bool:
+            return process_state(stopped.pid) == "T"
+
+        await wait_until("the stop to take effect", is_stopped, instances, limit=5)
+        sizes = partial_sizes(tmp_path, held)  # its flocks stay held: nobody may write these
+        note = "being written by another upload"
+
+        async def handed_back() -> bool:
+            """The other took each over, found the partial held and gave the row back."""
+            lines = other.lines()
+            told = {doc.get("recording_id") for doc in lines if note in str(doc.get("message"))}
+            return held <= told
+
+        await wait_until("the held rows given back", handed_back, instances, limit=20)
+
+        shown: dict[str, Any] = {}
+
+        async def shown_as_owed() -> bool:
+            shown.update(await status_json(config))
+            pending = shown["owed_by_reason"]["pending"]
+            return all(note in pending.get(rid, "") for rid in held)
+
+        await wait_until("status to show them pending", shown_as_owed, instances, limit=20)
+        assert shown["owed"] >= len(held) and shown["counts"]["failed"] == 0, shown
+        rows = await db.fetch(
+            "SELECT id, attempts, interruptions FROM recordings WHERE id = ANY($1::text[])",
+            sorted(held),
+        )
+        # One interruption each (the takeover of an expired lease), no attempt used.
+        assert {(r["attempts"], r["interruptions"]) for r in rows} == {(0, 1)}, rows
+        assert partial_sizes(tmp_path, held) == sizes
+        assert not {rid for rid in held if sim.download_completions[rid]}
+
+        stopped.proc.send_signal(signal.SIGCONT)
+        gate.open()
+
+        async def stopped_gave_up() -> bool:
+            """After SIGCONT it found each lease gone and stopped that transfer."""
+            warnings = stopped.messages("warning")
+            return all(
+                any(f"{rid}: the lease passed to another worker" in m for m in warnings)
+                for rid in held
+            )
+
+        await wait_until(
+            "the stopped one to drop its transfers", stopped_gave_up, instances, limit=15
+        )
+
+        async def all_archived() -> bool:
+            return await db.count("archived") == total
+
+        await wait_until("everything archived", all_archived, instances, limit=30)
+        codes = await stop(instances)
+    took = time.monotonic() - began
+    assert codes == [0, 0], [inst.text()[-2000:] for inst in instances]
+    await assert_archived_exactly_once(pg_url, pg_cluster, sim, instances)
+    await assert_archive_matches_the_source(db, tmp_path, sim)
+    rows = await db.fetch("SELECT id, attempts, state FROM recordings")
+    assert {(r["state"], r["attempts"]) for r in rows} == {("archived", 0)}
+    print(f"\nFIGURE SIGSTOP test, start to all archived and stopped = {took:.3f}s")
+    assert took < 45, took
+
+
+async def test_several_postgres_handles_moving_the_mark_at_once_one_wins(pg_cluster, pg_url):
+    """``Polling`` over PostgreSQL (in-process, a fake clock): every handle reads the mark, then
+    all try to move it at once; the compare-and-set lets exactly one through."""
+    from tests.test_producers import FakeClock, Racing, ScriptedWork, mark, one_pass, polling
+
+    handles, clock = 4, FakeClock()
+    async with contextlib.AsyncExitStack() as stack:
+        ledgers = [
+            await stack.enter_async_context(
+                PostgresLedger(pg_url, password_file=pg_cluster.password_file)
+            )
+            for _ in range(handles)
+        ]
+        for round_number in range(3):
+            clock.advance(days=round_number)
+            moves: list[bool] = []
+            barrier = asyncio.Barrier(handles)
+            for led in ledgers:
+                Racing(led, barrier, moves)
+            producers = [polling(led, clock)[0] for led in ledgers]
+            results = await asyncio.gather(*(one_pass(p, ScriptedWork()) for p in producers))
+            assert sorted(moves) == [False] * (handles - 1) + [True], moves
+            assert {r.high_water_mark for r in results} == {clock.now.date()}
+            assert await mark(ledgers[0]) == clock.now.date()
+            for led in ledgers:
+                del led.advance_meta
+
+
+class FirstWriters:
+    """Two instances opening one new ledger and one empty archive at the same moment, their
+    writes in the order that exposes a lost update: both read before either writes; B writes the
+    ledger's settings after A, A writes the archive after B (or once B is done)."""
+
+    def __init__(self) -> None:
+        self.reached = {"A": asyncio.Event(), "B": asyncio.Event()}
+        self.meta_written = {"A": asyncio.Event(), "B": asyncio.Event()}
+        self.put_written = {"A": asyncio.Event(), "B": asyncio.Event()}
+        self.finished = {"A": asyncio.Event(), "B": asyncio.Event()}
+
+    async def _wait(self, *events: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _both_read(self, me: str) -> None:
+        other = "B" if me == "A" else "A"
+        self.reached[me].set()
+        await self._wait(self.reached[other], self.finished[other])
+
+    def wrap(self, me: str, ledger: Any, storage: Any) -> None:
+        def meta_write(real: Callable[..., Any]) -> Callable[..., Any]:
+            async def write(*args: Any) -> Any:
+                await self._both_read(me)
+                if me == "B":
+                    await self._wait(self.meta_written["A"], self.finished["A"])
+                try:
+                    return await real(*args)
+                finally:
+                    self.meta_written[me].set()
+
+            return write
+
+        real_put = storage.put_bytes
+
+        async def put_bytes(*args: Any, **kw: Any) -> Any:
+            await self._both_read(me)
+            if me == "A":
+                await self._wait(self.put_written["B"], self.finished["B"])
+            try:
+                return await real_put(*args, **kw)
+            finally:
+                self.put_written[me].set()
+
+        ledger.set_meta = meta_write(ledger.set_meta)
+        ledger.advance_meta = meta_write(ledger.advance_meta)
+        storage.put_bytes = put_bytes
+
+
+async def test_two_instances_starting_on_a_new_ledger_agree_on_its_identity(
+    tmp_path, pg_cluster, pg_url
+):
+    from archiver import identity
+    from archiver.storage.local import LocalStorage
+
+    order = FirstWriters()
+    async with contextlib.AsyncExitStack() as stack:
+        sides = {}
+        for me in ("A", "B"):
+            ledger = await stack.enter_async_context(
+                PostgresLedger(pg_url, password_file=pg_cluster.password_file)
+            )
+            storage = await stack.enter_async_context(LocalStorage(tmp_path / "archive"))
+            order.wrap(me, ledger, storage)
+            sides[me] = (ledger, storage)
+
+        async def first_start(me: str) -> None:
+            ledger, storage = sides[me]
+            try:
+                await identity.check(ledger, storage, writable=True)
+            finally:
+                order.finished[me].set()
+
+        await asyncio.gather(first_start("A"), first_start("B"))
+        # What the next command (a status, a restart) sees.
+        async with (
+            PostgresLedger(pg_url, password_file=pg_cluster.password_file) as ledger,
+            LocalStorage(tmp_path / "archive") as storage,
+        ):
+            await identity.check(ledger, storage, writable=False)

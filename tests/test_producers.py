@@ -18,8 +18,8 @@ from typing import Any, cast
 import pytest
 
 from archiver.config import DaemonSettings, FilterSettings
-from archiver.errors import ServerError
-from archiver.ledger import SqliteLedger, open_ledger
+from archiver.errors import LedgerUnavailable, ServerError
+from archiver.ledger import Budget, SqliteLedger, open_ledger
 from archiver.lister import PassStats
 from archiver.models import Recording, State, StoredObject
 from archiver.pipeline import Counts, Work
@@ -49,8 +49,11 @@ class ScriptedWork:
     """What ``Polling`` drives: each ``list_pass`` records its filters and returns (or raises)
     the next scripted result (a complete, empty listing once the script is used up)."""
 
-    def __init__(self, *results: PassStats | BaseException) -> None:
+    def __init__(
+        self, *results: PassStats | BaseException, sweep_error: BaseException | None = None
+    ) -> None:
         self.stop = asyncio.Event()
+        self.sweep_error = sweep_error
         self.counts = Counts()
         self.listed: list[Filters] = []
         self.swept: list[Scope] = []
@@ -65,6 +68,8 @@ class ScriptedWork:
 
     async def sweep(self, scope: Scope, *, exclude: set[str]) -> int:
         self.swept.append(scope)
+        if self.sweep_error is not None:
+            raise self.sweep_error
         return 0
 
     async def drain(self) -> None:
@@ -85,14 +90,19 @@ class Passes:
 
 
 def polling(
-    ledger: Any, clock: FakeClock, *, once: bool = True, **daemon: Any
+    ledger: Any,
+    clock: FakeClock,
+    *,
+    once: bool = True,
+    filters: FilterSettings | None = None,
+    **daemon: Any,
 ) -> tuple[Polling, Passes]:
     values: dict[str, Any] = {"rescan_interval": 6 * 3600.0, **daemon}
     observer = Passes()
     producer = Polling(
         ledger=ledger,
         settings=DaemonSettings(**values),
-        filters=FilterSettings(),
+        filters=filters or FilterSettings(),
         instance="test",
         observer=observer,
         once=once,
@@ -120,11 +130,15 @@ def noon(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
 
 
-def entry(rid: str, day: date, *, status: str = "completed") -> Recording:
+def entry(
+    rid: str, day: date, *, status: str = "completed", room_id: str | None = None
+) -> Recording:
     ended = noon(day)
     url = "https://dl.example/x.ogg" if status == "completed" else None
-    meta = {"id": rid, "status": status, "ended_at": ended.isoformat()}
-    return Recording(id=rid, status=status, download_url=url, ended_at=ended, metadata=meta)
+    meta = {"id": rid, "status": status, "ended_at": ended.isoformat(), "room_id": room_id}
+    return Recording(
+        id=rid, status=status, download_url=url, ended_at=ended, room_id=room_id, metadata=meta
+    )
 
 
 OTHER = "other-host:4242:abcdef/1"
@@ -223,14 +237,16 @@ async def test_later_windows_start_at_mark_minus_overlap_and_widen_every_rescan_
     assert last_window() == (tomorrow - timedelta(days=2), tomorrow)
 
 
-async def test_a_mark_ahead_of_the_clock_still_lists_today(ledger):
-    """A clock stepped back (or a mark written by a host whose clock ran ahead)."""
+async def test_a_mark_ahead_of_the_clock_still_lists_the_overlap_before_today(ledger):
+    """A clock stepped back (or a mark written by a host whose clock ran ahead): the window
+    still reaches ``overlap_days`` back from today, where late arrivals turn up."""
     await ledger.set_meta(HWM_KEY, (TODAY + timedelta(days=3)).isoformat())
     await ledger.set_meta(RESCAN_KEY, NOW.isoformat())
     producer, _ = polling(ledger, FakeClock(), overlap_days=1)
     work = ScriptedWork()
     await one_pass(producer, work)
-    assert (work.listed[0].date_ended_at_gte, work.listed[0].date_ended_at_lte) == (TODAY, TODAY)
+    window = (work.listed[0].date_ended_at_gte, work.listed[0].date_ended_at_lte)
+    assert window == (TODAY - timedelta(days=1), TODAY)
     assert await mark(ledger) == TODAY + timedelta(days=3)  # never moved back
 
 
@@ -289,16 +305,15 @@ async def test_every_owed_row_that_will_be_retried_holds_the_mark(ledger, kind):
 
 @pytest.mark.parametrize("kind", ["failed_for_good", "rejected", "attempts_used_up"])
 async def test_rows_failed_for_good_do_not_hold_the_mark(tmp_path, kind):
-    async with open_ledger(path=tmp_path / "ledger.db", budget=budget_of(2)) as ledger:
-        far, near = TODAY - timedelta(days=20), TODAY - timedelta(days=4)
-        if kind == "attempts_used_up":
-            await put_row(ledger, "retrying", "rec-bad", far)
-            await ledger.claim("rec-bad", owner=OTHER + "b", lease_seconds=60)
-            await ledger.fail("rec-bad", owner=OTHER + "b", error="HTTP 500", permanent=False)
-        else:
-            await put_row(ledger, kind, "rec-bad", far)
+    path = tmp_path / "ledger.db"
+    far, near = TODAY - timedelta(days=20), TODAY - timedelta(days=4)
+    async with open_ledger(path=path) as ledger:
+        await put_row(ledger, "retrying" if kind == "attempts_used_up" else kind, "rec-bad", far)
+    # "attempts_used_up": failed once, retryable then; the budget is lowered to one attempt.
+    async with open_ledger(path=path, budget=Budget(max_attempts=1)) as ledger:
         row = await ledger.get("rec-bad")
         assert row is not None and row.state is State.FAILED
+        assert (await ledger.tally(["rec-bad"])).needs_action
         producer, _ = polling(ledger, FakeClock())
         assert (await one_pass(producer, ScriptedWork())).high_water_mark == TODAY
         # Beside a row that will be retried, the mark is held at that one, not at the failed.
@@ -308,10 +323,27 @@ async def test_rows_failed_for_good_do_not_hold_the_mark(tmp_path, kind):
         assert (await one_pass(producer, ScriptedWork())).high_water_mark == near
 
 
-def budget_of(max_attempts: int) -> Any:
-    from archiver.ledger import Budget
+async def test_a_row_out_of_attempts_holds_neither_the_mark_nor_the_lag(tmp_path):
+    path = tmp_path / "ledger.db"
+    async with open_ledger(path=path) as ledger:
+        await put_row(ledger, "retrying", "rec-bad", TODAY - timedelta(days=20))
+    async with open_ledger(path=path, budget=Budget(max_attempts=1)) as ledger:
+        producer, _ = polling(ledger, FakeClock())
+        result = await one_pass(producer, ScriptedWork())
+        assert result.high_water_mark == TODAY
+        assert result.oldest_unarchived is None  # the lag (archiver_oldest_unarchived_age)
 
-    return Budget(max_attempts=max_attempts)
+
+async def test_only_owed_rows_in_the_daemons_scope_hold_the_mark(ledger):
+    """Standing filters (here a room) bound what the daemon lists, so what it holds for."""
+    other_day, ours_day = TODAY - timedelta(days=12), TODAY - timedelta(days=3)
+    await ledger.observe([entry("rec-other-room", other_day, room_id="room-b")])
+    await ledger.observe([entry("rec-our-room", ours_day, room_id="room-a")])
+    producer, _ = polling(ledger, FakeClock(), filters=FilterSettings(room_id="room-a"))
+    work = ScriptedWork()
+    result = await one_pass(producer, work)
+    assert result.high_water_mark == ours_day
+    assert work.listed[0].room_id == "room-a"
 
 
 def shifted() -> PassStats:
@@ -347,6 +379,16 @@ async def test_a_failed_or_shifted_listing_never_moves_the_mark(
     assert passes[0].extra["high_water_mark"] == before.isoformat()
 
 
+async def test_a_listing_that_worked_with_a_sweep_that_failed_moves_nothing(ledger):
+    before = TODAY - timedelta(days=3)
+    await ledger.set_meta(HWM_KEY, before.isoformat())
+    producer, _ = polling(ledger, FakeClock())
+    work = ScriptedWork(sweep_error=LedgerUnavailable("the ledger is restarting"))
+    result = await one_pass(producer, work)
+    assert not result.ok and not result.complete and "restarting" in (result.error or "")
+    assert await mark(ledger) == before
+
+
 async def test_a_first_pass_that_fails_sets_no_mark(ledger):
     producer, _ = polling(ledger, FakeClock(), first_start="all")
     work = ScriptedWork(ServerError("HTTP 500"), ServerError("HTTP 502"))
@@ -368,11 +410,25 @@ async def test_a_suspected_shift_lists_again_at_once_then_moves_the_mark(ledger)
     assert await mark(ledger) == TODAY
 
 
+async def test_a_wide_rescan_that_suspected_a_shift_is_still_due(ledger):
+    """Recordings a shift hid may be anywhere in the wide window: the re-listing is wide too."""
+    await ledger.set_meta(HWM_KEY, (TODAY - timedelta(days=1)).isoformat())
+    await ledger.set_meta(RESCAN_KEY, (NOW - timedelta(days=1)).isoformat())
+    producer, observer = polling(ledger, FakeClock(), overlap_days=1, rescan_days=7)
+    work = ScriptedWork(shifted())
+    await producer(cast(Work, work))
+    wide_start = TODAY - timedelta(days=7)
+    assert [f.date_ended_at_gte for f in work.listed] == [wide_start, wide_start]
+    assert [r.complete for r in observer.results] == [False, True]
+    assert await ledger.get_meta(RESCAN_KEY) == NOW.isoformat()
+    assert await mark(ledger) == TODAY
+
+
 # -- several handles on one ledger -------------------------------------------------------------
 class Racing:
     """Every handle has read the mark before any of them tries to move it."""
 
-    def __init__(self, ledger: SqliteLedger, barrier: asyncio.Barrier, moves: list[bool]) -> None:
+    def __init__(self, ledger: Any, barrier: asyncio.Barrier, moves: list[bool]) -> None:
         real = ledger.advance_meta
 
         async def advance_meta(key: str, expected: str | None, new: str) -> bool:
@@ -403,9 +459,7 @@ async def test_several_handles_moving_the_mark_at_once_one_wins(tmp_path):
                 Racing(led, barrier, moves)
             producers = [polling(led, clock)[0] for led in ledgers]
             assert await mark(ledgers[0]) == expected_before
-            results = await asyncio.gather(
-                *(one_pass(p, ScriptedWork()) for p in producers)
-            )
+            results = await asyncio.gather(*(one_pass(p, ScriptedWork()) for p in producers))
             assert sorted(moves) == [False] * (handles - 1) + [True], moves
             today = clock.now.date()
             assert {r.high_water_mark for r in results} == {today}

@@ -189,7 +189,8 @@ def tally(
 
 @dataclass(frozen=True, slots=True)
 class SummaryGroup:
-    """One ``GROUP BY state, permanent`` row of a ledger's summary query."""
+    """One row of a ledger's summary query, grouped by state and by whether the rows need an
+    operator (``needs_action``: failed for good, or out of attempts)."""
 
     state: str
     permanent: bool

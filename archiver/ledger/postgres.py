@@ -569,10 +569,13 @@ class PostgresLedger(SharedLedger):
 
     async def summary(self) -> Summary:
         async def read(conn: Any) -> list[Any]:
+            # ``core.needs_action``: failed for good, or out of attempts under today's budget.
             rows: list[Any] = await conn.fetch(
-                """SELECT state, permanent, count(*) AS n, min(ended_at) AS oldest,
+                """SELECT state, state = 'failed' AND (permanent OR attempts >= $1) AS spent,
+                          count(*) AS n, min(ended_at) AS oldest,
                           coalesce(sum(size), 0) AS bytes
-                   FROM recordings GROUP BY state, permanent"""
+                   FROM recordings GROUP BY state, spent""",
+                self.budget.max_attempts,
             )
             return rows
 
@@ -580,7 +583,7 @@ class PostgresLedger(SharedLedger):
         return core.fold_summary(
             core.SummaryGroup(
                 row["state"],
-                bool(row["permanent"]),
+                bool(row["spent"]),
                 int(row["n"]),
                 _utc(row["oldest"]),
                 int(row["bytes"]),

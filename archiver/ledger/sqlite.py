@@ -662,9 +662,12 @@ class SqliteLedger(SharedLedger):
         return await self._call(self._summary_sync)
 
     def _summary_sync(self) -> Summary:
+        # ``core.needs_action``: failed for good, or out of attempts under today's budget.
         rows = self._db().execute(
-            """SELECT state, permanent, count(*), min(ended_at), coalesce(sum(size), 0)
-               FROM recordings GROUP BY state, permanent"""
+            """SELECT state, state = 'failed' AND (permanent OR attempts >= ?) AS spent,
+                      count(*), min(ended_at), coalesce(sum(size), 0)
+               FROM recordings GROUP BY state, spent""",
+            (self.budget.max_attempts,),
         )
         return core.fold_summary(
             core.SummaryGroup(state, bool(permanent), count, _dt(oldest), size)
