@@ -492,9 +492,9 @@ class SqliteLedger(SharedLedger):
         return await self._call(self._lease_clock_sync)
 
     def _lease_clock_sync(self) -> datetime:
-        """Now, to tell a live lease from a dead one. A reader on a ledger whose lock nobody
-        holds knows that no transfer can be running: every lease is dead (what the next writer
-        does with them, ``recover_orphans``, a dry run and ``status`` see now)."""
+        """Now, to tell a live lease from a dead one. A reader on a ledger whose lock file is
+        there but held by nobody knows that no writer is running: every lease is dead (what the
+        next writer does with them, ``recover_orphans``, a dry run and ``status`` see now)."""
         if self.exclusive or self._lock_held_elsewhere():
             return utcnow()
         return _NO_LIVE_LEASE
@@ -502,10 +502,9 @@ class SqliteLedger(SharedLedger):
     def _lock_held_elsewhere(self) -> bool:
         try:
             fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False  # no writer ever ran
         except OSError:
-            return True  # cannot tell: assume the leases may be live
+            # No lock file: leases were taken without one (a test, a tool); cannot tell.
+            return True
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
