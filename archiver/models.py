@@ -233,6 +233,12 @@ class LedgerRow:
     rejected: bool = False
     # The transfer that archived it (a retried ``complete`` recognises its own commit).
     completed_by: str | None = None
+    # A storage upload in progress that the next claimer may continue (an S3 multipart upload:
+    # key, upload id, parts done), as the storage backend described it; empty when none.
+    upload: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Copies stored but found wanting that could not be removed (Object Lock): each with its
+    # key, version id, reason and time. Reported by status and verify; never forgotten.
+    quarantined: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def utcnow() -> datetime:

@@ -745,6 +745,9 @@ async def fill(ledger: Ledger) -> None:
         await ledger.claim(rec_id, owner="w", lease_seconds=LEASE)
         await ledger.fail(rec_id, owner="w", error=f"boom {rec_id}", permanent=permanent)
     await ledger.claim("r4", owner="host-a:1:x", lease_seconds=LEASE)
+    upload = {"key": "room-1/r4.mp4", "upload_id": "u-1", "parts": [{"n": 1, "size": 8}]}
+    assert await ledger.note_upload("r4", owner="host-a:1:x", upload=upload)
+    await ledger.quarantine("r0", key="room-1/r0.mp4", version_id="v0", reason="hash mismatch")
     await ledger.reject("../evil", reason="unsafe id", metadata={"id": "../evil", "n": 1.5})
     await ledger.append_audit("verified", None, {"checked": 2, "at": T0})
     for n in range(3):
@@ -781,7 +784,7 @@ async def test_export_import_round_trip(source_name: str, target_name: str, tmp_
         before = await source.summary()
     kinds = [kind for kind, _ in items]
     assert kinds == sorted(kinds, key=KINDS.index)
-    assert kinds.count("recording") == 8 and kinds.count("audit") == 7
+    assert kinds.count("recording") == 8 and kinds.count("audit") == 8
     assert kinds.count("pass") == 3 and kinds.count("meta") == 2
 
     async with BACKENDS[target_name](tmp_path / "b") as make_target, make_target() as target:
@@ -789,7 +792,7 @@ async def test_export_import_round_trip(source_name: str, target_name: str, tmp_
         assert await exported(target) == items
         assert await target.summary() == before
         report = await verify_chain(target.iter_audit())
-        assert report.ok and report.entries == 7, report.problems
+        assert report.ok and report.entries == 8, report.problems
         row = await target.get("r4")
         assert row is not None and (row.state, row.lease_owner) == (
             State.IN_PROGRESS,
@@ -1070,3 +1073,36 @@ async def test_sqlite_files_are_private(tmp_path: Path, umask: int) -> None:
     assert modes["ledger.sqlite3"] == modes["ledger.sqlite3.lock"] == 0o600
     assert modes.get("ledger.sqlite3-wal", 0o600) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750 & ~umask
+
+
+async def test_upload_progress_passes_to_the_next_claimer(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")])
+    await ledger.claim("a", owner="w1", lease_seconds=LEASE)
+    upload = {"key": "room-1/a.mp4", "upload_id": "u-1", "parts": [{"n": 1, "sha256": "x"}]}
+    assert await ledger.note_upload("a", owner="w1", upload=upload) is True
+    assert await ledger.note_upload("a", owner="intruder", upload={}) is False
+    await ledger.release("a", owner="w1")
+    row = await ledger.get("a")
+    assert row is not None and row.upload == upload  # kept for whoever continues it
+    await ledger.claim("a", owner="w2", lease_seconds=LEASE)
+    assert await ledger.complete("a", owner="w2", stored=stored("a"))
+    row = await ledger.get("a")
+    assert row is not None and row.upload == {}
+    assert await audit_actions(ledger) == [("archived", "a")]  # progress is not audited
+
+
+async def test_a_copy_that_cannot_be_removed_is_quarantined(ledger: Ledger) -> None:
+    await ledger.observe([rec("a")])
+    await archive(ledger, "a")
+    await ledger.quarantine("a", key="room-1/a.mp4", version_id="v1", reason="hash mismatch")
+    await ledger.quarantine("a", key="room-1/a.mp4", version_id="v2", reason="wrong size")
+    row = await ledger.get("a")
+    assert row is not None and row.state is State.ARCHIVED
+    copies = row.quarantined["copies"]
+    assert [(c["version_id"], c["reason"]) for c in copies] == [
+        ("v1", "hash mismatch"),
+        ("v2", "wrong size"),
+    ]
+    assert (await audit_actions(ledger))[-2:] == [("quarantined", "a"), ("quarantined", "a")]
+    with pytest.raises(LedgerError):
+        await ledger.quarantine("nope", key="k", version_id=None, reason="r")

@@ -149,6 +149,21 @@ class WorkLedger(Protocol):
         stored and verified). A row never claimed is refused (LedgerError)."""
         ...
 
+    async def note_upload(
+        self, recording_id: str, *, owner: str, upload: Mapping[str, Any]
+    ) -> bool:
+        """Keep how far the storage upload of the transfer holding the row has come (the
+        storage's own description; ``{}``: none), for whoever claims the row next to continue
+        it. Not audited; a ``complete`` clears it. False if ``owner`` lost the lease."""
+        ...
+
+    async def quarantine(
+        self, recording_id: str, *, key: str, version_id: str | None, reason: str
+    ) -> None:
+        """A stored copy found wanting that storage will not remove (Object Lock): kept on the
+        row (``LedgerRow.quarantined``) with its version and reason, audited."""
+        ...
+
     async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:
         """A failure of the recording itself: uses an attempt (audited). ``permanent`` (or the
         budget used up) fails it for good. Changes nothing if ``owner`` lost the lease."""

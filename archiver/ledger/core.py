@@ -291,6 +291,8 @@ def new_row(recording_id: str, now: datetime, **values: Any) -> dict[str, Any]:
         "interruptions": 0,
         "rejected": False,
         "completed_by": None,
+        "upload": {},
+        "quarantined": {},
     }
     unknown = set(values) - set(row)
     if unknown:
@@ -446,7 +448,7 @@ def complete(recording_id: str, *, owner: str, stored: StoredObject) -> Program[
             f"complete: {recording_id!r} was never claimed; claim it before completing"
         )
     now: datetime = yield Clock()
-    values = {
+    values: dict[str, Any] = {
         "state": State.ARCHIVED,
         "storage_key": stored.key,
         "size": stored.size,
@@ -459,6 +461,7 @@ def complete(recording_id: str, *, owner: str, stored: StoredObject) -> Program[
         "archived_at": now,
         "updated_at": now,
         "completed_by": owner,
+        "upload": {},
         **_CLEAR_LEASE,
     }
     yield Update([(recording_id, values)])
@@ -471,6 +474,32 @@ def complete(recording_id: str, *, owner: str, stored: StoredObject) -> Program[
     }
     yield Audit("archived", recording_id, details)
     return True
+
+
+def note_upload(recording_id: str, *, owner: str, upload: Mapping[str, Any]) -> Program[bool]:
+    """Record how far the storage upload of the transfer holding the row has come (``{}``:
+    none), so that whoever claims it next can continue it. False if the lease was lost."""
+    row: LedgerRow | None = yield Load(recording_id)
+    if row is None or row.state is not State.IN_PROGRESS or row.lease_owner != owner:
+        return False
+    yield Update([(recording_id, {"upload": dict(upload)})])
+    return True
+
+
+def quarantine(
+    recording_id: str, *, key: str, version_id: str | None, reason: str
+) -> Program[None]:
+    """A stored copy found wanting that storage will not remove (Object Lock): kept on the row
+    with its version, audited, reported until its retention ends."""
+    row: LedgerRow | None = yield Load(recording_id)
+    if row is None:
+        raise LedgerError(f"quarantine: the ledger has no row for {recording_id!r}")
+    now: datetime = yield Clock()
+    entry = {"key": key, "version_id": version_id, "reason": reason, "at": now.isoformat()}
+    copies = [*row.quarantined.get("copies", []), entry]
+    yield Update([(recording_id, {"quarantined": {"copies": copies}, "updated_at": now})])
+    yield Audit("quarantined", recording_id, entry)
+    return None
 
 
 def fail(

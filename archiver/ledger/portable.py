@@ -32,9 +32,11 @@ from archiver.ledger.base import Ledger
 from archiver.models import State
 
 FORMAT = "archiver-ledger"
-FORMAT_VERSION = 2
-# Version 1 files (before claims were told from attempts) are read too: see ``_from_v1``.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Older files are read too: version 1 (before claims were told from attempts, ``_from_v1``) and
+# version 2 (before upload progress and quarantined copies: both empty).
+READABLE_VERSIONS = (1, 2, 3)
+_V3_ADDED: dict[str, dict[str, Any]] = {"upload": {}, "quarantined": {}}
 # What version 1 left out of a recording, and the attempts that made a v1 row failed for good
 # (the default budget then, also applied by the ledgers' own schema upgrade).
 _V1_ADDED = ("claims", "interruptions", "rejected", "completed_by")
@@ -71,6 +73,8 @@ RECORDING_FIELDS: Mapping[str, Kind] = {
     "interruptions": "int",
     "rejected": "bool",
     "completed_by": "text?",
+    "upload": "object",
+    "quarantined": "object",
 }
 # Columns a row has beside its metadata (what a transition reads).
 BRIEF_FIELDS = tuple(name for name in RECORDING_FIELDS if name != "metadata")
@@ -178,6 +182,9 @@ def decode(line: str, lineno: int, version: int = FORMAT_VERSION) -> tuple[str, 
         raise LedgerError(f"line {lineno}: unknown record type {kind!r}")
     if kind == "recording" and version == 1:
         _from_v1(doc)
+    if kind == "recording" and version < 3:
+        for name, empty in _V3_ADDED.items():
+            doc.setdefault(name, dict(empty))
     unknown = set(doc) - set(fields)
     if unknown:
         raise LedgerError(f"line {lineno}: unknown {kind} field(s) {', '.join(sorted(unknown))}")

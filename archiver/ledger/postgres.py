@@ -166,6 +166,12 @@ MIGRATIONS: list[str] = [
         permanent = permanent OR (state = 'failed' AND attempts >= {V1_MAX_ATTEMPTS});
     ALTER TABLE recordings DROP COLUMN claim_token, DROP COLUMN completion_token;
     """,
+    # 3: an upload in progress the next claimer may continue; copies kept in quarantine.
+    """
+    ALTER TABLE recordings
+        ADD COLUMN upload      jsonb NOT NULL DEFAULT '{}',
+        ADD COLUMN quarantined jsonb NOT NULL DEFAULT '{}';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -888,7 +894,9 @@ class PostgresLedger(SharedLedger):
 def _export_record(kind: str, row: Any) -> dict[str, Any]:
     record = dict(row.items())
     if kind == "recording":
-        record["metadata"] = json_object(record["metadata"], f"the metadata of {row['id']!r}")
+        for name, field_kind in RECORDING_FIELDS.items():
+            if field_kind == "object":
+                record[name] = json_object(record[name], f"the {name} of {row['id']!r}")
     elif kind == "audit":
         record["details"] = json_object(record["details"], f"audit entry {row['seq']}")
     elif kind == "pass":
@@ -903,7 +911,10 @@ async def _import_batch(conn: Any, kind: str, records: list[Mapping[str, Any]]) 
     if kind == "recording":
         columns = list(RECORDING_FIELDS)
         rows = [
-            tuple(_jsonb(r[name]) if name == "metadata" else _clean(r[name]) for name in columns)
+            tuple(
+                _jsonb(r[name]) if RECORDING_FIELDS[name] == "object" else _clean(r[name])
+                for name in columns
+            )
             for r in records
         ]
         await conn.copy_records_to_table("recordings", records=rows, columns=columns)

@@ -71,6 +71,8 @@ def decode_row(row: Any, when: TimeReader) -> LedgerRow:
             interruptions=row["interruptions"],
             rejected=bool(row["rejected"]),
             completed_by=row["completed_by"],
+            upload=json_object(row["upload"], f"the upload of {row['id']!r}"),
+            quarantined=json_object(row["quarantined"], f"the quarantine of {row['id']!r}"),
         )
     except (ValueError, TypeError) as exc:
         raise LedgerError(f"the ledger row {row['id']!r} cannot be read: {exc}") from exc

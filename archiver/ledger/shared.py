@@ -98,6 +98,24 @@ class SharedLedger:
             grouped=True,
         )
 
+    async def note_upload(
+        self, recording_id: str, *, owner: str, upload: Mapping[str, Any]
+    ) -> bool:
+        return await self._carry_out(
+            "note_upload",
+            lambda: core.note_upload(recording_id, owner=owner, upload=upload),
+            grouped=True,
+            durable=False,
+        )
+
+    async def quarantine(
+        self, recording_id: str, *, key: str, version_id: str | None, reason: str
+    ) -> None:
+        await self._carry_out(
+            "quarantine",
+            lambda: core.quarantine(recording_id, key=key, version_id=version_id, reason=reason),
+        )
+
     async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:
         await self._carry_out(
             "fail",

@@ -172,6 +172,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX recordings_state ON recordings (state, ended_at, id);
     CREATE INDEX recordings_ended_at ON recordings (ended_at);
     """,
+    # 3: an upload in progress the next claimer may continue; copies kept in quarantine.
+    """
+    ALTER TABLE recordings ADD COLUMN upload TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE recordings ADD COLUMN quarantined TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
