@@ -189,7 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="how much to log (default: logging.level of the config, info)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="in a terminal, also a line per recording above the progress display",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
+    commands: dict[str, argparse.ArgumentParser] = {}
+    parser.set_defaults(_commands=commands)
 
     def command(name: str, handler: Handler | None, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
@@ -201,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if handler is not None:
             p.set_defaults(handler=handler)
+        commands[name] = p
         return p
 
     bf = command("backfill", _backfill, "archive every recording the filters match, then stop")
@@ -350,20 +361,36 @@ def filters_from_args(args: argparse.Namespace, settings: Settings) -> Filters:
 
 
 # -- running ------------------------------------------------------------------------------------
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting the command's own parser speak of what it does not know (its usage,
+    not the top level's)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = args._commands.get(args.command, parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         if args.command == "demo":
             from archiver.demo import run_demo
 
             # Retries are the point of the demo's faults: the summary counts them instead.
-            setup_logging(fmt=args.log_format or "text", level=args.log_level or "error")
+            setup_logging(
+                fmt=args.log_format or "text",
+                level=args.log_level or "error",
+                verbose=args.verbose,
+            )
             return asyncio.run(run_demo(count=args.count, directory=args.dir.resolve()))
         settings = load_settings(args.config)
         setup_logging(
             fmt=args.log_format or settings.logging.format,
             level=args.log_level or settings.logging.level,
             file=settings.logging.file,
+            verbose=args.verbose,
         )
         return asyncio.run(dispatch(args, settings))
     except BrokenPipeError:

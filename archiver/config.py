@@ -237,7 +237,8 @@ def load_settings(
         for part in section.split("."):
             target = target.setdefault(part, {})
         target[key] = value
-    base_dir = path.parent if path is not None else Path.cwd()
+    # Absolute: paths are joined to it once per key, and a relative one would join twice.
+    base_dir = (path.parent if path is not None else Path.cwd()).absolute()
     return _build(raw, base_dir, env, path)
 
 

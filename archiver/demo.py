@@ -61,15 +61,43 @@ async def run_demo(*, count: int, directory: Path) -> int:
             )
         downloads = sum(sim.download_completions.values())
         injected = sim.injected
-    print(
-        "faults survived: "
-        f"{injected['list:error'] + injected['list:throttle']} failed or throttled list calls, "
-        f"{injected['download:truncate']} truncated downloads, "
-        f"{injected['list:expired_url']} expired links"
-    )
+    if downloads:
+        print(
+            "faults survived: "
+            f"{injected['list:error'] + injected['list:throttle']} failed or throttled list "
+            f"calls, {injected['download:truncate']} truncated downloads, "
+            f"{injected['list:expired_url']} expired links"
+        )
+    else:
+        print("nothing to download: every recording was archived by an earlier run")
     print(
         f"verify (deep): {check.checked} recordings, {human_bytes(check.bytes)}, "
         f"{len(check.problems)} problem(s); {downloads} downloads completed this run"
     )
-    print(f"archive: {directory}  (run `archiver demo` again: it downloads nothing)")
+    config = write_inspection_config(directory)
+    shown = _shown(config)
+    print(f"archive: {_shown(directory)}  (run `archiver demo` again: it downloads nothing)")
+    print("look at it with the demo's own config (its ledger is in the archive directory):")
+    for command in ("status", "verify --deep", "manifest --format csv", "audit verify"):
+        print(f"  archiver --config {shown} {command}")
     return 0 if report.all_archived and check.ok else 1
+
+
+def write_inspection_config(directory: Path) -> Path:
+    """A config for the read-only commands on the demo's archive and ledger (paths relative to
+    the file, so the directory can be moved). The simulated API is gone once the demo ends."""
+    path = directory / "archiver.toml"
+    path.write_text(
+        "# Written by `archiver demo`: the demo's archive and ledger, for status, verify,\n"
+        "# manifest and audit (the simulated API it archived from is gone).\n"
+        '[storage]\npath = "."\n\n[ledger]\npath = "archiver.db"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -6,14 +6,19 @@ key and presigned-URL signatures never reach a log whatever code logged them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from io import TextIOWrapper
 from pathlib import Path
 from typing import Any, TextIO, cast
+
+from rich.console import Console
+from rich.logging import RichHandler
 
 from archiver.redact import redact
 
@@ -76,6 +81,7 @@ def _open_private(path: str, flags: int) -> int:
 
 
 _handler: logging.Handler | None = None
+_verbose = False
 
 
 def setup_logging(
@@ -84,12 +90,15 @@ def setup_logging(
     level: str = "info",
     file: Path | None = None,
     stream: TextIO | None = None,
+    verbose: bool = False,
 ) -> None:
     """Configure the root logger; calling again replaces the handler (SIGHUP reopens the file).
 
-    ``auto`` is JSON under systemd's journal (``$JOURNAL_STREAM``), text elsewhere.
+    ``auto`` is JSON under systemd's journal (``$JOURNAL_STREAM``), text elsewhere. ``verbose``:
+    while a live display runs in a terminal, per-recording lines are shown too (``above``).
     """
-    global _handler
+    global _handler, _verbose
+    _verbose = verbose
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and "JOURNAL_STREAM" in os.environ)
     handler: logging.Handler
@@ -108,3 +117,35 @@ def setup_logging(
     for noisy in ("aiohttp.access", "botocore", "boto3", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _handler = handler
+
+
+@contextlib.contextmanager
+def above(console: Console) -> Iterator[None]:
+    """While a live display holds the terminal, log lines go through its console, printed
+    above the display instead of through it; only warnings and errors unless ``verbose`` (a
+    line per recording would scroll the display away). A log file is left as it is."""
+    global _handler
+    current = _handler
+    if current is None or isinstance(current, logging.FileHandler):
+        yield
+        return
+    live = RichHandler(
+        console=console,
+        show_time=False,
+        show_level=False,
+        show_path=False,
+        markup=False,
+        rich_tracebacks=False,
+    )
+    live.setFormatter(RedactingFormatter(json_lines=False))
+    live.setLevel(logging.NOTSET if _verbose else logging.WARNING)
+    root = logging.getLogger()
+    root.removeHandler(current)
+    root.addHandler(live)
+    _handler = live
+    try:
+        yield
+    finally:
+        root.removeHandler(live)
+        root.addHandler(current)
+        _handler = current

@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from archiver import logs
 from archiver.pipeline import Listener
 from archiver.transfer import Outcome, Result
 
@@ -109,6 +110,8 @@ class LiveProgress(_Counts):
         self._task = self._progress.add_task(label, total=None, detail="", eta="")
 
     def __enter__(self) -> Self:
+        self._routing = logs.above(self._progress.console)
+        self._routing.__enter__()
         self._progress.start()
         return self
 
@@ -120,6 +123,7 @@ class LiveProgress(_Counts):
     ) -> None:
         self._refresh()
         self._progress.stop()
+        self._routing.__exit__(exc_type, exc, tb)
 
     def _refresh(self) -> None:
         detail = f"{human_bytes(self.bytes)} {human_bytes(self.rate())}/s"
