@@ -198,3 +198,25 @@ async def test_second_instance_on_same_sqlite_ledger_refuses(sim_factory, tmp_pa
         first.send_signal(signal.SIGINT)
         await asyncio.wait_for(first.wait(), 30)
     assert partials(tmp_path) == []
+
+
+async def test_help_says_what_each_flag_and_exit_code_means(tmp_path):
+    code, out, _ = await cli("--help")
+    assert code == 0
+    for needle in (
+        "exit codes:",
+        "0  everything asked for",
+        "3  backfill interrupted",
+        "--log-level",
+    ):
+        assert needle in out, out
+    assert "how much to log" in out
+    code, out, _ = await cli("demo", "--help")
+    assert code == 0 and "where the demo's archive and ledger go" in out
+    code, out, _ = await cli("backfill", "--help")
+    assert code == 0 and "exit codes:" in out and "--dry-run" in out
+    # A command alone, or with a flag it does not know: its own usage, exit 2.
+    code, _, err = await cli("audit")
+    assert code == 2 and "usage: archiver audit" in err and "{verify,export}" in err
+    code, _, err = await cli("backfill", "--no-such-flag")
+    assert code == 2 and "usage: archiver backfill" in err and "--no-such-flag" in err
