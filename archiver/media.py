@@ -39,6 +39,7 @@ packets, far more than a small head).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -277,6 +278,8 @@ def _sample(head: bytes) -> str:
 # --------------------------------------------------------------------------------------- size
 
 
+# Typed: 5 and 5.0 are told apart (they are rounded to different places).
+@functools.lru_cache(maxsize=4096, typed=True)
 def size_bounds(size_mb: float | None) -> tuple[int, int] | None:
     """The byte sizes, inclusive, that the API's ``size_mb`` can stand for; None if unusable.
 

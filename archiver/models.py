@@ -47,8 +47,24 @@ _MAX_ENTRY_BYTES = 64 * 1024
 
 def _oversize(entry: Mapping[str, Any]) -> str | None:
     """Why an entry is too big to keep (any string over 8 KiB, or over about 64 KiB as JSON in
-    all), or None. Names the field, never quotes it; walks without recursion and stops as soon
-    as the budget is spent."""
+    all), or None. Names the field, never quotes it."""
+    # The usual entry is flat and small: one look at each value decides it.
+    total = 0
+    for key, value in entry.items():
+        if isinstance(value, str):
+            total += len(value) + len(str(key)) + 6
+        elif value is None or isinstance(value, bool | int | float):
+            total += len(str(key)) + 24
+        else:
+            return _oversize_nested(entry)
+    if total <= _MAX_STRING_CHARS:
+        return None
+    return _oversize_nested(entry)
+
+
+def _oversize_nested(entry: Mapping[str, Any]) -> str | None:
+    """``_oversize`` the thorough way: walks without recursion and stops as soon as the budget
+    is spent."""
     total = 0
     stack: list[tuple[str, Any]] = [("", entry)]
     while stack:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import ipaddress
 import re
 import socket
@@ -144,6 +145,7 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 
+@functools.lru_cache(maxsize=4096)
 def classify(address: IPAddress | str) -> AddressClass:
     """The class of one address; embedded IPv4 (mapped, NAT64, 6to4) counts as itself."""
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
@@ -166,6 +168,7 @@ def classify(address: IPAddress | str) -> AddressClass:
     return AddressClass.PUBLIC if ip in _GLOBAL_UNICAST else AddressClass.RESERVED
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_literal(host: str | None) -> IPAddress | None:
     """The address a URL's host spells, or None for a name."""
     if not host:
@@ -229,7 +232,12 @@ def _shape(url: object) -> tuple[str | None, URL | None]:
     host = parsed.raw_host
     if not host:
         return "has no host", None
-    if parsed.raw_user is not None or parsed.raw_password is not None or "@" in _netloc(url):
+    # A second parser's view too, where two could disagree about where the host starts.
+    if (
+        parsed.raw_user is not None
+        or parsed.raw_password is not None
+        or ("@" in url and "@" in _netloc(url))
+    ):
         return "carries credentials (userinfo before the host); archiver never sends them", None
     literal = ip_literal(host)
     # aiohttp treats a host with a colon or only digits and dots as an address without asking
