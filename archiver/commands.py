@@ -171,6 +171,31 @@ async def dry_run(settings: Settings, filters: Filters) -> int:
 
 
 # -- status -------------------------------------------------------------------------------------
+async def quarantined_copies(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every stored copy kept in quarantine (it failed its checks and storage would not remove
+    it: Object Lock), oldest first, with its recording's id: from the audit chain, which names
+    every row that ever had one, and each row's own list."""
+    ids: dict[str, None] = {}
+    async for entry in ledger.iter_audit():
+        if entry.action == "quarantined" and entry.recording_id is not None:
+            ids[entry.recording_id] = None
+    copies: list[dict[str, Any]] = []
+    for rid in ids:
+        row = await ledger.get(rid)
+        for copy in row.quarantined.get("copies", []) if row is not None else []:
+            copies.append({"id": rid, **copy})
+    return sorted(copies, key=lambda c: str(c.get("at")))
+
+
+def print_quarantined(copies: list[dict[str, Any]], *, tag: str = "  ") -> None:
+    for copy in copies:
+        version = f", version {copy['version_id']}" if copy.get("version_id") else ""
+        print(
+            f"{tag}{copy['id']} ({copy.get('key')}{version}, since {copy.get('at')}): "
+            f"{redact(str(copy.get('reason')))[:300]}"
+        )
+
+
 def _reading(settings: Settings) -> contextlib.AbstractAsyncContextManager[Services]:
     """Ledger and archive for a read-only command: nothing is created or written in the
     archive, a missing ledger is an error, and the ledger must be the archive's."""
@@ -186,6 +211,7 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         high_water_mark = await ledger.get_meta("daemon.high_water_mark")
         owed_ids = [row.id async for row in ledger.iter_owed()]
         tally = await ledger.tally(owed_ids)
+        quarantined = await quarantined_copies(ledger)
     now = datetime.now(UTC)
     oldest = summary.oldest_unarchived_ended_at
     lag = (now - oldest).total_seconds() if oldest else 0.0
@@ -216,6 +242,8 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         ],
         "last_passes": [asdict(p) for p in passes],
         "high_water_mark": high_water_mark,
+        # Copies that failed their checks and stay in storage (locked): an examiner sees them.
+        "quarantined": quarantined,
     }
     if as_json:
         print_json(doc)
@@ -258,6 +286,13 @@ async def status(settings: Settings, *, as_json: bool) -> int:
             f"daemon high-water mark: {high_water_mark} (every recording that ended before it "
             "is archived, or owed and known to the ledger)"
         )
+    if quarantined:
+        print(
+            f"quarantined: {len(quarantined)} stored cop{'y' if len(quarantined) == 1 else 'ies'} "
+            "failed its checks and stays in storage under Object Lock (not the archived copy; "
+            "the recording was stored again):"
+        )
+        print_quarantined(quarantined)
     return EXIT_OK
 
 
@@ -320,10 +355,14 @@ async def verify(settings: Settings, *, deep: bool, repair: bool = False) -> int
         )
         for problem in sorted(report.problems, key=lambda p: p.recording_id):
             print(f"PROBLEM {problem}")
+        # Known and recorded, so no problem of the archive; listed for whoever examines it.
+        quarantined = await quarantined_copies(svc.ledger)
+        print_quarantined(quarantined, tag="QUARANTINED ")
         kind = "deep" if deep else "quick"
         print(
             f"verify ({kind}): {report.checked} recordings checked, "
             f"{human_bytes(report.bytes)}, {len(report.problems)} problem(s)"
+            + (f", {len(quarantined)} copies in quarantine" if quarantined else "")
         )
         if not repair or report.ok:
             return EXIT_OK if report.ok else EXIT_OWED

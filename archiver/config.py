@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from archiver.errors import ConfigError
+from archiver.storage import registry as storage_registry
 
 CONFIG_ENV = "ARCHIVER_CONFIG"
 DEFAULT_CONFIG_NAME = "archiver.toml"
@@ -429,12 +430,8 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"telnyx.{name}: must be positive")
     if telnyx.max_attempts < 1:
         problems.append("telnyx.max_attempts: must be at least 1")
-    if storage.backend not in ("local", "s3"):
-        problems.append(f"storage.backend: must be 'local' or 's3', not {storage.backend!r}")
-    if storage.backend == "s3" and (storage.s3 is None or not storage.s3.bucket):
-        problems.append("storage.s3.bucket: required when storage.backend = 's3'")
-    if storage.s3 is not None:
-        _check_s3(storage.s3, problems)
+    # Each backend owns its rules (S3's limits, Object Lock, tags), in pure modules.
+    problems.extend(storage_registry.check(storage))
     used = set(_TEMPLATE_FIELD.findall(storage.key_template))
     unknown = used - TEMPLATE_FIELDS
     if unknown:
@@ -490,10 +487,3 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
         problems.append(
             "ledger.url: must not contain a password; set PGPASSWORD or ledger.password_file"
         )
-
-
-def _check_s3(s3: S3Settings, problems: list[str]) -> None:
-    # The S3 backend owns its rules (S3's limits, Object Lock, tags); loaded only when used.
-    from archiver.storage.s3 import check_settings
-
-    problems.extend(p for p in check_settings(s3) if not p.startswith("storage.s3.bucket:"))

@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 
 from archiver.errors import UnsafeValue
 from archiver.models import Recording
+from archiver.storage import keys
 
 # Telnyx ids are UUIDs: anything outside their alphabet is refused, not sanitised.
 _UUID_ALPHABET = re.compile(r"[0-9A-Fa-f-]{1,64}")
 _WORD = re.compile(r"[a-z0-9_]{1,32}")
 _EXT = re.compile(r"[a-z0-9]{1,5}")
-_COMPONENT = re.compile(r"[A-Za-z0-9_=+-][A-Za-z0-9._=+-]{0,200}")
 
 UNKNOWN = "unknown"
 SIDECAR_SUFFIX = ".json"
@@ -110,9 +110,9 @@ def render_key(template: str, rec: Recording, ext: str) -> str:
 
 
 def check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or any(not _COMPONENT.fullmatch(p) or p in (".", "..") for p in parts):
-        raise UnsafeValue(f"storage key {key[:120]!r} is not a safe relative path")
+    """A rendered key, refused unless it is a relative path of plain components (the storage
+    key validator, ``archiver.storage.keys``, in its strict form)."""
+    keys.check_key(key, plain=True)
     return key
 
 

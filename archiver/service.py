@@ -18,11 +18,11 @@ import aiohttp
 
 from archiver import identity
 from archiver.config import Settings
-from archiver.errors import ConfigError
 from archiver.ledger.base import Budget, Ledger, Tally
 from archiver.pipeline import Counts, Engine, Listener
 from archiver.producers import Backfill
 from archiver.purge import SourceDeleter
+from archiver.storage import registry as storage_registry
 from archiver.storage.base import StorageBackend
 from archiver.telnyx import Filters, TelnyxClient
 from archiver.transfer import Transferer, download_session
@@ -45,18 +45,8 @@ def instance_id() -> str:
 
 
 def make_storage(settings: Settings) -> StorageBackend:
-    if settings.storage.backend == "local":
-        from archiver.storage.local import LocalStorage
-
-        return LocalStorage(settings.storage.path)
-    if settings.storage.backend == "s3":
-        try:
-            from archiver.storage.s3 import S3Storage
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigError(f"storage.backend: S3 support is not available ({exc})") from exc
-        assert settings.storage.s3 is not None
-        return S3Storage(settings.storage.s3)
-    raise ConfigError(f"storage.backend: unknown backend {settings.storage.backend!r}")
+    """The archive ``storage.backend`` names (``archiver.storage.registry``), not opened yet."""
+    return storage_registry.open_backend(settings.storage)
 
 
 def ledger_files_of(settings: Settings) -> identity.Ignore:

@@ -30,9 +30,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 import aiohttp
@@ -53,6 +54,7 @@ from archiver.errors import (
     StorageError,
     TransientError,
     TruncatedBody,
+    UnsafeValue,
     UrlExpired,
     WrongContent,
 )
@@ -60,7 +62,7 @@ from archiver.ledger.base import Ledger
 from archiver.models import Recording, StoredObject, utcnow
 from archiver.redact import redact, safe_url
 from archiver.retry import RetryPolicy, retrying
-from archiver.storage.base import CommitRequest, Companion, StorageBackend, Upload
+from archiver.storage.base import CommitRequest, Companion, Leftover, StorageBackend, Upload
 from archiver.telnyx import wait_hint
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,31 @@ class _Resuming(_Again):
     Found once per transfer, and no failure of anything: it takes none of the retries."""
 
 
+class _LedgerNotes:
+    """The recording's ledger row as the place its storage upload keeps how far it has come
+    (``storage.base.ResumeNotes``: an S3 multipart upload's id and parts), for whoever claims the
+    recording next."""
+
+    def __init__(
+        self, ledger: Ledger, recording_id: str, owner: str, previous: Mapping[str, Any]
+    ) -> None:
+        self._ledger = ledger
+        self._id = recording_id
+        self._owner = owner
+        self.previous: Mapping[str, Any] = previous
+
+    async def note(self, state: Mapping[str, Any]) -> None:
+        try:
+            held = await self._ledger.note_upload(self._id, owner=self._owner, upload=state)
+        except ArchiverError as exc:
+            # A note that lags costs a resume some bytes, never its correctness: the next
+            # claimer continues only after what the storage confirms it holds.
+            log.warning("could not note how far the upload of %s has come: %s", self._id, exc)
+            return
+        if not held:
+            raise LeaseLost(f"{self._id}: the lease passed to another worker; stopping")
+
+
 @dataclass(slots=True)
 class _Progress:
     """What survives between attempts of one transfer."""
@@ -132,7 +159,13 @@ class _Progress:
     rec: Recording
     owner: str
     upload: Upload | None = None
+    # None while the upload holds bytes it cannot hand back (parts a stopped process sent to S3):
+    # the commit then reads them back and computes the SHA-256 itself.
     hasher: Any = None
+    # Where the storage keeps how far its upload has come, for backends that need it.
+    notes: _LedgerNotes | None = None
+    # The upload the previous claimer noted was looked at (continued, or left to begin()).
+    noted_tried: bool = False
     position: int = 0
     content_type: str | None = None
     need_fresh_url: bool = False
@@ -223,6 +256,15 @@ class Transferer:
             stored = await self._fetch(progress)
             if not await self._ledger.complete(rec.id, owner=owner, stored=stored):
                 log.warning("%s was archived by another worker meanwhile", rec.id)
+                if self._storage.capabilities.object_lock and stored.version_id is not None:
+                    # Our copy is locked beside theirs: the ledger must know it is there.
+                    copy = Leftover(
+                        stored.key,
+                        stored.version_id,
+                        "a second copy: another worker archived the recording meanwhile",
+                        stored.retain_until,
+                    )
+                    await self._quarantine(rec.id, [copy])
                 return Outcome(rec.id, Result.SKIPPED, key=stored.key)
         except asyncio.CancelledError:
             await asyncio.shield(self._give_back(progress))
@@ -232,8 +274,13 @@ class Transferer:
             await asyncio.shield(self._give_back(progress))
             raise
         except LeaseLost as exc:
-            # The row is someone else's now: leave it to them, touch nothing in the ledger.
-            await self._discard(progress)
+            # The row is someone else's now: touch nothing in the ledger. An upload the ledger
+            # notes stays for them (the next claimer may be continuing that very upload); a
+            # partial found by its key is ours alone while we hold it, and goes.
+            if self._storage.capabilities.resumes_from_notes:
+                await self._release(progress)
+            else:
+                await self._discard(progress)
             log.warning("%s", exc)
             return Outcome(rec.id, Result.SKIPPED, error=str(exc))
         except ProcessingAtSource as exc:
@@ -322,6 +369,33 @@ class Transferer:
                 log.exception("could not discard the partial upload of %s", progress.rec.id)
             progress.upload = None
 
+    async def _release(self, progress: _Progress) -> None:
+        if progress.upload is not None:
+            try:
+                await progress.upload.release()
+            except Exception:
+                log.exception("could not let go of the upload of %s", progress.rec.id)
+            progress.upload = None
+
+    async def _quarantine(self, recording_id: str, copies: Sequence[Leftover]) -> None:
+        """Copies storage stored but would not remove (Object Lock): kept on the ledger row, so
+        that nothing locked is ever unknown to it (``archiver status``, ``archiver verify``)."""
+        for copy in copies:
+            where = f"{copy.key}, version {copy.version_id}" if copy.version_id else copy.key
+            log.warning(
+                "%s: a copy stays in storage at %s: %s (kept in quarantine)",
+                recording_id,
+                where,
+                copy.reason,
+                extra={"recording_id": recording_id},
+            )
+            try:
+                await self._ledger.quarantine(
+                    recording_id, key=copy.key, version_id=copy.version_id, reason=copy.reason
+                )
+            except ArchiverError:
+                log.exception("could not record the quarantined copy of %s", recording_id)
+
     async def _heartbeat(self, progress: _Progress) -> None:
         recording_id = progress.rec.id
         interval = max(self._workers.lease_seconds / 3, 0.05)
@@ -342,6 +416,10 @@ class Transferer:
     # -- the transfer proper ----------------------------------------------------------------
 
     async def _fetch(self, progress: _Progress) -> StoredObject:
+        if self._storage.capabilities.resumes_from_notes:
+            row = await self._ledger.get(progress.rec.id)
+            previous = row.upload if row is not None else {}
+            progress.notes = _LedgerNotes(self._ledger, progress.rec.id, progress.owner, previous)
         async for attempt in retrying(self._policy, f"download {progress.rec.id}"):
             with attempt:
                 try:
@@ -369,6 +447,9 @@ class Transferer:
             if not rec.download_url:
                 raise ProcessingAtSource(f"{rec.id} is {rec.status or 'not ready'} at the source")
         url = rec.download_url or ""  # its shape and destination: netguard.open_download
+        if progress.upload is None and progress.notes is not None and not progress.noted_tried:
+            progress.noted_tried = True
+            await self._continue_noted(progress, progress.notes)
         if progress.hash_suspect:
             await self._restart(progress)
         headers = {"Accept-Encoding": "identity"}
@@ -543,22 +624,15 @@ class Transferer:
     async def _prepare(self, progress: _Progress, resp: aiohttp.ClientResponse) -> int | None:
         """Open (or continue) the upload for this response; return the expected final size."""
         media.check_headers(resp.headers.get("Content-Type"), resp.headers.get("Content-Encoding"))
-        if progress.upload is None:
+        if progress.content_type is None:
             progress.content_type = resp.headers.get("Content-Type")
+        if progress.upload is None:
             ext = layout.extension(progress.content_type, str(resp.url), progress.rec)
             key = layout.render_key(self._settings.storage.key_template, progress.rec, ext)
-            progress.upload = await self._storage.begin(key, resume=True)
+            progress.upload = await self._begin(progress, key)
             if progress.upload.offset > 0:
-                # A killed process left bytes behind: re-hash them, then ask for the rest.
-                progress.reset_hash()
-                async for chunk in progress.upload.existing():
-                    if progress.position == 0:
-                        media.check_head(
-                            chunk[: media.HEAD_BYTES], content_type=progress.content_type
-                        )
-                    progress.hasher.update(chunk)
-                    progress.position += len(chunk)
-                log.info("resuming %s from byte %d", progress.rec.id, progress.position)
+                # A killed process left bytes behind: take them over, then ask for the rest.
+                await self._take_over(progress, progress.upload)
                 if resp.status == 200 and resp.headers.get("Accept-Ranges") == "bytes":
                     raise _Resuming("resuming with a Range request")
         if progress.confirming_end and resp.status == 200:
@@ -583,6 +657,48 @@ class Transferer:
             media.check_size(total, progress.rec.size_mb)  # announced: refused before a byte
         return total
 
+    async def _continue_noted(self, progress: _Progress, notes: _LedgerNotes) -> None:
+        """Continue the upload the recording's previous claimer noted before any request, when it
+        is of the key this recording has: the source is then asked only for the bytes after what
+        the storage confirms it holds. A note of another key is left to ``begin`` for the right
+        one, which aborts that upload."""
+        key = notes.previous.get("key")
+        if not isinstance(key, str):
+            return
+        try:
+            ext = PurePosixPath(layout.check_key(key)).suffix.lstrip(".")
+            expected = layout.render_key(self._settings.storage.key_template, progress.rec, ext)
+        except UnsafeValue:
+            return
+        if key != expected:
+            return
+        upload = await self._begin(progress, key)
+        progress.upload = upload
+        if upload.offset > 0:
+            await self._take_over(progress, upload)
+
+    async def _begin(self, progress: _Progress, key: str) -> Upload:
+        if progress.notes is None:
+            # A backend that finds a stopped upload by its key alone is given no notes.
+            return await self._storage.begin(key, resume=True)
+        return await self._storage.begin(key, resume=True, notes=progress.notes)
+
+    async def _take_over(self, progress: _Progress, upload: Upload) -> None:
+        """Seed the hash and the position from the bytes a stopped process left in ``upload``."""
+        progress.reset_hash()
+        if upload.existing_readable:
+            async for chunk in upload.existing():
+                if progress.position == 0:
+                    media.check_head(chunk[: media.HEAD_BYTES], content_type=progress.content_type)
+                progress.hasher.update(chunk)
+                progress.position += len(chunk)
+        else:
+            # Parts already in S3 (checked by their SHA-256 when they were sent): the commit
+            # reads the object back to check them again and to compute the SHA-256 of the whole.
+            progress.hasher = None
+            progress.position = upload.offset
+        log.info("resuming %s from byte %d", progress.rec.id, progress.position)
+
     async def _refuse(self, progress: _Progress, exc: WrongContent) -> None:
         """Not the recording: keep none of it, and ask the API for a fresh URL next time."""
         await self._restart(progress)
@@ -599,7 +715,10 @@ class Transferer:
     async def _store(self, progress: _Progress, upload: Upload) -> StoredObject:
         progress.check_lease()
         rec = progress.rec
-        sha256 = progress.hasher.hexdigest()
+        sha256: str | None = progress.hasher.hexdigest() if progress.hasher is not None else None
+        metadata = {"recording-id": rec.id}
+        if sha256 is not None:
+            metadata["sha256"] = sha256
         retain_from = max(rec.ended_at or utcnow(), utcnow())
         sidecar = None
         if self._settings.storage.sidecar:
@@ -608,16 +727,21 @@ class Transferer:
                 render=functools.partial(sidecar_json, rec),
                 content_type="application/json",
             )
-        stored = await upload.commit(
-            CommitRequest(
-                sha256=sha256,
-                size=progress.position,
-                content_type=progress.content_type,
-                metadata={"sha256": sha256, "recording-id": rec.id},
-                retain_from=retain_from,
-                companion=sidecar,
+        try:
+            stored = await upload.commit(
+                CommitRequest(
+                    sha256=sha256,
+                    size=progress.position,
+                    content_type=progress.content_type,
+                    metadata=metadata,
+                    retain_from=retain_from,
+                    companion=sidecar,
+                )
             )
-        )
+        except BaseException:
+            # A copy that failed its checks but stays locked is recorded before anything else.
+            await asyncio.shield(self._quarantine(rec.id, upload.leftovers))
+            raise
         progress.upload = None
         return stored
 

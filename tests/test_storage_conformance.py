@@ -49,17 +49,27 @@ async def _memory(request: pytest.FixtureRequest, tmp_path: Path) -> StorageBack
     return MemoryStorage()
 
 
-async def _s3(request: pytest.FixtureRequest, tmp_path: Path) -> StorageBackend:
-    from archiver.storage.s3 import S3Storage
-    from tests.fixtures_s3 import s3_settings
+def _s3(server_fixture: str) -> BackendFactory:
+    async def make(request: pytest.FixtureRequest, tmp_path: Path) -> StorageBackend:
+        from archiver.storage.s3 import S3Storage
+        from tests.fixtures_s3 import s3_settings
 
-    server = request.getfixturevalue("s3_server")
-    prefix = request.getfixturevalue("s3_prefix")
-    # A low threshold, so that the 20 MiB test goes through a multipart upload.
-    return S3Storage(s3_settings(server, prefix, multipart_threshold=8 * MiB, part_size=5 * MiB))
+        server = request.getfixturevalue(server_fixture)
+        prefix = request.getfixturevalue("s3_prefix")
+        # A low threshold, so that the 20 MiB test goes through a multipart upload.
+        settings = s3_settings(server, prefix, multipart_threshold=8 * MiB, part_size=5 * MiB)
+        return S3Storage(settings)
+
+    return make
 
 
-BACKENDS: dict[str, BackendFactory] = {"local": _local, "memory": _memory, "s3": _s3}
+# Two S3 dialects: SeaweedFS (checks checksums and retention as AWS does) and moto's server.
+BACKENDS: dict[str, BackendFactory] = {
+    "local": _local,
+    "memory": _memory,
+    "s3-seaweedfs": _s3("seaweedfs_server"),
+    "s3-moto": _s3("moto_server"),
+}
 
 
 @pytest.fixture(params=list(BACKENDS))
@@ -107,7 +117,7 @@ async def assert_absent(storage: StorageBackend, key: str) -> None:
 
 async def test_capabilities_name_the_backend(storage: StorageBackend) -> None:
     assert storage.capabilities.name
-    assert storage.capabilities.name in BACKENDS
+    assert storage.capabilities.name in {name.split("-")[0] for name in BACKENDS}
 
 
 async def test_round_trip(storage: StorageBackend) -> None:
@@ -424,9 +434,14 @@ async def test_cleanup_stale(storage: StorageBackend) -> None:
     if isinstance(storage, LocalStorage):
         await leave_partial(storage.root, "c/crashed.mp4", b"left behind by a killed process")
     else:
-        # Neither committed nor aborted: what a killed process leaves (nothing, here).
+        # Let go of as a killed process would: for S3, after its first parts went up (the
+        # conformance backends start multipart uploads at 8 MiB); in memory, nothing stays.
         crashed = await storage.begin("c/crashed.mp4")
-        await crashed.write(b"left behind by a killed process")
+        for _ in range(12):
+            await crashed.write(os.urandom(MiB))
+        await crashed.release()
+        with pytest.raises(StorageError):
+            await crashed.write(b"after letting go")
 
     assert await storage.cleanup_stale(3600) == 0
     removed = await storage.cleanup_stale(0)
@@ -811,12 +826,12 @@ async def test_local_cleanup_removes_dead_one_shot_temps_at_once(tmp_path: Path)
 
 
 # The helper process: it commits a recording with a sidecar, and stops midway through writing the
-# sidecar's temp file (through the seam local._write_temp_bytes), says so on stdout, and waits on
+# sidecar's temp file (through the seam localfs._write_temp_bytes), says so on stdout, and waits on
 # stdin, which the test never writes to: it is killed there.
 SIDECAR_WRITER = """
 import asyncio, hashlib, os, sys
 from pathlib import Path
-from archiver.storage import local
+from archiver.storage import local, localfs
 from archiver.storage.base import CommitRequest, Companion
 
 def stop_midway(fd, data):
@@ -826,7 +841,7 @@ def stop_midway(fd, data):
     sys.stdin.read()
 
 async def main():
-    local._write_temp_bytes = stop_midway
+    localfs._write_temp_bytes = stop_midway
     upload = await local.LocalStorage(Path(sys.argv[1])).begin("rooms/rec.mp4")
     await upload.write(b"media")
     sidecar = Companion(key="rooms/rec.mp4.json", render=lambda stored: b"{" + b" " * 9998 + b"}")

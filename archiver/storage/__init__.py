@@ -1,4 +1,8 @@
-"""Where archived recordings are written. The contract every backend meets is in ``base``.
+"""Where archived recordings are written.
+
+``base``: the contract every backend meets, and the upload state machine they share; ``keys``:
+the one key validator; ``registry``: the backends by name (``storage.backend``); ``local`` (with
+its file primitives in ``localfs``), ``s3/`` and ``memory``: the backends.
 
 Backends load on first use (``from archiver.storage import LocalStorage``), so importing the
 contract never pulls in a backend's dependencies.
@@ -9,7 +13,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from archiver.storage.base import Capabilities, CommitRequest, ObjectInfo, StorageBackend, Upload
+from archiver.storage.base import (
+    Capabilities,
+    CommitRequest,
+    Leftover,
+    ObjectInfo,
+    ResumeNotes,
+    StorageBackend,
+    Upload,
+)
 
 if TYPE_CHECKING:
     from archiver.storage.local import LocalStorage
@@ -18,9 +30,11 @@ if TYPE_CHECKING:
 __all__ = [
     "Capabilities",
     "CommitRequest",
+    "Leftover",
     "LocalStorage",
     "MemoryStorage",
     "ObjectInfo",
+    "ResumeNotes",
     "StorageBackend",
     "Upload",
 ]

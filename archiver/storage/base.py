@@ -1,24 +1,36 @@
-"""The storage backend contract.
+"""The storage backend contract, and the upload state machine every backend shares.
 
 A backend stores recordings under keys (``/``-separated relative paths produced by
-``archiver.layout``). Its one promise: nothing is ever visible under a key until ``Upload.commit``
-succeeds, and a committed object has exactly the size and SHA-256 that commit was given. Backends
-never retry; the caller's retry policy decides (see ``archiver.retry``). Failures are raised as
-``archiver.errors`` types, never as third-party exceptions.
+``archiver.layout``, checked by ``archiver.storage.keys``). Its one promise: nothing is ever
+visible under a key until ``Upload.commit`` succeeds, and a committed object has exactly the size
+and SHA-256 that commit was given (or, for an upload that continued bytes it cannot hand back,
+the SHA-256 it read back from the stored object, every part checked; see ``Upload.commit``).
+Backends never retry; the caller's retry policy decides (see ``archiver.retry``). Failures are
+raised as ``archiver.errors`` types, never as third-party exceptions.
 
 Optional features are declared in ``Capabilities``; callers ask them, never ``isinstance``.
 Every backend passes the shared conformance suite in ``tests/test_storage_conformance.py``.
+Backends are found by name in ``archiver.storage.registry``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Literal, Protocol, Self
 
+from archiver.errors import ArchiverError, StorageError
 from archiver.models import StoredObject
+from archiver.storage.keys import check_key
+
+log = logging.getLogger(__name__)
+
+# The size of the chunks ``read`` and ``existing`` yield.
+CHUNK_SIZE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +38,9 @@ class Capabilities:
     name: str
     # A partial upload left by a killed process can be continued from where it stopped.
     resumes_after_crash: bool = False
+    # ... and only with what the caller noted for it (``ResumeNotes``): the backend cannot find
+    # a killed upload by its key alone (S3: the upload id, the parts and their checksums).
+    resumes_from_notes: bool = False
     # Objects can be made immutable until a date (S3 Object Lock).
     object_lock: bool = False
     # The server itself checks the SHA-256 it is sent and rejects a mismatch.
@@ -53,12 +68,19 @@ class Companion:
     render: Callable[[StoredObject], bytes]
     content_type: str = "application/json"
 
+    def body_for(self, stored: StoredObject) -> bytes:
+        """The companion's bytes for ``stored``; its key is checked first (UnsafeValue)."""
+        check_key(self.key)
+        return bytes(self.render(stored))
+
 
 @dataclass(frozen=True, slots=True)
 class CommitRequest:
     """What the caller asserts about the bytes it wrote, checked before anything becomes visible."""
 
-    sha256: str
+    # None only for an upload whose ``existing_readable`` is False: the caller could not hash
+    # what a killed process had stored, so commit derives the SHA-256 from the stored object.
+    sha256: str | None
     size: int
     content_type: str | None = None
     metadata: Mapping[str, str] | None = None
@@ -69,10 +91,38 @@ class CommitRequest:
     companion: Companion | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """A stored copy an upload could not take back (Object Lock refused its deletion): it stays
+    at ``key`` and ``version_id`` until ``retain_until``. Recording it (``Ledger.quarantine``) is
+    the caller's part."""
+
+    key: str
+    version_id: str | None
+    reason: str
+    retain_until: datetime | None = None
+
+
 class Digest(Protocol):
     """A running hash (``hashlib`` objects are): what ``Upload.write`` feeds beside the write."""
 
     def update(self, data: bytes, /) -> None: ...
+
+
+class ResumeNotes(Protocol):
+    """Where an upload keeps how far it has come, for whoever continues it after a crash (the
+    ledger row of the recording: ``Ledger.note_upload``). Only backends whose capabilities say
+    ``resumes_from_notes`` use it; the description is theirs, as JSON-able values."""
+
+    @property
+    def previous(self) -> Mapping[str, Any]:
+        """What the last writer of this recording noted (``{}``: nothing)."""
+        ...
+
+    async def note(self, state: Mapping[str, Any]) -> None:
+        """Keep ``state`` (``{}``: no upload under way). Raises LeaseLost when the caller no
+        longer holds the recording: the upload then stops and leaves everything as it is."""
+        ...
 
 
 class Upload(Protocol):
@@ -83,11 +133,25 @@ class Upload(Protocol):
 
     @property
     def offset(self) -> int:
-        """Bytes already held, e.g. from a partial file a killed process left behind."""
+        """Bytes already held, e.g. from a partial upload a killed process left behind."""
+        ...
+
+    @property
+    def existing_readable(self) -> bool:
+        """Whether ``existing`` can give back the ``offset`` bytes already held. False for parts a
+        killed process already stored in S3 (an unfinished upload cannot be read): the caller
+        then hashes nothing and commits with ``sha256=None``."""
+        ...
+
+    @property
+    def leftovers(self) -> Sequence[Leftover]:
+        """Copies this upload stored but could not remove after a failed commit (Object Lock):
+        the caller records them. Empty otherwise."""
         ...
 
     def existing(self) -> AsyncIterator[bytes]:
-        """The bytes already held (``offset`` of them), so the caller can seed its hash."""
+        """The bytes already held (``offset`` of them), so the caller can seed its hash. Raises
+        StorageError when ``existing_readable`` is False."""
         ...
 
     async def write(self, chunk: bytes, *, digest: Digest | None = None) -> None:
@@ -97,11 +161,18 @@ class Upload(Protocol):
         ...
 
     async def restart(self) -> None:
-        """Drop everything written so far; the next write starts at byte 0."""
+        """Drop everything written so far (a killed process's parts too); the next write starts
+        at byte 0."""
         ...
 
     async def commit(self, request: CommitRequest) -> StoredObject:
         """Check size and hash, then make the object visible at ``key`` atomically and durably.
+
+        An upload that continued bytes it could not read back (``existing_readable`` False) is
+        committed with ``request.sha256`` None: the backend reads the stored object back, checks
+        every part against the SHA-256 taken when that part was sent, and returns the SHA-256 of
+        the whole in the StoredObject. A backend whose store returns no checksum for an object
+        checks it the same way.
 
         With a ``request.companion``, the object and its companion become visible together or not
         at all: when commit raises, it has stored neither, and a key that held an older object
@@ -112,12 +183,12 @@ class Upload(Protocol):
           renamed into place, then renames the companion and fsyncs their directory (once, when
           they share it). Should the companion's rename fail after the object's, the object is
           removed again, and an older object it replaced is gone with it.
-        - S3 can only store the companion once the object exists (it describes its version and
-          retention). Should that fail, the version just written is deleted, which makes an
-          older version current again in a versioned bucket (an unversioned one has lost it).
-          Object Lock may refuse that delete: commit then raises a StorageError saying the
-          object stays locked at its key and version (any other failed delete raises one naming
-          where it stays). Recording such a leftover is the caller's part, not the backend's.
+        - S3 can only check a multipart object, and store the companion, once the object exists
+          (the companion describes its version and retention). Should either fail, the version
+          just written is deleted, which makes an older version current again in a versioned
+          bucket (an unversioned one has lost it). Object Lock may refuse that delete: the copy
+          is then one of ``leftovers`` (key, version, why) and commit raises a StorageError
+          saying where it stays. Recording it is the caller's part, not the backend's.
 
         A crash (power cut, SIGKILL) between the two steps can still leave the object without its
         companion: no backend makes two names appear at once.
@@ -126,6 +197,11 @@ class Upload(Protocol):
 
     async def abort(self) -> None:
         """Discard the write, leaving nothing behind. Safe to call twice or after commit."""
+        ...
+
+    async def release(self) -> None:
+        """Stop writing and keep what is held, as a killed process would, for whoever continues
+        it (the recording passed to another worker). Nothing more can be written."""
         ...
 
     async def __aenter__(self) -> Self: ...
@@ -152,11 +228,18 @@ class StorageBackend(Protocol):
     ) -> None: ...
 
     async def preflight(self) -> None:
-        """Raise PreflightError with one clear sentence if the archive cannot be written."""
+        """Raise PreflightError with one clear sentence if the archive cannot be written; log a
+        warning for what works but should be fixed (an S3 bucket without a lifecycle rule for
+        unfinished uploads)."""
         ...
 
-    async def begin(self, key: str, *, resume: bool = True) -> Upload:
-        """Start (or, with ``resume``, continue) writing the object at ``key``."""
+    async def begin(
+        self, key: str, *, resume: bool = True, notes: ResumeNotes | None = None
+    ) -> Upload:
+        """Start (or, with ``resume``, continue) writing the object at ``key``. A backend that
+        ``resumes_from_notes`` continues what ``notes.previous`` describes when it is an upload of
+        ``key`` it can confirm; anything else it describes is aborted at once. It keeps ``notes``
+        up to date as the upload goes."""
         ...
 
     async def put_bytes(
@@ -182,7 +265,92 @@ class StorageBackend(Protocol):
         ...
 
     async def cleanup_stale(self, older_than_seconds: float) -> int:
-        """Remove what killed processes left behind: partial uploads older than the limit, and
-        temporary files that are never resumed (a sidecar being written) as soon as no live
-        process holds them (after a short grace), whatever the limit. Returns how many went."""
+        """Remove what killed processes left behind: partial uploads idle for longer than the
+        limit, and temporary files that are never resumed (a sidecar being written) as soon as no
+        live process holds them (after a short grace), whatever the limit. Returns how many
+        went."""
         ...
+
+
+UploadState = Literal["open", "committed", "aborted", "released"]
+
+
+class UploadBase(ABC):
+    """The state machine every upload shares: ``open`` → ``committed`` | ``aborted`` |
+    ``released``, each final. A failed commit aborts; ``async with`` aborts what was neither
+    committed nor released. Subclasses keep the bytes: ``_store`` (commit's work, given the
+    request), ``_discard`` (drop everything, idempotent) and ``_let_go`` (keep it for a resume)."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+        self._state: UploadState = "open"
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def state(self) -> UploadState:
+        return self._state
+
+    @property
+    def existing_readable(self) -> bool:
+        return True
+
+    @property
+    def leftovers(self) -> Sequence[Leftover]:
+        return ()
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise StorageError(f"upload of {self._key} is already {self._state}")
+
+    async def commit(self, request: CommitRequest) -> StoredObject:
+        self._check_open()
+        try:
+            stored = await self._store(request)
+        except BaseException:
+            self._state = "aborted"
+            await self._discard()
+            raise
+        self._state = "committed"
+        return stored
+
+    async def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        await self._discard()
+
+    async def release(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "released"
+        await self._let_go()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.abort()
+            return
+        try:
+            await self.abort()
+        except ArchiverError as failure:
+            # Keep the error that brought us here; what stays is cleaned up later.
+            log.warning("could not abort the upload of %s: %s", self._key, failure)
+
+    @abstractmethod
+    async def _store(self, request: CommitRequest) -> StoredObject: ...
+
+    @abstractmethod
+    async def _discard(self) -> None: ...
+
+    async def _let_go(self) -> None:
+        return None

@@ -1,6 +1,6 @@
 """Recordings in a dict, for fast unit tests of the pipeline.
 
-Same contract as the real backends (keys checked like ``LocalStorage`` checks them, nothing visible
+Same contract as the real backends (keys checked like every backend checks them, nothing visible
 before a verified commit, ``async with`` aborts) but nothing survives the process, so there is never
 a partial upload to resume: ``offset`` starts at 0 and ``cleanup_stale`` has nothing to remove.
 """
@@ -12,12 +12,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Literal, Self
+from typing import Self
 
 from archiver.errors import IntegrityError, StorageError
 from archiver.models import StoredObject
-from archiver.storage.base import Capabilities, CommitRequest, Digest, ObjectInfo
-from archiver.storage.local import CHUNK_SIZE, check_key
+from archiver.storage.base import (
+    CHUNK_SIZE,
+    Capabilities,
+    CommitRequest,
+    Digest,
+    ObjectInfo,
+    ResumeNotes,
+    UploadBase,
+)
+from archiver.storage.keys import check_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,16 +35,11 @@ class _Stored:
     content_type: str | None
 
 
-class MemoryUpload:
+class MemoryUpload(UploadBase):
     def __init__(self, storage: MemoryStorage, key: str) -> None:
+        super().__init__(key)
         self._storage = storage
-        self._key = key
         self._buffer = bytearray()
-        self._state: Literal["open", "committed", "aborted"] = "open"
-
-    @property
-    def key(self) -> str:
-        return self._key
 
     @property
     def offset(self) -> int:
@@ -57,57 +60,29 @@ class MemoryUpload:
         self._check_open()
         self._buffer.clear()
 
-    async def commit(self, request: CommitRequest) -> StoredObject:
-        self._check_open()
+    async def _store(self, request: CommitRequest) -> StoredObject:
         data = bytes(self._buffer)
         actual = hashlib.sha256(data).hexdigest()
-        expected = request.sha256.lower()
+        expected = request.sha256.lower() if request.sha256 else actual
         if len(data) != request.size:
-            self._close("aborted")
             raise IntegrityError(f"{self._key}: {len(data)} bytes written, {request.size} expected")
         if actual != expected:
-            self._close("aborted")
             raise IntegrityError(
                 f"{self._key}: SHA-256 of the bytes written is {actual}, {expected} expected"
             )
         stored = StoredObject(key=self._key, size=len(data), sha256=expected)
         objects = {self._key: _Stored(data, expected, request.content_type)}
         if (companion := request.companion) is not None:
-            try:
-                check_key(companion.key)
-                body = bytes(companion.render(stored))
-            except BaseException:
-                self._close("aborted")
-                raise
+            body = companion.body_for(stored)
             objects[companion.key] = _Stored(
                 body, hashlib.sha256(body).hexdigest(), companion.content_type
             )
         # Both at once, or (above) neither.
         self._storage._objects.update(objects)
-        self._close("committed")
+        self._buffer = bytearray()
         return stored
 
-    async def abort(self) -> None:
-        if self._state == "open":
-            self._close("aborted")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.abort()
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise StorageError(f"upload of {self._key} is already {self._state}")
-
-    def _close(self, state: Literal["committed", "aborted"]) -> None:
-        self._state = state
+    async def _discard(self) -> None:
         self._buffer = bytearray()
 
 
@@ -138,7 +113,9 @@ class MemoryStorage:
     async def preflight(self) -> None:
         return None
 
-    async def begin(self, key: str, *, resume: bool = True) -> MemoryUpload:
+    async def begin(
+        self, key: str, *, resume: bool = True, notes: ResumeNotes | None = None
+    ) -> MemoryUpload:
         check_key(key)
         return MemoryUpload(self, key)
 
