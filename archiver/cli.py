@@ -27,8 +27,10 @@ from archiver.errors import (
     ArchiverError,
     AuthError,
     ConfigError,
+    InvalidRequest,
     LedgerError,
     PreflightError,
+    UsageError,
 )
 from archiver.logs import setup_logging
 from archiver.output import quiet_broken_pipe
@@ -324,40 +326,87 @@ def _range_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _filter_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("filters (each maps to one API filter)")
+    g = p.add_argument_group(
+        "filters (sent to the API, and checked again on every recording it returns)"
+    )
     g.add_argument("--ended-on", type=_date, help="filter[date_ended_at][eq]")
     g.add_argument("--started-on", type=_date, help="filter[date_started_at][eq]")
     g.add_argument("--started-since", type=_date, help="filter[date_started_at][gte]")
     g.add_argument("--started-until", type=_date, help="filter[date_started_at][lte]")
-    g.add_argument("--room-id", help="filter[room_id]")
-    g.add_argument("--participant-id", help="filter[participant_id]")
-    g.add_argument("--session-id", help="filter[session_id]")
-    g.add_argument("--status", help="filter[status] (completed, processing)")
-    g.add_argument("--type", help="filter[type] (audio, video)")
-    g.add_argument("--duration", type=int, help="filter[duration_secs][eq]")
-    g.add_argument("--min-duration", type=int, help="filter[duration_secs][gte]")
-    g.add_argument("--max-duration", type=int, help="filter[duration_secs][lte]")
+    g.add_argument("--room-id", metavar="UUID", help="filter[room_id]")
+    g.add_argument("--participant-id", metavar="UUID", help="filter[participant_id]")
+    g.add_argument("--session-id", metavar="UUID", help="filter[session_id]")
+    g.add_argument("--status", help="filter[status]: completed or processing")
+    g.add_argument("--type", help="filter[type]: audio or video")
+    g.add_argument(
+        "--duration", type=int, metavar="SECS", help="exactly SECS long (checked locally only)"
+    )
+    g.add_argument(
+        "--min-duration", type=int, metavar="SECS", help="filter[duration_secs] (at least SECS)"
+    )
+    g.add_argument(
+        "--max-duration", type=int, metavar="SECS", help="at most SECS long (checked locally only)"
+    )
+
+
+# Each filter's command-line flag, and the config key of the standing ones.
+_FLAGS = {
+    "date_ended_at_gte": "--since",
+    "date_ended_at_lte": "--until",
+    "date_ended_at_eq": "--ended-on",
+    "date_started_at_eq": "--started-on",
+    "date_started_at_gte": "--started-since",
+    "date_started_at_lte": "--started-until",
+    "room_id": "--room-id",
+    "participant_id": "--participant-id",
+    "session_id": "--session-id",
+    "status": "--status",
+    "type": "--type",
+    "duration_secs_eq": "--duration",
+    "duration_secs_gte": "--min-duration",
+    "duration_secs_lte": "--max-duration",
+}
+_CONFIG_KEYS = {
+    name: f"filters.{name}"
+    for name in (
+        "room_id",
+        "session_id",
+        "participant_id",
+        "type",
+        "duration_secs_gte",
+        "duration_secs_lte",
+    )
+}
 
 
 def filters_from_args(args: argparse.Namespace, settings: Settings) -> Filters:
-    _check_range(args)
-    return Filters.standing(
-        settings.filters,
-        date_ended_at_gte=args.since,
-        date_ended_at_lte=args.until,
-        date_ended_at_eq=args.ended_on,
-        date_started_at_eq=args.started_on,
-        date_started_at_gte=args.started_since,
-        date_started_at_lte=args.started_until,
-        room_id=args.room_id,
-        participant_id=args.participant_id,
-        session_id=args.session_id,
-        status=args.status,
-        type=args.type,
-        duration_secs_eq=args.duration,
-        duration_secs_gte=args.min_duration,
-        duration_secs_lte=args.max_duration,
-    )
+    """The filters of a backfill: the config's standing ones, then the flags. Every value is
+    checked before any request (``UsageError`` names each bad flag or config key)."""
+    given = {
+        "date_ended_at_gte": args.since,
+        "date_ended_at_lte": args.until,
+        "date_ended_at_eq": args.ended_on,
+        "date_started_at_eq": args.started_on,
+        "date_started_at_gte": args.started_since,
+        "date_started_at_lte": args.started_until,
+        "room_id": args.room_id,
+        "participant_id": args.participant_id,
+        "session_id": args.session_id,
+        "status": args.status,
+        "type": args.type,
+        "duration_secs_eq": args.duration,
+        "duration_secs_gte": args.min_duration,
+        "duration_secs_lte": args.max_duration,
+    }
+    filters = Filters.standing(settings.filters, **given)
+    names = {
+        name: flag if given[name] is not None else _CONFIG_KEYS.get(name, flag)
+        for name, flag in _FLAGS.items()
+    }
+    problems = filters.problems(names)
+    if problems:
+        raise UsageError(problems)
+    return filters
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -396,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         quiet_broken_pipe()
         return EXIT_OK
-    except (ConfigError, AuthError, PreflightError, LedgerError) as exc:
+    except (ConfigError, AuthError, InvalidRequest, PreflightError, LedgerError) as exc:
         print(f"archiver: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except ArchiverError as exc:

@@ -7,9 +7,10 @@ re-raised ``from`` the original so the cause is kept.
 
     ArchiverError
     ├── ConfigError                 bad configuration or usage (exit code 2)
+    │   └── UsageError              bad command-line values (filters), all of them at once
     ├── TransientError              retry later
     │   ├── RateLimited             429: carries the server's wait hint
-    │   ├── ServerError             408 / 5xx from the API
+    │   ├── ServerError             408 / 409 / 5xx from the API (or any status it says to retry)
     │   ├── NetworkError            connection refused, reset, timeout
     │   ├── MalformedResponse       a 200 whose body is not what the API documents
     │   ├── TruncatedBody           fewer bytes than announced
@@ -19,8 +20,11 @@ re-raised ``from`` the original so the cause is kept.
     │   └── LedgerUnavailable       the ledger cannot be reached right now
     └── PermanentError              retrying cannot help
         ├── AuthError               401: the run stops
+        │   └── PermissionDenied    403: the key may not use Video Rooms recordings
         ├── ApiError                other 4xx from the API
-        ├── NotFound                404 from the API
+        │   ├── NotFound            404 from the API
+        │   └── InvalidRequest      400 / 422: the API refused the request's parameters
+        ├── EndlessListing          a listing that would not end (past the page cap)
         ├── UnsafeValue             a hostile id, URL or path component
         ├── IntegrityError          the bytes do not match what was promised
         ├── StorageError            the archive refused a write
@@ -53,6 +57,17 @@ class ConfigError(ArchiverError):
             return f"configuration error: {self.problems[0]}"
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return f"configuration has {len(self.problems)} problems:\n{lines}"
+
+
+class UsageError(ConfigError):
+    """Command-line values that cannot be right (a filter that is not a UUID, a date range that
+    ends before it starts), all of them at once, each naming its flag."""
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return self.problems[0]
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"{len(self.problems)} problems with the filters:\n{lines}"
 
 
 class TransientError(ArchiverError):
@@ -118,6 +133,21 @@ class ApiError(PermanentError):
 
 class NotFound(ApiError):
     pass
+
+
+class InvalidRequest(ApiError):
+    """The API refused the parameters it was sent (400 / 422): a usage problem, not the
+    recording's. Filters are checked before any request, so this means the API and archiver
+    disagree on what a parameter may be."""
+
+
+class PermissionDenied(AuthError):
+    """403 from the API: the key is valid but may not use Video Rooms recordings."""
+
+
+class EndlessListing(PermanentError):
+    """A listing went past the page cap: the API keeps answering pages (a loop, or a
+    ``total_pages`` no account has)."""
 
 
 class UnsafeValue(PermanentError):

@@ -1,4 +1,10 @@
-"""Pages → what the ledger says some instance may claim → the queue.
+"""Pages → entries within the filters → what the ledger says some instance may claim → the queue.
+
+Every entry is checked against the listing's filters again (``scope.admits``, the same test a
+ledger row gets) before anything else happens to it: an API that ignores a filter, or has no
+form for it (an exact or a maximum duration), cannot widen what is observed, archived or
+deleted. An entry outside the filters is not observed at all, only counted
+(``PassStats.outside``).
 
 Each page is recorded in the ledger in one batch (``WorkLedger.observe``), never one query per
 recording. Entries that cannot be archived as they stand (no id, a hostile id, an unusable
@@ -24,6 +30,7 @@ from archiver import layout, metrics
 from archiver.errors import UnsafeValue
 from archiver.ledger.base import WorkLedger
 from archiver.models import Recording
+from archiver.scope import Facts, admits
 from archiver.telnyx import Filters, Page
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,8 @@ class PassStats:
     processing: int = 0
     # Entries refused as they stand (their id, or a stand-in for an entry without one).
     rejected_ids: set[str] = field(default_factory=set)
+    # Entries the API returned outside the filters: never observed, queued or deleted.
+    outside_ids: set[str] = field(default_factory=set)
     # Every id this pass saw (stand-ins of malformed entries included): its scope.
     seen: set[str] = field(default_factory=set)
     # The largest meta.total_results seen; more than ``unique`` means items shifted past us.
@@ -56,8 +65,13 @@ class PassStats:
         return len(self.rejected_ids)
 
     @property
+    def outside(self) -> int:
+        return len(self.outside_ids)
+
+    @property
     def shift_suspected(self) -> bool:
-        return self.total_results is not None and self.unique < self.total_results
+        # The API's total counts what it returned, entries outside the filters included.
+        return self.total_results is not None and self.unique + self.outside < self.total_results
 
 
 def screen(rec: Recording) -> str | None:
@@ -103,23 +117,30 @@ class Lister:
                 stats.listed += len(page.recordings) + len(page.malformed)
                 if page.total_results is not None:
                     stats.total_results = max(stats.total_results or 0, page.total_results)
-                await self._take_page(page, stats)
+                await self._take_page(page, filters, stats)
                 if self._stop.is_set():
                     log.info("stop requested: listing ends after page %d", page.number)
                     break
         return stats
 
-    async def _take_page(self, page: Page, stats: PassStats) -> None:
+    async def _take_page(self, page: Page, filters: Filters, stats: PassStats) -> None:
         seen = stats.seen
         for stand_in, reason in page.malformed:
-            if stand_in not in seen:
-                seen.add(stand_in)
-                stats.rejected_ids.add(stand_in)
-                if not self._dry_run:
-                    await self._ledger.reject(stand_in, reason=f"malformed entry: {reason}")
+            if stand_in in seen or stand_in in stats.outside_ids:
+                continue
+            if not admits(filters, Facts.of_entry(page.malformed_entries.get(stand_in))):
+                self._outside(stand_in, stats)
+                continue
+            seen.add(stand_in)
+            stats.rejected_ids.add(stand_in)
+            if not self._dry_run:
+                await self._ledger.reject(stand_in, reason=f"malformed entry: {reason}")
         fresh: list[Recording] = []
         for rec in page.recordings:
-            if rec.id in seen:
+            if rec.id in seen or rec.id in stats.outside_ids:
+                continue
+            if not admits(filters, Facts.of_recording(rec)):
+                self._outside(rec.id, stats)
                 continue
             seen.add(rec.id)
             problem = screen(rec)
@@ -150,6 +171,16 @@ class Lister:
                 stats.enqueued += 1
                 self._in_flight.add(rec.id)
                 await self._enqueue(rec)
+
+    def _outside(self, entry_id: str, stats: PassStats) -> None:
+        if not stats.outside_ids:
+            log.warning(
+                "the API returned recordings outside the filters (it ignores one of them, or "
+                "cannot express it); they are left alone, e.g. %r",
+                entry_id[:80],
+            )
+        stats.outside_ids.add(entry_id)
+        metrics.SKIPPED.labels(reason="outside_filters").inc()
 
 
 async def _read_ahead(pages: AsyncIterator[Page]) -> AsyncGenerator[Page, None]:

@@ -61,7 +61,7 @@ MAX_RELISTS = 3
 
 
 def filters_label(filters: Filters) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(filters.to_query().items())) or "all"
+    return filters.label()
 
 
 class Flush(Protocol):
@@ -144,6 +144,7 @@ class Backfill:
                     "pass": number,
                     "unique": stats.unique,
                     "rejected": stats.rejected,
+                    "outside_filters": stats.outside,
                     "processing": stats.processing,
                     "from_ledger": swept,
                     "bytes": done.bytes,
@@ -152,7 +153,7 @@ class Backfill:
         )
         log.info(
             "pass %d: %d listed (%d unique), %d queued (%d from the ledger), %d archived, "
-            "%d failed, %d not claimable, %d processing, %d rejected",
+            "%d failed, %d not claimable, %d processing, %d rejected, %d outside the filters",
             number,
             stats.listed,
             stats.unique,
@@ -163,6 +164,7 @@ class Backfill:
             stats.already_done,
             stats.processing,
             stats.rejected,
+            stats.outside,
             extra={"pass_number": number},
         )
 
@@ -366,6 +368,7 @@ class Polling:
                     "unique": stats.unique,
                     "processing": stats.processing,
                     "rejected": stats.rejected,
+                    "outside_filters": stats.outside,
                     "from_ledger": swept,
                     "bytes": done.bytes,
                 },

@@ -1,8 +1,11 @@
 """The one retry policy: tenacity, driven by the error's kind.
 
-Only ``TransientError`` is retried. A server's wait hint (``Retry-After``, ``x-ratelimit-reset``)
-is honoured, capped; otherwise exponential backoff with full jitter. Attempts and total time are
-both capped. Backends and the API client never loop on their own: they raise, this decides.
+Only ``TransientError`` is retried; which answers are transient is decided once, where they are
+read (for the API: ``telnyx.raise_for_api_status``: 408, 409, 429, 5xx, and ``x-should-retry``
+obeyed both ways). A server's wait hint (``retry-after-ms``, ``Retry-After`` in seconds or as an
+HTTP date, ``x-ratelimit-reset``) is honoured, capped at ``max_backoff``; otherwise exponential
+backoff with full jitter. Attempts and total time are both capped. Backends and the API client
+never loop on their own: they raise, this decides.
 """
 
 from __future__ import annotations

@@ -10,18 +10,117 @@ report "done" for recordings an earlier run failed.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from archiver.ledger.base import Tally, WorkLedger
 from archiver.manifest import day_range
-from archiver.models import LedgerRow
+from archiver.models import LedgerRow, Recording, _int, _text, parse_timestamp
 from archiver.telnyx import Filters
 
 # How many ids of each owed group a report prints; `archiver status` has them all.
 SHOWN = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the filters test, of an API entry or of a ledger row alike (None: unknown)."""
+
+    ended_at: datetime | None = None
+    started_at: datetime | None = None
+    room_id: str | None = None
+    session_id: str | None = None
+    participant_id: str | None = None
+    status: str | None = None
+    type: str | None = None
+    duration_secs: int | None = None
+
+    @classmethod
+    def of_recording(cls, rec: Recording) -> Facts:
+        return cls(
+            ended_at=rec.ended_at,
+            started_at=rec.started_at,
+            room_id=rec.room_id,
+            session_id=rec.session_id,
+            participant_id=rec.participant_id,
+            status=rec.status,
+            type=rec.type,
+            duration_secs=rec.duration_secs,
+        )
+
+    @classmethod
+    def of_entry(cls, entry: Any) -> Facts:
+        """An entry that could not be read as a recording (no usable id, too big): its fields
+        as a recording's would be read; nothing is known of one that is not an object."""
+        if not isinstance(entry, Mapping):
+            return cls()
+        return cls(
+            ended_at=parse_timestamp(entry.get("ended_at")),
+            started_at=parse_timestamp(entry.get("started_at")),
+            room_id=_text(entry.get("room_id")),
+            session_id=_text(entry.get("session_id")),
+            participant_id=_text(entry.get("participant_id")),
+            status=_text(entry.get("status")),
+            type=_text(entry.get("type")),
+            duration_secs=_int(entry.get("duration_secs")),
+        )
+
+    @classmethod
+    def of_row(cls, row: LedgerRow) -> Facts:
+        """A ledger row: its columns, and what only its kept entry says (type, duration)."""
+        return cls(
+            ended_at=row.ended_at,
+            started_at=row.started_at,
+            room_id=row.room_id,
+            session_id=row.session_id,
+            participant_id=row.participant_id,
+            status=row.source_status,
+            type=_text(row.metadata.get("type")),
+            duration_secs=_int(row.metadata.get("duration_secs")),
+        )
+
+
+def admits(filters: Filters, facts: Facts) -> bool:
+    """True when ``facts`` meet every filter given. The one test of the filters, for an entry
+    the API returned (the lister queues only those) and for a ledger row (a backfill's scope,
+    its sweep and its deletions): an API that ignores a filter cannot widen either. An unknown
+    value fails any filter on it."""
+    for name in ("room_id", "session_id", "participant_id"):
+        wanted = getattr(filters, name)
+        value = getattr(facts, name)
+        # UUIDs: the API may spell them in either case.
+        if wanted is not None and (value is None or value.lower() != wanted.lower()):
+            return False
+    if filters.status is not None and facts.status != filters.status:
+        return False
+    if filters.type is not None and facts.type != filters.type:
+        return False
+    return (
+        _within(
+            _day(facts.ended_at),
+            filters.date_ended_at_eq,
+            filters.date_ended_at_gte,
+            filters.date_ended_at_lte,
+        )
+        and _within(
+            _day(facts.started_at),
+            filters.date_started_at_eq,
+            filters.date_started_at_gte,
+            filters.date_started_at_lte,
+        )
+        and _within(
+            facts.duration_secs,
+            filters.duration_secs_eq,
+            filters.duration_secs_gte,
+            filters.duration_secs_lte,
+        )
+    )
+
+
+def _day(moment: datetime | None) -> date | None:
+    return moment.astimezone(UTC).date() if moment is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,33 +139,7 @@ class Scope:
             filters.date_ended_at_eq or filters.date_ended_at_gte,
             filters.date_ended_at_eq or filters.date_ended_at_lte,
         )
-
-        def match(row: LedgerRow) -> bool:
-            for name in ("room_id", "session_id", "participant_id"):
-                wanted = getattr(filters, name)
-                if wanted is not None and getattr(row, name) != wanted:
-                    return False
-            started = row.started_at.astimezone(UTC).date() if row.started_at else None
-            if not _within(
-                started,
-                filters.date_started_at_eq,
-                filters.date_started_at_gte,
-                filters.date_started_at_lte,
-            ):
-                return False
-            if filters.type is not None and row.metadata.get("type") != filters.type:
-                return False
-            if filters.status is not None and row.source_status != filters.status:
-                return False
-            duration = row.metadata.get("duration_secs")
-            return _within(
-                duration if isinstance(duration, int) else None,
-                filters.duration_secs_eq,
-                filters.duration_secs_gte,
-                filters.duration_secs_lte,
-            )
-
-        return cls(since, until, match)
+        return cls(since, until, lambda row: admits(filters, Facts.of_row(row)))
 
     @classmethod
     def everything(cls) -> Scope:

@@ -1,5 +1,22 @@
 """In-process simulator of the Telnyx Video Room Recordings API.
 
+It answers as the current Telnyx OpenAPI spec (``team-telnyx/openapi``, ``ListRoomRecordings``,
+``ViewRoomRecording``, ``DeleteRoomRecording``) defines, or, with ``dialect="legacy"``, as the
+older reference page did:
+
+* **current** (the default): the list takes ``filter[date_ended_at][eq|gte|lte]``,
+  ``filter[date_started_at][eq|gte|lte]`` (dates), ``filter[room_id]``,
+  ``filter[participant_id]``, ``filter[session_id]`` (UUIDs), ``filter[status]``,
+  ``filter[type]`` (strings) and ``filter[duration_secs]`` (an integer, a minimum), with
+  ``page[size]`` (1-250) and ``page[number]`` (1-); any other key, a bad value or a key given
+  twice is answered 422. Error bodies take the shape the spec declares for the answer: a list's
+  4XX is ``{"message": ..., "success": false}``, a retrieve's or delete's 404 a bare error
+  object (``{"code", "title", "detail"}``), anything else ``{"errors": [...]}``. An entry leaves
+  out a field it has no value for (the spec makes none nullable).
+* **legacy**: the duration filters are ``filter[duration_secs][eq|gte|lte]``; a ``filter[...]``
+  key it does not know is ignored (recorded in ``Simulator.ignored_params``), a bad value is
+  answered 400; every error body is ``{"errors": [...]}``; an entry's unknown fields are null.
+
 Two aiohttp servers on loopback ephemeral ports:
 
 * the API host: ``GET /v2/room_recordings`` (list), ``GET``/``DELETE
@@ -23,9 +40,15 @@ ranges then come from it.
 
 Faults (5xx, 429, malformed pages, truncated downloads, expired URLs, page shifts,
 a list redirected to another origin, ...) are injected from a seeded RNG through
-the mutable ``Simulator.faults``. Bad answers of a hostile download host
-(``DownloadFault``) are chosen per recording (``SimRecording.download_fault``) or
-for a share of downloads (``Faults.download_fault_rate``/``download_fault_kinds``):
+the mutable ``Simulator.faults``. A listing can also ignore every filter (``ignore_filters``:
+validated, then not applied), leave ``meta`` out (``omit_meta``), answer every page number with
+the first page (``repeat_page``) or claim any ``meta.total_pages`` (``total_pages_override``).
+``Simulator.script`` queues exact error answers (a status and headers, such as ``Retry-After``,
+``retry-after-ms`` or ``x-should-retry``) for the next API calls.
+
+Bad answers of a hostile download host (``DownloadFault``) are chosen per recording
+(``SimRecording.download_fault``) or for a share of downloads
+(``Faults.download_fault_rate``/``download_fault_kinds``):
 
 * ``half_no_length``: 200, chunked, no Content-Length, the first half of the
   content, then a clean end.
@@ -80,12 +103,13 @@ import sys
 import time
 import uuid
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
+from http import HTTPStatus
 from pathlib import Path
 from random import Random
 from types import TracebackType
@@ -98,9 +122,11 @@ from multidict import CIMultiDict, MultiDict, MultiMapping
 
 __all__ = [
     "ApiRequest",
+    "Dialect",
     "DownloadFault",
     "DownloadRequest",
     "Faults",
+    "ScriptedAnswer",
     "SimRecording",
     "Simulator",
     "add_hostile_entries",
@@ -145,6 +171,13 @@ class DownloadFault(StrEnum):
     DRIP = "drip"
     ENDLESS = "endless"
     OVERSIZE = "oversize"
+
+
+class Dialect(StrEnum):
+    """Which API the simulator speaks (see the module docstring)."""
+
+    CURRENT = "current"
+    LEGACY = "legacy"
 
 
 # --------------------------------------------------------------------------- data
@@ -217,6 +250,10 @@ class Faults:
     download_fault_kinds: str = ""  # ...among these (comma-separated DownloadFault names; "": all)
     drip_interval: float = 2.0  # seconds between bytes of a "drip" answer
     oversize_extra: int = 5_000_000  # an "oversize" answer adds max(size, this) bytes
+    ignore_filters: bool = False  # list filters are validated, then not applied
+    omit_meta: bool = False  # list answers carry no "meta"
+    repeat_page: bool = False  # every page number answers the first page
+    total_pages_override: int | None = None  # meta.total_pages says this
 
     def download_fault_choices(self) -> tuple[DownloadFault, ...]:
         """The kinds ``download_fault_rate`` picks from; ValueError names an unknown one."""
@@ -233,6 +270,18 @@ class ApiRequest:
     raw_path: str  # path + query exactly as sent (percent-encoding preserved)
     query: MultiDict[str]  # decoded query
     headers: CIMultiDict[str]
+    at: float = 0.0  # time.monotonic() when it arrived
+
+
+@dataclass(frozen=True)
+class ScriptedAnswer:
+    """One error answer ``Simulator.script`` gives the next API call of ``route`` (``list``,
+    ``retrieve``, ``delete`` or ``any``), after authentication: ``status`` with ``headers``, its
+    body in the shape that answer has."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    route: str = "any"
 
 
 @dataclass(frozen=True)
@@ -545,12 +594,13 @@ def _api_error(
     shape: str = "errors",
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """An API error in one of the three body shapes seen in the wild."""
+    """An API error in one of the spec's three body shapes: ``errors`` (``video_Errors``),
+    ``bare`` (one ``video_Error``) or ``message`` (``video_GenericErrorResponse``)."""
     body: dict[str, Any]
     if shape == "bare":
         body = _error_obj(code, title, detail, parameter)
     elif shape == "message":
-        body = {"message": f"{title}: {detail}"}
+        body = {"message": f"{title}: {detail}", "success": False}
     else:
         body = {"errors": [_error_obj(code, title, detail, parameter)]}
     return web.json_response(body, status=status, headers=headers)
@@ -624,8 +674,18 @@ def _attr_pred(attr: str, cmp: Callable[[Any, Any], bool], value: object) -> _Pr
     return pred
 
 
-def _filter_pred(key: str, value: str) -> _Pred:
-    """Turn one ``filter[...]`` query parameter into a predicate (or raise _BadParam)."""
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+_ID_FIELDS = ("room_id", "participant_id", "session_id")
+# The duration filters of each dialect: query key -> comparison.
+_DURATION_KEYS = {
+    Dialect.CURRENT: {"filter[duration_secs]": "gte"},
+    Dialect.LEGACY: {f"filter[duration_secs][{op}]": op for op in ("eq", "gte", "lte")},
+}
+
+
+def _filter_pred(key: str, value: str, dialect: Dialect) -> _Pred | None:
+    """Turn one ``filter[...]`` query parameter into a predicate (or raise _BadParam); None for
+    a key the legacy dialect ignores."""
     for name, attr in _DATE_FIELDS.items():
         for op in _CMP:
             if key == f"filter[{name}][{op}]":
@@ -636,16 +696,20 @@ def _filter_pred(key: str, value: str) -> _Pred:
                 except ValueError:
                     raise _BadParam(key, f"{key} is not a valid date") from None
                 return _date_pred(attr, op, day)
-    for op in _CMP:
-        if key == f"filter[duration_secs][{op}]":
-            if not _INT_RE.fullmatch(value):
-                raise _BadParam(key, f"{key} must be an integer")
-            return _attr_pred("duration_secs", _CMP[op], int(value))
+    compare = _DURATION_KEYS[dialect].get(key)
+    if compare is not None:
+        if not _INT_RE.fullmatch(value):
+            raise _BadParam(key, f"{key} must be an integer")
+        return _attr_pred("duration_secs", _CMP[compare], int(value))
     for attr in _STR_FIELDS:
         if key == f"filter[{attr}]":
             if not value:
                 raise _BadParam(key, f"{key} must not be empty")
+            if attr in _ID_FIELDS and not _UUID_RE.fullmatch(value):
+                raise _BadParam(key, f"{key} must be a UUID")
             return _attr_pred(attr, _CMP["eq"], value)
+    if dialect is Dialect.LEGACY and key.startswith("filter["):
+        return None
     raise _BadParam(key, f"Unknown query parameter {key}")
 
 
@@ -662,16 +726,24 @@ def _page_param(query: MultiMapping[str], key: str, default: int, hi: int | None
     return value
 
 
-def _parse_list_query(query: MultiMapping[str]) -> tuple[int, int, list[_Pred]]:
+def _parse_list_query(
+    query: MultiMapping[str], dialect: Dialect = Dialect.CURRENT
+) -> tuple[int, int, list[_Pred], list[str]]:
+    """Page size, page number, the filters' predicates, and the keys ignored."""
     preds: list[_Pred] = []
+    ignored: list[str] = []
     for key in query:
         if len(query.getall(key)) > 1:
             raise _BadParam(key, f"{key} given more than once")
         if key not in ("page[size]", "page[number]"):
-            preds.append(_filter_pred(key, query[key]))
+            pred = _filter_pred(key, query[key], dialect)
+            if pred is None:
+                ignored.append(key)
+            else:
+                preds.append(pred)
     size = _page_param(query, "page[size]", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     number = _page_param(query, "page[number]", 1, None)
-    return size, number, preds
+    return size, number, preds, ignored
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -720,8 +792,10 @@ class Simulator:
         api_port: int = 0,
         download_port: int = 0,
         content_cache: Path | None = None,
+        dialect: Dialect | str = Dialect.CURRENT,
     ) -> None:
         self.api_key = api_key
+        self.dialect = Dialect(dialect)
         self.faults = faults if faults is not None else Faults()
         self.url_ttl = url_ttl
         self.url_extension = url_extension
@@ -746,6 +820,8 @@ class Simulator:
         self.bulk_delete_calls: list[ApiRequest] = []
         self.shifted_ids: list[str] = []  # recordings inserted by shift_on_page
         self.injected: Counter[str] = Counter()  # e.g. "list:throttle", "download:truncate"
+        self.ignored_params: list[str] = []  # filter keys the legacy dialect did not know
+        self._scripted: deque[ScriptedAnswer] = deque()
 
         self._api_runner: web.AppRunner | None = None
         self._dl_runner: web.AppRunner | None = None
@@ -940,6 +1016,8 @@ class Simulator:
             "completed_at": _iso(rec.completed_at),
             "record_type": "room_recording",
         }
+        if self.dialect is Dialect.CURRENT:  # no field of RoomRecording is nullable
+            entry = {k: v for k, v in entry.items() if v is not None}
         return rec.entry_hook(entry) if rec.entry_hook is not None else entry
 
     def _shift(self, matching: list[SimRecording]) -> None:
@@ -985,6 +1063,7 @@ class Simulator:
                 raw_path=request.raw_path,
                 query=MultiDict(request.query),
                 headers=CIMultiDict(request.headers),
+                at=time.monotonic(),
             )
         )
         return await handler(request)
@@ -995,12 +1074,13 @@ class Simulator:
             token.encode(), self.api_key.encode()
         )
 
-    def _unauthorized(self) -> web.Response:
+    def _unauthorized(self, where: str) -> web.Response:
         return _api_error(
             401,
             "10009",
             "Authentication failed",
             "The API key is missing or invalid. Send 'Authorization: Bearer <api key>'.",
+            shape=self._shape(where, 401),
         )
 
     def _roll(self, *rates: float) -> int | None:
@@ -1012,10 +1092,18 @@ class Simulator:
             r -= rate
         return None
 
-    def _shape(self) -> str:
-        if not self.faults.error_shapes_mixed:
+    def _shape(self, where: str, status: int) -> str:
+        """The error body's shape: the one the spec declares for this answer (see the module
+        docstring), or any of the three with ``error_shapes_mixed``."""
+        if self.faults.error_shapes_mixed:
+            return self._rng.choice(["errors", "bare", "message"])
+        if self.dialect is Dialect.LEGACY:
             return "errors"
-        return self._rng.choice(["errors", "bare", "message"])
+        if where == "list" and 400 <= status < 500:
+            return "message"  # ListRoomRecordings: 4XX is video_GenericErrorResponse
+        if where in ("retrieve", "delete") and status == 404:
+            return "bare"  # video_ResourceNotFound: one video_Error
+        return "errors"
 
     def _server_error(self, where: str) -> web.Response:
         self.injected[f"{where}:error"] += 1
@@ -1023,8 +1111,27 @@ class Simulator:
             [(500, "Internal Server Error"), (502, "Bad Gateway"), (503, "Service Unavailable")]
         )
         return _api_error(
-            status, "10007", title, "Simulated transient failure.", shape=self._shape()
+            status, "10007", title, "Simulated transient failure.", shape=self._shape(where, status)
         )
+
+    def script(self, *answers: ScriptedAnswer) -> None:
+        """Give the next API calls these error answers, in order (see ``ScriptedAnswer``)."""
+        self._scripted.extend(answers)
+
+    def _scripted_answer(self, where: str) -> web.Response | None:
+        for answer in self._scripted:
+            if answer.route in ("any", where):
+                self._scripted.remove(answer)
+                self.injected[f"{where}:scripted"] += 1
+                return _api_error(
+                    answer.status,
+                    "10007",
+                    HTTPStatus(answer.status).phrase,
+                    "Scripted answer.",
+                    shape=self._shape(where, answer.status),
+                    headers=answer.headers,
+                )
+        return None
 
     def _throttled(self, where: str) -> web.Response:
         self.injected[f"{where}:throttle"] += 1
@@ -1042,7 +1149,7 @@ class Simulator:
             "10011",
             "Too many requests",
             "Simulated rate limit; retry after x-ratelimit-reset seconds.",
-            shape=self._shape(),
+            shape=self._shape(where, 429),
             headers=headers,
         )
 
@@ -1069,11 +1176,24 @@ class Simulator:
             self.injected["list:redirect"] += 1
             return web.Response(status=302, headers={"Location": self.faults.list_redirect_to})
         if not self._authorized(request):
-            return self._unauthorized()
+            return self._unauthorized("list")
         try:
-            page_size, page_number, preds = _parse_list_query(request.query)
+            page_size, page_number, preds, ignored = _parse_list_query(request.query, self.dialect)
         except _BadParam as e:
-            return _api_error(400, "10015", "Bad Request", e.detail, parameter=e.parameter)
+            status = 422 if self.dialect is Dialect.CURRENT else 400
+            title = "Unprocessable Entity" if status == 422 else "Bad Request"
+            return _api_error(
+                status,
+                "10015",
+                title,
+                e.detail,
+                parameter=e.parameter,
+                shape=self._shape("list", status),
+            )
+        self.ignored_params.extend(ignored)
+        scripted = self._scripted_answer("list")
+        if scripted is not None:
+            return scripted
         f = self.faults
         fault = self._roll(f.list_error_rate, f.list_throttle_rate, f.page_malformed_rate)
         if fault == 0:
@@ -1082,6 +1202,8 @@ class Simulator:
             return self._throttled("list")
         if fault == 2:
             return self._malformed_page()
+        if f.ignore_filters:
+            preds = []
 
         matching = self._matching(preds)
         if f.shift_on_page is not None and page_number == f.shift_on_page:
@@ -1090,7 +1212,8 @@ class Simulator:
             self._shift(matching)
             matching = self._matching(preds)
 
-        first = (page_number - 1) * page_size
+        shown = 1 if f.repeat_page else page_number
+        first = (shown - 1) * page_size
         page = matching[first : first + page_size]
         entries = [self._entry(rec, listing=True) for rec in page]
         # Processing recordings advance only when a list call actually shows them.
@@ -1101,17 +1224,25 @@ class Simulator:
                 if rec.processing_lists_left == 0:
                     rec.status = "completed"
                     rec.completed_at = now
-        meta = {
-            "page_number": page_number,
-            "page_size": page_size,
-            "total_pages": math.ceil(len(matching) / page_size),
-            "total_results": len(matching),
-        }
-        return web.json_response({"data": entries, "meta": meta})
+        body: dict[str, Any] = {"data": entries}
+        if not f.omit_meta:
+            total_pages = math.ceil(len(matching) / page_size)
+            body["meta"] = {
+                "page_number": page_number,
+                "page_size": page_size,
+                "total_pages": total_pages
+                if f.total_pages_override is None
+                else f.total_pages_override,
+                "total_results": len(matching),
+            }
+        return web.json_response(body)
 
     async def _handle_retrieve(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
-            return self._unauthorized()
+            return self._unauthorized("retrieve")
+        scripted = self._scripted_answer("retrieve")
+        if scripted is not None:
+            return scripted
         f = self.faults
         fault = self._roll(f.retrieve_error_rate, f.retrieve_throttle_rate)
         if fault == 0:
@@ -1120,17 +1251,20 @@ class Simulator:
             return self._throttled("retrieve")
         rec = self.recordings.get(request.match_info["id"])
         if rec is None:
-            return self._not_found()
+            return self._not_found("retrieve")
         return web.json_response({"data": self._entry(rec, listing=False)})
 
     async def _handle_delete(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
-            return self._unauthorized()
+            return self._unauthorized("delete")
+        scripted = self._scripted_answer("delete")
+        if scripted is not None:
+            return scripted
         if self._roll(self.faults.delete_error_rate) is not None:
             return self._server_error("delete")
         rec_id = request.match_info["id"]
         if rec_id not in self.recordings:
-            return self._not_found()
+            return self._not_found("delete")
         del self.recordings[rec_id]
         self._order = None
         self.deleted_ids.append(rec_id)
@@ -1151,9 +1285,13 @@ class Simulator:
         text = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
         return web.Response(body=text.encode(), content_type="application/octet-stream")
 
-    def _not_found(self) -> web.Response:
+    def _not_found(self, where: str) -> web.Response:
         return _api_error(
-            404, "10005", "Resource not found", "The requested resource or URL could not be found."
+            404,
+            "10005",
+            "Resource not found",
+            "The requested resource or URL could not be found.",
+            shape=self._shape(where, 404),
         )
 
     # ---------------------------------------------------------------- download
@@ -1575,6 +1713,13 @@ def run_forever(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--processing", type=int, default=0)
     p.add_argument("--url-ttl", type=float, default=600)
     p.add_argument(
+        "--dialect",
+        type=Dialect,
+        default=Dialect.CURRENT,
+        choices=list(Dialect),
+        help="the current API spec (default) or the legacy reference page's forms",
+    )
+    p.add_argument(
         "--content-cache",
         type=Path,
         help="serve content from files written here once (fast enough to benchmark clients)",
@@ -1627,6 +1772,7 @@ def run_forever(argv: Sequence[str] | None = None) -> int:
         api_port=args.port,
         download_port=args.dl_port,
         content_cache=args.content_cache,
+        dialect=args.dialect,
     )
     if sim.content_cache is not None:
         sim.warm_content_cache()

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import date
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
@@ -26,9 +29,12 @@ from archiver.errors import (
     ApiError,
     AuthError,
     ConfigError,
+    EndlessListing,
+    InvalidRequest,
     MalformedResponse,
     NetworkError,
     NotFound,
+    PermissionDenied,
     RateLimited,
     ServerError,
 )
@@ -44,11 +50,48 @@ MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # Redirects of a GET followed within the API's origin (another origin is never followed).
 MAX_API_REDIRECTS = 3
+# One listing ends with an error past this many entries' worth of pages (see max_pages_for).
+MAX_LISTED = 25_000_000
+
+
+# The values the API's RoomRecording schema allows for ``status`` and ``type``.
+RECORDING_STATUSES = ("completed", "processing")
+RECORDING_TYPES = ("audio", "video")
+# The textual form of a UUID (the spec's ``format: uuid`` for ids).
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+# Each filter the API can express, and the query key the current spec defines for it
+# (``ListRoomRecordings``: the deepObject ``filter`` parameter, exploded).
+_QUERY_KEYS = {
+    "date_ended_at_eq": "filter[date_ended_at][eq]",
+    "date_ended_at_gte": "filter[date_ended_at][gte]",
+    "date_ended_at_lte": "filter[date_ended_at][lte]",
+    "date_started_at_eq": "filter[date_started_at][eq]",
+    "date_started_at_gte": "filter[date_started_at][gte]",
+    "date_started_at_lte": "filter[date_started_at][lte]",
+    "room_id": "filter[room_id]",
+    "participant_id": "filter[participant_id]",
+    "session_id": "filter[session_id]",
+    "status": "filter[status]",
+    "type": "filter[type]",
+    # The spec's only duration filter: "duration_secs greater or equal".
+    "duration_secs_gte": "filter[duration_secs]",
+}
+# Filters the API has no form for: applied to the returned entries only.
+LOCAL_ONLY = ("duration_secs_eq", "duration_secs_lte")
+_UUID_FIELDS = ("room_id", "participant_id", "session_id")
 
 
 @dataclass(frozen=True, slots=True)
 class Filters:
-    """Every filter of ``GET /v2/room_recordings``. Dates are whole UTC days, bounds inclusive."""
+    """What a listing is limited to. Dates are whole UTC days, bounds inclusive.
+
+    Every filter is applied twice: sent in the form the current API spec defines
+    (``to_query``), and checked again on every entry the API returns
+    (``archiver.scope.admits``), so an API that ignores a filter never widens what is archived
+    or deleted. The API has one duration filter, a minimum (``filter[duration_secs]``): an exact
+    or a maximum duration is applied to the returned entries only.
+    """
 
     date_ended_at_eq: date | None = None
     date_ended_at_gte: date | None = None
@@ -66,19 +109,65 @@ class Filters:
     duration_secs_gte: int | None = None
 
     def to_query(self) -> dict[str, str]:
-        """The bracketed query keys the API expects, e.g. ``filter[date_ended_at][gte]``."""
+        """The query keys the current spec defines, e.g. ``filter[date_ended_at][gte]``."""
         query: dict[str, str] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            field_name, _, op = f.name.rpartition("_")
-            if op in ("eq", "gte", "lte"):
-                key = f"filter[{field_name}][{op}]"
-            else:
-                key = f"filter[{f.name}]"
-            query[key] = value.isoformat() if isinstance(value, date) else str(value)
+        for name, key in _QUERY_KEYS.items():
+            value = getattr(self, name)
+            if value is not None:
+                query[key] = value.isoformat() if isinstance(value, date) else str(value)
         return query
+
+    def label(self) -> str:
+        """Every filter in one line: the query sent, then what is checked locally only."""
+        parts = [f"{k}={v}" for k, v in sorted(self.to_query().items())]
+        for name in LOCAL_ONLY:
+            value = getattr(self, name)
+            if value is not None:
+                op = name.rpartition("_")[2]
+                parts.append(f"duration_secs[{op}]={value}(local)")
+        return " ".join(parts) or "all"
+
+    def problems(self, names: Mapping[str, str] | None = None) -> list[str]:
+        """Every reason these filters cannot be right, each naming the field as ``names`` says
+        (a flag, a config key; the field's own name by default). Empty when they are usable."""
+        names = names or {}
+
+        def name(field_name: str) -> str:
+            return names.get(field_name, field_name)
+
+        found: list[str] = []
+        for field_name in _UUID_FIELDS:
+            value = getattr(self, field_name)
+            if value is not None and not _UUID_RE.fullmatch(value):
+                found.append(f"{name(field_name)}: {value!r:.80} is not a UUID")
+        for field_name, allowed in (("status", RECORDING_STATUSES), ("type", RECORDING_TYPES)):
+            value = getattr(self, field_name)
+            if value is not None and value not in allowed:
+                found.append(
+                    f"{name(field_name)}: {value!r:.80} is not a recording {field_name} "
+                    f"({' or '.join(allowed)})"
+                )
+        for op in ("eq", "gte", "lte"):
+            value = getattr(self, f"duration_secs_{op}")
+            if value is not None and value < 0:
+                found.append(f"{name(f'duration_secs_{op}')}: {value} is negative")
+        for base in ("date_ended_at", "date_started_at", "duration_secs"):
+            found += _range_problems(self, base, name)
+        # A recording ends when or after it starts: it cannot start after the last end day.
+        started = [
+            f for f in ("date_started_at_eq", "date_started_at_gte") if getattr(self, f) is not None
+        ]
+        ended = [
+            f for f in ("date_ended_at_eq", "date_ended_at_lte") if getattr(self, f) is not None
+        ]
+        for s in started:
+            for e in ended:
+                if getattr(self, s) > getattr(self, e):
+                    found.append(
+                        f"{name(s)} ({getattr(self, s)}) is after {name(e)} ({getattr(self, e)}): "
+                        "no recording ends before it starts"
+                    )
+        return found
 
     @classmethod
     def standing(cls, settings: FilterSettings, **overrides: Any) -> Filters:
@@ -95,6 +184,19 @@ class Filters:
         return cls(**base)
 
 
+def _range_problems(filters: Filters, base: str, name: Callable[[str], str]) -> list[str]:
+    """Bounds of one field that no value can meet at once: gte after lte, eq outside them."""
+    eq, gte, lte = (getattr(filters, f"{base}_{op}") for op in ("eq", "gte", "lte"))
+    found: list[str] = []
+    if gte is not None and lte is not None and gte > lte:
+        found.append(f"{name(f'{base}_gte')} ({gte}) is after {name(f'{base}_lte')} ({lte})")
+    if eq is not None and gte is not None and eq < gte:
+        found.append(f"{name(f'{base}_eq')} ({eq}) is before {name(f'{base}_gte')} ({gte})")
+    if eq is not None and lte is not None and eq > lte:
+        found.append(f"{name(f'{base}_eq')} ({eq}) is after {name(f'{base}_lte')} ({lte})")
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     number: int
@@ -103,6 +205,8 @@ class Page:
     malformed: list[tuple[str, str]]
     total_pages: int | None
     total_results: int | None
+    # Each malformed entry as received, by stand-in: its fields are still tested by the filters.
+    malformed_entries: dict[str, Any] = field(default_factory=dict)
 
 
 def error_message(status: int, body: str) -> str:
@@ -132,42 +236,97 @@ def error_message(status: int, body: str) -> str:
     return redact(f"HTTP {status}: " + "; ".join(parts))
 
 
-def wait_hint(headers: Any) -> float | None:
-    """Seconds to wait from ``Retry-After`` or ``x-ratelimit-reset`` (whichever is larger)."""
+def wait_hint(headers: Any, now: float | None = None) -> float | None:
+    """Seconds the server asks to wait, or None: ``retry-after-ms`` (milliseconds), else
+    ``Retry-After`` (seconds, or an HTTP date), and ``x-ratelimit-reset`` (seconds, or a Unix
+    time); the larger of the two when both are given. The retry policy caps it."""
+    now = time.time() if now is None else now
     hints: list[float] = []
-    for name in ("Retry-After", "x-ratelimit-reset"):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw)
-        except ValueError:
-            continue
-        if value > 1e9:  # an absolute Unix time, not a delay
-            value -= time.time()
-        hints.append(max(value, 0.0))
-    return max(hints) if hints else None
+    retry_after = _seconds(headers.get("retry-after-ms"))
+    if retry_after is not None:
+        retry_after /= 1000
+    else:
+        raw = headers.get("Retry-After")
+        retry_after = _seconds(raw)
+        if retry_after is None and raw:
+            retry_after = _http_date_delay(raw, now)
+    if retry_after is not None:
+        hints.append(retry_after)
+    reset = _seconds(headers.get("x-ratelimit-reset"))
+    if reset is not None:
+        hints.append(reset - now if reset > 1e9 else reset)  # a Unix time, not a delay
+    return max(max(hints), 0.0) if hints else None
 
 
-def raise_for_api_status(status: int, headers: Any, body: str) -> None:
+def _seconds(raw: Any) -> float | None:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _http_date_delay(raw: str, now: float) -> float | None:
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110: an HTTP date is GMT
+        return None
+    return when.timestamp() - now
+
+
+def should_retry_header(headers: Any) -> bool | None:
+    """The API's own verdict (``x-should-retry: true|false``), obeyed over the status code."""
+    raw = headers.get("x-should-retry")
+    value = raw.strip().lower() if isinstance(raw, str) else None
+    return {"true": True, "false": False}.get(value or "")
+
+
+def raise_for_api_status(status: int, headers: Any, body: str, *, sent: str = "") -> None:
+    """Map an API answer to the exception tree. Retried (transient): 408, 409, 429, 5xx, or any
+    status with ``x-should-retry: true``; never retried: anything else, or any status with
+    ``x-should-retry: false``. ``sent`` (the query, for a listing) is named when the API
+    refuses the request's parameters."""
     if status < 400:
         return
     message = error_message(status, body)
+    verdict = should_retry_header(headers)
+    if verdict is True:
+        raise ServerError(f"{message} (the API asks for a retry)", retry_after=wait_hint(headers))
     if status == 401:
         raise AuthError(f"the Telnyx API refused the key ({message}); check TELNYX_API_KEY")
-    if status == 429:
-        raise RateLimited(message, retry_after=wait_hint(headers))
-    if status == 408 or status >= 500:
-        raise ServerError(message, retry_after=wait_hint(headers))
+    if status == 403:
+        raise PermissionDenied(
+            f"the Telnyx API key lacks permission for Video Rooms recordings ({message}); "
+            "give the key access to Video (room recordings) or use another key"
+        )
     if status == 404:
         raise NotFound(message, status=status)
+    if status in (400, 422):
+        where = f"; sent {sent}" if sent else ""
+        raise InvalidRequest(
+            f"the Telnyx API refused the request's parameters ({message}){where}", status=status
+        )
+    if verdict is False:
+        raise ApiError(f"{message} (the API says not to retry)", status=status)
+    if status == 429:
+        raise RateLimited(message, retry_after=wait_hint(headers))
+    if status in (408, 409) or status >= 500:
+        raise ServerError(message, retry_after=wait_hint(headers))
     raise ApiError(message, status=status)
+
+
+def max_pages_for(page_size: int) -> int:
+    """The page cap of one listing: far past any account (25 million recordings)."""
+    return max(math.ceil(MAX_LISTED / max(page_size, 1)), 1)
 
 
 class TelnyxClient:
     """``async with TelnyxClient(settings) as api:`` … ``api.iter_pages(filters)``."""
 
-    def __init__(self, settings: TelnyxSettings) -> None:
+    def __init__(self, settings: TelnyxSettings, *, max_pages: int | None = None) -> None:
+        """``max_pages``: the page cap of one listing (default ``max_pages_for(page_size)``)."""
         if settings.api_key is None:
             raise ConfigError(
                 f"no Telnyx API key: set ${settings.api_key_env} (or telnyx.api_key_file)"
@@ -180,6 +339,7 @@ class TelnyxClient:
             total_seconds=settings.max_retry_seconds,
             max_backoff=settings.max_backoff,
         )
+        self._max_pages = max_pages or max_pages_for(settings.page_size)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
@@ -206,24 +366,29 @@ class TelnyxClient:
             self._session = None
 
     async def _request(
-        self, method: str, path: str, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, str]:
         """One call, redirects handled here: the session's Authorization header must reach
         the API's origin only, so aiohttp never follows one itself. A GET may follow a few
         redirects within that origin; anything else 3xx is an ApiError, its body unread."""
         assert self._session is not None, "use TelnyxClient as an async context manager"
         url = URL(f"{self._base}{path}")
+        sent = " ".join(f"{k}={v}" for k, v in (params or {}).items() if k.startswith("filter["))
         try:
             for _ in range(MAX_API_REDIRECTS + 1):
                 async with self._session.request(
-                    method, url, params=params, allow_redirects=False
+                    method, url, params=params, headers=headers, allow_redirects=False
                 ) as resp:
                     metrics.API_RESPONSES.labels(status=str(resp.status)).inc()
                     if 300 <= resp.status < 400:
                         url, params = self._redirect_target(method, path, resp), None
                         continue
                     body = await read_capped(resp, f"{method} {path}")
-                    raise_for_api_status(resp.status, resp.headers, body)
+                    raise_for_api_status(resp.status, resp.headers, body, sent=sent)
                     return resp.status, body
         except (aiohttp.ClientError, TimeoutError) as exc:
             metrics.API_RESPONSES.labels(status="network").inc()
@@ -274,15 +439,38 @@ class TelnyxClient:
         return await call_with_retry(self._policy, f"list page {number}", once)
 
     async def iter_pages(self, filters: Filters) -> AsyncIterator[Page]:
-        """Every page in order; ends at ``meta.total_pages`` or at an empty page."""
+        """Every page in order. The listing ends at an empty page, at ``meta.total_pages``, or
+        at a page that brings no entry this listing has not seen already (an API repeating a
+        page, with ``meta`` or without): ``meta`` is optional in the spec, and a page shift
+        that repeats a whole page is caught by the next pass. Past the page cap it raises
+        ``EndlessListing``."""
+        seen: set[str] = set()
         number = 1
+        total_pages: int | None = None
         while True:
+            if number > self._max_pages:
+                raise EndlessListing(
+                    f"the listing went past {self._max_pages} pages of "
+                    f"{self._settings.page_size} (meta.total_pages: {total_pages}) without "
+                    "ending; stopped: the API keeps answering pages, check telnyx.base_url"
+                )
             page = await self.list_page(filters, number)
+            total_pages = page.total_pages
             yield page
-            if not page.recordings and not page.malformed:
+            ids = {rec.id for rec in page.recordings} | {stand_in for stand_in, _ in page.malformed}
+            if not ids:
                 return
             if page.total_pages is not None and number >= page.total_pages:
                 return
+            if ids <= seen:
+                log.warning(
+                    "list page %d brought no recording the pages before it had not: the listing "
+                    "ends here (the API repeats a page, or a page shift; the next pass lists "
+                    "again)",
+                    number,
+                )
+                return
+            seen |= ids
             number += 1
 
     async def retrieve(self, recording_id: str) -> Recording:
@@ -308,7 +496,8 @@ class TelnyxClient:
         path = f"/room_recordings/{quote(recording_id, safe='')}"
 
         async def once() -> None:
-            await self._request("DELETE", path)
+            # The answer is a 204 without a body: asking for JSON only would be wrong.
+            await self._request("DELETE", path, headers={"Accept": "*/*"})
 
         await call_with_retry(self._policy, f"DELETE {path}", once)
 
@@ -368,11 +557,14 @@ def parse_page(body: str, number: int) -> Page:
         raise MalformedResponse(f"list page {number}: the answer has no 'data' list")
     recordings: list[Recording] = []
     malformed: list[tuple[str, str]] = []
+    malformed_entries: dict[str, Any] = {}
     for entry in doc["data"]:
         try:
             rec = Recording.from_api(entry)
         except MalformedEntry as exc:
-            malformed.append((stand_in_id(entry), str(exc)))
+            stand_in = stand_in_id(entry)
+            malformed.append((stand_in, str(exc)))
+            malformed_entries[stand_in] = entry
             continue
         recordings.append(rec)
     meta = doc.get("meta")
@@ -386,4 +578,5 @@ def parse_page(body: str, number: int) -> Page:
         malformed=malformed,
         total_pages=total_pages if isinstance(total_pages, int) else None,
         total_results=total_results if isinstance(total_results, int) else None,
+        malformed_entries=malformed_entries,
     )

@@ -25,8 +25,10 @@ import pytest
 
 from archiver.simulator import (
     BLOCK_SIZE,
+    Dialect,
     DownloadFault,
     Faults,
+    ScriptedAnswer,
     SimRecording,
     Simulator,
     _ogg_crc,
@@ -38,6 +40,7 @@ from archiver.simulator import (
     iter_content,
     make_recordings,
 )
+from tests import spec_room_recordings as spec
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -394,6 +397,9 @@ FILTERS: list[tuple[str, Callable[[SimRecording], Any], str]] = [
     ("filter[participant_id]", lambda r: r.participant_id, "eq"),
     ("filter[session_id]", lambda r: r.session_id, "eq"),
     ("filter[type]", lambda r: r.type, "eq"),
+    ("filter[duration_secs]", lambda r: r.duration_secs, "gte"),  # the spec's one: a minimum
+]
+LEGACY_DURATIONS: list[tuple[str, Callable[[SimRecording], Any], str]] = [
     ("filter[duration_secs][eq]", lambda r: r.duration_secs, "eq"),
     ("filter[duration_secs][gte]", lambda r: r.duration_secs, "gte"),
     ("filter[duration_secs][lte]", lambda r: r.duration_secs, "lte"),
@@ -405,14 +411,22 @@ OPS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-@pytest.mark.parametrize(("key", "getter", "op"), FILTERS, ids=[f[0] for f in FILTERS])
+@pytest.mark.parametrize(
+    ("dialect", "key", "getter", "op"),
+    [(Dialect.CURRENT, *f) for f in FILTERS]
+    + [(Dialect.LEGACY, *f) for f in FILTERS if f[0] != "filter[duration_secs]"]
+    + [(Dialect.LEGACY, *f) for f in LEGACY_DURATIONS],
+    ids=lambda v: str(v) if isinstance(v, str) else "",
+)
 async def test_filters(
     sim: Simulator,
     http: aiohttp.ClientSession,
+    dialect: Dialect,
     key: str,
     getter: Callable[[SimRecording], Any],
     op: str,
 ) -> None:
+    sim.dialect = dialect
     recs = list(sim.recordings.values())
     # Use the median value so gte/lte both select a proper, non-empty subset.
     value = sorted(getter(r) for r in recs)[len(recs) // 2]
@@ -427,12 +441,16 @@ async def test_status_filter_and_processing_completes(
     http: aiohttp.ClientSession,
 ) -> None:
     recs = make_recordings(6, seed=2)
-    recs[0].status, recs[0].completed_at, recs[0].processing_lists_left = "processing", None, 2
+    recs[0].status, recs[0].completed_at, recs[0].processing_lists_left = "processing", None, 3
     async with Simulator(recs) as sim:
         _, body = await list_page(http, sim, **{"filter[status]": "processing"})
         assert [e["id"] for e in body["data"]] == [recs[0].id]
-        assert body["data"][0]["download_url"] is None
-        assert body["data"][0]["completed_at"] is None
+        # No field of RoomRecording is nullable: one without a value is left out.
+        assert "download_url" not in body["data"][0] and "completed_at" not in body["data"][0]
+        sim.dialect = Dialect.LEGACY  # the reference page's answers carry nulls
+        _, body = await list_page(http, sim, **{"filter[status]": "processing"})
+        assert body["data"][0]["download_url"] is None and body["data"][0]["completed_at"] is None
+        sim.dialect = Dialect.CURRENT
         # A list that does not show it does not advance it.
         await list_page(http, sim, **{"filter[status]": "completed"})
         assert recs[0].processing_lists_left == 1
@@ -444,28 +462,64 @@ async def test_status_filter_and_processing_completes(
         assert entry["download_url"] and entry["completed_at"].endswith("Z")
 
 
+BAD_PARAMS = [
+    ({"page[size]": "0"}, "page[size]"),
+    ({"page[size]": "251"}, "page[size]"),
+    ({"page[size]": "ten"}, "page[size]"),
+    ({"page[number]": "0"}, "page[number]"),
+    ({"filter[date_ended_at][gte]": "2025-13-01"}, "filter[date_ended_at][gte]"),
+    ({"filter[date_started_at][eq]": "2025-01-01T00:00:00Z"}, "filter[date_started_at][eq]"),
+    ({"filter[room_id]": "not-a-uuid"}, "filter[room_id]"),
+    ({"filter[session_id]": ""}, "filter[session_id]"),
+]
+
+
 @pytest.mark.parametrize(
     ("params", "parameter"),
     [
-        ({"page[size]": "0"}, "page[size]"),
-        ({"page[size]": "251"}, "page[size]"),
-        ({"page[size]": "ten"}, "page[size]"),
-        ({"page[number]": "0"}, "page[number]"),
-        ({"filter[date_ended_at][gte]": "2025-13-01"}, "filter[date_ended_at][gte]"),
-        ({"filter[date_started_at][eq]": "2025-01-01T00:00:00Z"}, "filter[date_started_at][eq]"),
-        ({"filter[duration_secs][lte]": "1.5"}, "filter[duration_secs][lte]"),
+        *BAD_PARAMS,
+        ({"filter[duration_secs]": "1.5"}, "filter[duration_secs]"),
+        # Keys the current spec does not define: the legacy forms among them.
+        ({"filter[duration_secs][lte]": "60"}, "filter[duration_secs][lte]"),
         ({"filter[colour]": "red"}, "filter[colour]"),
         ({"filter[date_ended_at][gt]": "2025-01-01"}, "filter[date_ended_at][gt]"),
+        ({"page[offset]": "3"}, "page[offset]"),
     ],
 )
-async def test_bad_request(
+async def test_invalid_parameters_are_422_in_the_lists_error_shape(
     sim: Simulator, http: aiohttp.ClientSession, params: dict[str, str], parameter: str
 ) -> None:
+    status, body = await list_page(http, sim, **params)
+    assert status == 422
+    assert set(body) == {"message", "success"} and body["success"] is False
+    assert parameter in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("params", "parameter"),
+    [*BAD_PARAMS, ({"filter[duration_secs][lte]": "1.5"}, "filter[duration_secs][lte]")],
+)
+async def test_legacy_bad_values_are_400(
+    sim: Simulator, http: aiohttp.ClientSession, params: dict[str, str], parameter: str
+) -> None:
+    sim.dialect = Dialect.LEGACY
     status, body = await list_page(http, sim, **params)
     assert status == 400
     err = body["errors"][0]
     assert err["code"] == "10015" and err["title"] == "Bad Request"
     assert parameter in err["detail"]
+
+
+async def test_legacy_ignores_filters_it_does_not_know(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    sim.dialect = Dialect.LEGACY
+    everything = await list_all(http, sim, **{"page[size]": "250"})
+    got = await list_all(http, sim, **{"filter[duration_secs]": "99999", "page[size]": "250"})
+    assert got == everything and len(got) == len(sim.recordings)
+    assert sim.ignored_params == ["filter[duration_secs]"]
+    status, _ = await list_page(http, sim, **{"page[offset]": "1"})
+    assert status == 400  # only filter[...] keys are ignored
 
 
 async def test_page_size_bounds_accepted(sim: Simulator, http: aiohttp.ClientSession) -> None:
@@ -479,10 +533,11 @@ async def test_auth(sim: Simulator, http: aiohttp.ClientSession) -> None:
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
         async with http.get(url, headers=headers) as r:
             assert r.status == 401
-            assert (await r.json())["errors"][0]["code"] == "10009"
+            assert (await r.json())["message"].startswith("Authentication failed")  # a list 4XX
     rec_id = next(iter(sim.recordings))
     async with http.delete(f"{url}/{rec_id}") as r:
         assert r.status == 401
+        assert (await r.json())["errors"][0]["code"] == "10009"
     assert rec_id in sim.recordings
     assert len(sim.api_requests) == 4
     assert "Authorization" not in sim.api_requests[0].headers
@@ -490,10 +545,10 @@ async def test_auth(sim: Simulator, http: aiohttp.ClientSession) -> None:
 
 
 async def test_requests_recorded_with_encoding(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    await list_page(http, sim, **{"filter[room_id]": "x y", "page[size]": "5"})
+    await list_page(http, sim, **{"filter[status]": "x y", "page[size]": "5"})
     req = sim.api_requests[-1]
     assert req.method == "GET" and req.path == "/v2/room_recordings"
-    assert req.query["filter[room_id]"] == "x y"
+    assert req.query["filter[status]"] == "x y"
     assert "page" in req.raw_path
 
 
@@ -522,7 +577,7 @@ async def test_retrieve_fresh_url_delete_and_404(
     for method in ("GET", "DELETE"):
         async with http.request(method, url, headers=AUTH) as r:
             assert r.status == 404
-            assert (await r.json())["errors"][0]["code"] == "10005"
+            assert (await r.json())["code"] == "10005"  # video_ResourceNotFound: a bare error
     # The URL of a recording deleted at source now answers 404.
     async with http.get(entry["download_url"]) as r:
         assert r.status == 404
@@ -933,7 +988,7 @@ async def test_throttle_headers(sim: Simulator, http: aiohttp.ClientSession) -> 
         async with http.get(f"{sim.api_base_url}/room_recordings", headers=AUTH) as r:
             assert r.status == 429
             assert r.headers["x-ratelimit-reset"] == "0"
-            assert (await r.json())["errors"][0]["code"] == "10011"
+            assert (await r.json())["message"].startswith("Too many requests")
             retry_after.append(r.headers.get("Retry-After"))
     assert "0" in retry_after and None in retry_after
     sim.faults.throttle_reset_seconds = 1
@@ -941,7 +996,7 @@ async def test_throttle_headers(sim: Simulator, http: aiohttp.ClientSession) -> 
         assert r.headers["x-ratelimit-reset"] == "1"
     # Validation still comes first: a bad request is never throttled.
     status, _ = await list_page(http, sim, **{"page[size]": "0"})
-    assert status == 400
+    assert status == 422
 
 
 async def test_server_errors_and_shapes(sim: Simulator, http: aiohttp.ClientSession) -> None:
@@ -1123,3 +1178,105 @@ async def test_standalone_cli_bad_answers(raw: aiohttp.ClientSession) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ------------------------------------------------------- the spec's answers
+
+
+async def checked(
+    http: aiohttp.ClientSession, sim: Simulator, method: str, path: str, **params: str
+) -> tuple[int, Any]:
+    """One call, its answer held to the spec (``tests.spec_room_recordings``)."""
+    url = f"{sim.api_base_url}{path}"
+    async with http.request(method, url, params=params, headers=AUTH) as r:
+        body = await r.read()
+        problems = spec.answer_problems(method, path, r.status, r.headers, body)
+        assert problems == [], problems
+        return r.status, json.loads(body) if body else None
+
+
+async def test_answers_follow_the_spec(http: aiohttp.ClientSession) -> None:
+    recs = make_recordings(30, seed=8, processing=3)
+    async with Simulator(recs, api_key=KEY) as sim:
+        status, page = await checked(http, sim, "GET", "/room_recordings", **{"page[size]": "250"})
+        assert status == 200 and len(page["data"]) == 30
+        assert any(e["status"] == "processing" for e in page["data"])  # fields left out, no nulls
+        for entry in page["data"][:5]:
+            assert (await checked(http, sim, "GET", f"/room_recordings/{entry['id']}"))[0] == 200
+        assert (await checked(http, sim, "DELETE", f"/room_recordings/{recs[0].id}"))[0] == 204
+        status, body = await checked(http, sim, "DELETE", f"/room_recordings/{recs[0].id}")
+        assert status == 404 and set(body) >= {"code", "title"}  # the bare error object
+        status, body = await checked(http, sim, "GET", "/room_recordings", **{"filter[x]": "1"})
+        assert status == 422 and body["success"] is False  # video_GenericErrorResponse
+        sim.faults.list_error_rate = 1.0
+        status, body = await checked(http, sim, "GET", "/room_recordings")
+        assert status >= 500 and body["errors"][0]["code"] == "10007"  # video_Errors
+    # The checker itself fails an answer that is not the spec's: a null, an unknown field.
+    bad = json.dumps({"data": [{"id": recs[1].id, "download_url": None, "colour": "red"}]})
+    problems = spec.answer_problems(
+        "GET", "/room_recordings", 200, {"Content-Type": "application/json"}, bad.encode()
+    )
+    assert len(problems) == 2 and "null" in problems[0] + problems[1]
+
+
+async def test_legacy_answers_keep_nulls(http: aiohttp.ClientSession) -> None:
+    recs = make_recordings(3, seed=8, processing=1)
+    async with Simulator(recs, api_key=KEY, dialect="legacy") as sim:
+        _, page = await list_page(http, sim)
+        processing = next(e for e in page["data"] if e["status"] == "processing")
+        assert processing["download_url"] is None
+        _, body = await list_page(http, sim, **{"page[size]": "0"})
+        assert body["errors"][0]["code"] == "10015"
+
+
+async def test_listing_faults_for_paging(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    sim.faults.omit_meta = True
+    _, body = await list_page(http, sim, **{"page[size]": "10", "page[number]": "2"})
+    assert set(body) == {"data"} and len(body["data"]) == 10
+    sim.faults.omit_meta = False
+    sim.faults.repeat_page = True
+    sim.faults.total_pages_override = 10**9
+    _, first = await list_page(http, sim, **{"page[size]": "10", "page[number]": "1"})
+    _, later = await list_page(http, sim, **{"page[size]": "10", "page[number]": "7"})
+    assert [e["id"] for e in later["data"]] == [e["id"] for e in first["data"]]
+    assert later["meta"]["total_pages"] == 10**9 and later["meta"]["page_number"] == 7
+
+
+async def test_ignore_filters_validates_then_ignores(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    room = next(iter(sim.recordings.values())).room_id
+    assert room is not None
+    sim.faults.ignore_filters = True
+    got = await list_all(http, sim, **{"filter[room_id]": room, "page[size]": "250"})
+    assert len(got) == len(sim.recordings)
+    status, _ = await list_page(http, sim, **{"filter[room_id]": "nope"})
+    assert status == 422
+
+
+async def test_scripted_answers(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    rec_id = next(iter(sim.recordings))
+    sim.script(
+        ScriptedAnswer(409, {"x-should-retry": "true"}, route="retrieve"),
+        ScriptedAnswer(503, {"retry-after-ms": "250"}),
+    )
+    url = f"{sim.api_base_url}/room_recordings"
+    async with http.get(url, headers=AUTH) as r:  # the first answer is the retrieve's
+        assert r.status == 503 and r.headers["retry-after-ms"] == "250"
+        assert (await r.json())["errors"][0]["title"] == "Service Unavailable"
+    async with http.get(f"{url}/{rec_id}", headers=AUTH) as r:
+        assert r.status == 409 and r.headers["x-should-retry"] == "true"
+    async with http.get(f"{url}/{rec_id}", headers=AUTH) as r:
+        assert r.status == 200
+    assert sim.injected["list:scripted"] == sim.injected["retrieve:scripted"] == 1
+    assert sim.api_requests[-1].at >= sim.api_requests[0].at > 0
+
+
+def test_standalone_cli_takes_a_dialect() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "archiver.simulator", "--dialect", "older"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert done.returncode == 2 and "--dialect" in done.stderr
