@@ -54,6 +54,13 @@ class Load:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadStates:
+    """→ {id: state} of the ids the ledger has; unlocked (cheap: what a no-op pass needs)."""
+
+    ids: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
 class LoadMany:
     """→ {id: row} (without metadata) of the ids the ledger has, locked in id order."""
 
@@ -90,7 +97,7 @@ class Audit:
     details: Mapping[str, Any]
 
 
-Op = Clock | Load | LoadMany | LoadState | Insert | Update | Audit
+Op = Clock | Load | LoadStates | LoadMany | LoadState | Insert | Update | Audit
 Program = Generator[Op, Any, T]
 
 
@@ -121,6 +128,10 @@ async def run_async(program: Program[T], answer: Callable[[Op], Awaitable[Any]])
 
 
 # -- the rules ---------------------------------------------------------------------------------
+# Rows a sighting never changes, and a tally counts by their state alone.
+SETTLED = frozenset({State.ARCHIVED, State.GIVEN_UP})
+
+
 def is_owed(row: LedgerRow) -> bool:
     return row.state in OWED_STATES
 
@@ -166,8 +177,14 @@ def standing(row: LedgerRow, now: datetime, budget: Budget) -> tuple[str, str]:
 
 
 def tally(
-    ids: Iterable[str], rows: Mapping[str, LedgerRow], now: datetime, budget: Budget
+    ids: Iterable[str],
+    rows: Mapping[str, LedgerRow],
+    now: datetime,
+    budget: Budget,
+    states: Mapping[str, State] | None = None,
 ) -> Tally:
+    """Where each id stands: ``rows`` holds the unsettled ones in full, ``states`` may tell the
+    settled ones by state alone."""
     groups: dict[str, dict[str, str]] = {
         name: {} for name in ("needs_action", "retrying", "processing", "pending", "in_progress")
     }
@@ -175,7 +192,13 @@ def tally(
     for rid in dict.fromkeys(ids):
         row = rows.get(rid)
         if row is None:
-            unknown += 1
+            state = None if states is None else states.get(rid)
+            if state is State.ARCHIVED:
+                archived += 1
+            elif state is State.GIVEN_UP:
+                given_up += 1
+            else:
+                unknown += 1
             continue
         category, reason = standing(row, now, budget)
         if category == "archived":
@@ -331,7 +354,12 @@ def observe(recordings: Sequence[Recording], budget: Budget) -> Program[set[str]
     latest = {rec.id: rec for rec in recordings}  # the last sighting in a page wins
     if not latest:
         return set()
-    rows: Mapping[str, LedgerRow] = yield LoadMany(sorted(latest))
+    # A sighting never changes a settled row: those are told by their state alone, so a pass
+    # over an archive that is up to date reads one index lookup per id and writes nothing.
+    states: Mapping[str, State] = yield LoadStates(sorted(latest))
+    settled = {rid for rid, state in states.items() if state in SETTLED}
+    unsettled = sorted(rid for rid in states if rid not in settled)
+    rows: Mapping[str, LedgerRow] = (yield LoadMany(unsettled)) if unsettled else {}
     now: datetime = yield Clock()
     inserts: list[dict[str, Any]] = []
     updates: list[tuple[str, Mapping[str, Any]]] = []
@@ -339,13 +367,15 @@ def observe(recordings: Sequence[Recording], budget: Budget) -> Program[set[str]
     claimable_now: set[str] = set()
     for rid in sorted(latest):  # one lock order for every instance inserting
         rec = latest[rid]
+        if rid in settled:
+            continue
         row = rows.get(rid)
         if row is None:
             inserts.append(new_row(rid, now, **_sighting(rec)))
             claimable_now.add(rid)
             continue
-        if row.state in (State.ARCHIVED, State.GIVEN_UP):
-            continue  # settled: a sighting changes nothing (a no-op pass writes nothing)
+        if row.state in SETTLED:
+            continue  # settled between the two reads
         values = _refresh(row, rec)
         if row.state is State.FAILED and row.rejected:
             # Refused for what its entry said before; listed in a usable form now.

@@ -523,6 +523,13 @@ class PostgresLedger(SharedLedger):
                     f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = $1 {lock}", rid
                 )
                 return None if row is None else decode_row(row, _utc)
+            case core.LoadStates(ids=ids):
+                return _states(
+                    await conn.fetch(
+                        "SELECT id, state FROM recordings WHERE id = ANY($1::text[])",
+                        [_clean(i) for i in ids],
+                    )
+                )
             case core.LoadMany(ids=ids):
                 rows = await conn.fetch(
                     f"""SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ANY($1::text[])
@@ -562,6 +569,14 @@ class PostgresLedger(SharedLedger):
             return None if row is None else decode_row(row, _utc)
 
         return await self._run("get", read, transaction=False)
+
+    async def _states_of(self, ids: list[str]) -> dict[str, State]:
+        async def read(conn: Any) -> dict[str, State]:
+            return _states(
+                await conn.fetch("SELECT id, state FROM recordings WHERE id = ANY($1::text[])", ids)
+            )
+
+        return await self._run("states", read, transaction=False)
 
     async def _brief_rows(self, ids: list[str]) -> dict[str, LedgerRow]:
         async def read(conn: Any) -> dict[str, LedgerRow]:
@@ -889,6 +904,13 @@ class PostgresLedger(SharedLedger):
             )
         await conn.execute("TRUNCATE recordings, audit, passes, meta RESTART IDENTITY")
         await conn.execute(f"UPDATE audit_head SET seq = 0, hash = '{audit.GENESIS}'")
+
+
+def _states(rows: list[Any]) -> dict[str, State]:
+    try:
+        return {row["id"]: State(row["state"]) for row in rows}
+    except ValueError as exc:
+        raise LedgerError(f"the ledger holds a row in an unknown state: {exc}") from exc
 
 
 def _export_record(kind: str, row: Any) -> dict[str, Any]:

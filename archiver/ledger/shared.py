@@ -54,6 +54,10 @@ class SharedLedger:
         """The rows of these ids (without metadata), unlocked."""
         raise NotImplementedError
 
+    async def _states_of(self, ids: list[str]) -> dict[str, State]:
+        """The state of each of these ids the ledger has, unlocked."""
+        raise NotImplementedError
+
     async def _clock(self) -> datetime:
         """Now, on the clock leases run on."""
         raise NotImplementedError
@@ -153,13 +157,16 @@ class SharedLedger:
     async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
         if not recording_ids:
             return {}
-        rows = await self._brief_rows(list(dict.fromkeys(recording_ids)))
-        return {rid: row.state for rid, row in rows.items()}
+        return await self._states_of(list(dict.fromkeys(recording_ids)))
 
     async def tally(self, recording_ids: Sequence[str]) -> Tally:
         ids = list(dict.fromkeys(recording_ids))
-        rows = await self._brief_rows(ids) if ids else {}
-        return core.tally(ids, rows, await self._clock(), self.budget)
+        states = await self._states_of(ids) if ids else {}
+        # Settled rows are counted by state; only the others are read in full (a backfill's
+        # scope is mostly archived).
+        unsettled = [rid for rid, state in states.items() if state not in core.SETTLED]
+        rows = await self._brief_rows(unsettled) if unsettled else {}
+        return core.tally(ids, rows, await self._clock(), self.budget, states)
 
     def iter_archived(
         self, *, since: datetime | None = None, until: datetime | None = None

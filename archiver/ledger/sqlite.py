@@ -493,6 +493,25 @@ class SqliteLedger(SharedLedger):
     async def _brief_rows(self, ids: list[str]) -> dict[str, LedgerRow]:
         return await self._call(self._brief_rows_on, self._db(), ids)
 
+    async def _states_of(self, ids: list[str]) -> dict[str, State]:
+        return await self._call(self._states_on, self._db(), ids)
+
+    @staticmethod
+    def _states_on(conn: sqlite3.Connection, ids: list[str]) -> dict[str, State]:
+        found: dict[str, State] = {}
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            placeholders = ", ".join("?" * len(chunk))
+            query = f"SELECT id, state FROM recordings WHERE id IN ({placeholders})"
+            for rid, state in conn.execute(query, chunk):
+                try:
+                    found[rid] = State(state)
+                except ValueError as exc:
+                    raise LedgerError(
+                        f"the ledger row {rid!r} has unknown state {state!r}"
+                    ) from exc
+        return found
+
     async def _clock(self) -> datetime:
         return await self._call(self._lease_clock_sync)
 
@@ -530,6 +549,8 @@ class SqliteLedger(SharedLedger):
                     f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ?", (rid,)
                 ).fetchone()
                 return None if found is None else decode_row(found, _dt)
+            case core.LoadStates(ids=ids):
+                return self._states_on(conn, list(ids))
             case core.LoadMany(ids=ids):
                 return self._brief_rows_on(conn, list(ids))
             case core.LoadState(state=state):
