@@ -17,7 +17,7 @@ from typing import Any
 
 from archiver.config import Settings
 from archiver.errors import ConfigError
-from archiver.ledger.base import Ledger, Tally
+from archiver.ledger.base import Ledger, PassRecord, Tally
 from archiver.lister import Lister, downloadable
 from archiver.models import LedgerRow, Recording, State
 from archiver.output import print_json
@@ -207,11 +207,13 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         ledger = svc.ledger
         summary = await ledger.summary()
         failures = await ledger.failures(limit=50)
-        passes = await ledger.last_passes(limit=5)
+        passes = await ledger.last_passes(limit=50)
         high_water_mark = await ledger.get_meta("daemon.high_water_mark")
         owed_ids = [row.id async for row in ledger.iter_owed()]
         tally = await ledger.tally(owed_ids)
         quarantined = await quarantined_copies(ledger)
+    run = last_run(passes)
+    passes = passes[:5]
     now = datetime.now(UTC)
     oldest = summary.oldest_unarchived_ended_at
     lag = (now - oldest).total_seconds() if oldest else 0.0
@@ -240,6 +242,7 @@ async def status(settings: Settings, *, as_json: bool) -> int:
             }
             for row in failures
         ],
+        "last_run": run,
         "last_passes": [asdict(p) for p in passes],
         "high_water_mark": high_water_mark,
         # Copies that failed their checks and stay in storage (locked): an examiner sees them.
@@ -268,6 +271,13 @@ async def status(settings: Settings, *, as_json: bool) -> int:
             f"backlog: oldest owed recording ended {oldest:%Y-%m-%d %H:%M} UTC "
             f"(lag {lag / 3600:.1f} h)"
         )
+    if run:
+        print(
+            f"last run: {run['kind']}, {run['started_at']:%Y-%m-%d %H:%M:%S} to "
+            f"{run['finished_at']:%H:%M:%S} UTC ({run['seconds']:.1f} s), {run['passes']} "
+            f"pass(es): {run['archived']} archived ({human_bytes(run['bytes'])}), "
+            f"{run['failed']} failed{'' if run['ok'] else '; it did not finish'}"
+        )
     if passes:
         last = passes[0]
         print(
@@ -294,6 +304,32 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         )
         print_quarantined(quarantined)
     return EXIT_OK
+
+
+def last_run(passes: Sequence[PassRecord]) -> dict[str, Any] | None:
+    """The newest run as a whole: the passes (newest first) that one process made in a row.
+    One pass of a backfill is rarely the story (its last is the no-op that confirms it)."""
+    if not passes:
+        return None
+    instance = passes[0].instance
+    run: list[PassRecord] = []
+    for record in passes:
+        if record.instance != instance:
+            break
+        run.append(record)
+    first, last = run[-1], run[0]
+    return {
+        "instance": instance,
+        "kind": str(last.extra.get("kind", "pass")),
+        "started_at": first.started_at,
+        "finished_at": last.finished_at,
+        "seconds": round((last.finished_at - first.started_at).total_seconds(), 3),
+        "passes": len(run),
+        "archived": sum(r.archived for r in run),
+        "failed": sum(r.failed for r in run),
+        "bytes": sum(int(r.extra.get("bytes", 0) or 0) for r in run),
+        "ok": all(r.ok for r in run),
+    }
 
 
 # -- operator commands --------------------------------------------------------------------------

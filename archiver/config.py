@@ -110,6 +110,9 @@ class StorageSettings:
     key_template: str = "{ended:%Y/%m/%d}/{room_id}/{id}.{ext}"
     sidecar: bool = True
     s3: S3Settings | None = None
+    # The archive root and the ledger's directory are created when missing, but not their
+    # parents (a typo, or a disk not mounted, would fill the root disk): unless this is true.
+    create_parents: bool = False
 
 
 @dataclass(frozen=True, slots=True)

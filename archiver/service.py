@@ -18,6 +18,7 @@ import aiohttp
 
 from archiver import identity
 from archiver.config import Settings
+from archiver.errors import ConfigError
 from archiver.ledger.base import Budget, Ledger, Tally
 from archiver.pipeline import Counts, Engine, Listener
 from archiver.producers import Backfill
@@ -54,6 +55,19 @@ def ledger_files_of(settings: Settings) -> identity.Ignore:
     if settings.storage.backend != "local" or settings.ledger.url is not None:
         return lambda key: False
     return identity.ledger_files(settings.ledger.path, settings.storage.path)
+
+
+def check_ledger_directory(settings: Settings) -> None:
+    """A SQLite ledger's directory is created when missing, not its parents (a typo, or a disk
+    not mounted, would put the ledger on the root disk): unless storage.create_parents."""
+    path = settings.ledger.path
+    if settings.ledger.url is not None or settings.storage.create_parents:
+        return
+    if not path.parent.exists() and not path.parent.parent.is_dir():
+        raise ConfigError(
+            f"ledger.path {path}: neither {path.parent} nor {path.parent.parent} exists: a "
+            "typo, or a disk that is not mounted? Create it, or set storage.create_parents = true"
+        )
 
 
 def budget_of(settings: Settings) -> Budget:
@@ -101,6 +115,8 @@ async def open_services(
     """Everything a command needs, opened in data-flow order and closed in reverse. The ledger
     must be the archive's (``archiver.identity``); a writer (``exclusive`` and
     ``storage_ready``) records that on an archive that has no identity record yet."""
+    if not must_exist:
+        check_ledger_directory(settings)
     async with AsyncExitStack() as stack:
         client = TelnyxClient(settings.telnyx) if api else None  # fails early without a key
         ledger = await stack.enter_async_context(

@@ -23,8 +23,10 @@ waits on the disk; the blocking pieces (partial and temporary files, locks, fsyn
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import logging
 import os
 import stat
 import time
@@ -33,6 +35,8 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from rich import filesize
 
 from archiver.errors import HeldElsewhere, PreflightError, StorageError, UnsafeValue
 from archiver.models import StoredObject
@@ -67,6 +71,8 @@ from archiver.storage.localfs import (
     unlink_quietly,
     write_all,
 )
+
+log = logging.getLogger(__name__)
 
 
 class LocalUpload(UploadBase):
@@ -122,11 +128,37 @@ class LocalUpload(UploadBase):
             file.release()
 
 
+def describe_filesystem(path: Path) -> str:
+    """Which filesystem ``path`` is on and how much room it has: what an operator checks first
+    when an archive lands on the wrong disk."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return "free space unknown"
+    free = filesize.decimal(stats.f_bavail * stats.f_frsize)
+    total = filesize.decimal(stats.f_blocks * stats.f_frsize)
+    mount, fstype = "?", "?"
+    with contextlib.suppress(OSError):
+        real = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            point = fields[1].replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(mount if mount != "?" else ""):
+                mount, fstype = point, fields[2]
+    return f"on {fstype} mounted at {mount}, {free} free of {total}"
+
+
 class LocalStorage:
     """Recordings as files under ``root``, keys being ``/``-separated paths below it."""
 
-    def __init__(self, root: Path, *, verify_on_commit: bool = False) -> None:
+    def __init__(
+        self, root: Path, *, verify_on_commit: bool = False, create_parents: bool = True
+    ) -> None:
         self._root = Path(root).absolute()
+        self._create_parents = create_parents
         self._resolved_root: Path | None = None
         # Re-read and re-hash every upload at commit instead of trusting the caller's running hash.
         self._verify = verify_on_commit
@@ -381,6 +413,11 @@ class LocalStorage:
 
     def _preflight(self) -> None:
         root = self._root
+        if not self._create_parents and not root.exists() and not root.parent.is_dir():
+            raise PreflightError(
+                f"archive root {root} does not exist, nor does {root.parent}: a typo, or a "
+                "disk that is not mounted? Create it, or set storage.create_parents = true"
+            )
         try:
             # Like the directories below it; missing parents get the usual mode (as `mkdir -p`).
             root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -407,10 +444,12 @@ class LocalStorage:
             finally:
                 os.close(fd)
         except OSError as exc:
-            unlink_quietly(probe)
+            with contextlib.suppress(OSError):  # a read-only disk refuses this too
+                unlink_quietly(probe)
             if exc.errno in DISK_FULL:
                 raise PreflightError(f"archive root {root} is full: {exc.strerror}") from exc
             raise PreflightError(f"archive root {root} is not writable: {exc.strerror}") from exc
+        log.info("archive root %s: %s", root, describe_filesystem(root))
 
     def _cleanup_stale(self, cutoff: float) -> int:
         # A one-shot temporary file is never resumed: once no process holds it, it is only waste.

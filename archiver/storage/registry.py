@@ -73,7 +73,7 @@ def open_backend(storage: StorageSettings) -> StorageBackend:
 def _local(storage: StorageSettings) -> StorageBackend:
     from archiver.storage.local import LocalStorage
 
-    return LocalStorage(storage.path)
+    return LocalStorage(storage.path, create_parents=storage.create_parents)
 
 
 def _s3(storage: StorageSettings) -> StorageBackend:
