@@ -519,7 +519,7 @@ async def manifest(
         try:
             with open_output(output) as out:
                 rows = svc.ledger.iter_archived(since=start, until=end)
-                stats = await write_manifest(rows, out, fmt)
+                stats = await write_manifest(rows, out, fmt, svc.storage.locate)
         except BrokenPipeError:
             raise
         except OSError as exc:

@@ -5,7 +5,9 @@ the archive. JSON lines or CSV with a header; every time is UTC ISO 8601. Writte
 appears only complete (temp file, fsync, rename), never half-written.
 
 Columns (public interface): id, room_id, session_id, participant_id, started_at, ended_at,
-storage_key, size, sha256, archived_at, retain_until, version_id, deleted_at_source.
+storage_key, size, sha256, archived_at, retain_until, version_id, deleted_at_source, and
+location: where an auditor finds the object (an absolute path, or ``s3://bucket/prefix/key``:
+``storage_key`` is relative to the archive root or the S3 prefix).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -40,6 +42,7 @@ COLUMNS = (
     "retain_until",
     "version_id",
     "deleted_at_source",
+    "location",
 )
 
 
@@ -54,7 +57,7 @@ def utc_iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
 
 
-def manifest_record(row: LedgerRow) -> dict[str, Any]:
+def manifest_record(row: LedgerRow, locate: Callable[[str], str] | None = None) -> dict[str, Any]:
     return {
         "id": row.id,
         "room_id": row.room_id,
@@ -69,6 +72,7 @@ def manifest_record(row: LedgerRow) -> dict[str, Any]:
         "retain_until": utc_iso(row.retain_until),
         "version_id": row.version_id,
         "deleted_at_source": utc_iso(row.deleted_at_source),
+        "location": locate(row.storage_key) if locate and row.storage_key else None,
     }
 
 
@@ -78,7 +82,12 @@ class ManifestStats:
     bytes: int = 0
 
 
-async def write_manifest(rows: AsyncIterator[LedgerRow], out: TextIO, fmt: str) -> ManifestStats:
+async def write_manifest(
+    rows: AsyncIterator[LedgerRow],
+    out: TextIO,
+    fmt: str,
+    locate: Callable[[str], str] | None = None,
+) -> ManifestStats:
     if fmt not in FORMATS:
         raise ValueError(f"unknown manifest format {fmt!r}")
     stats = ManifestStats()
@@ -86,7 +95,7 @@ async def write_manifest(rows: AsyncIterator[LedgerRow], out: TextIO, fmt: str) 
     if writer is not None:
         writer.writeheader()
     async for row in rows:
-        record = manifest_record(row)
+        record = manifest_record(row, locate)
         if writer is not None:
             writer.writerow({k: "" if v is None else v for k, v in record.items()})
         else:

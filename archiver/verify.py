@@ -87,7 +87,8 @@ async def check_row(
         return Problem(row.id, key, "ledger row is archived but lacks key, size or hash")
     info = await storage.stat(key)
     if info is None:
-        return Problem(row.id, key, "missing from the archive")
+        hidden = await storage.describe_missing(key)
+        return Problem(row.id, key, "missing from the archive" + (f" ({hidden})" if hidden else ""))
     if info.size != row.size:
         return Problem(row.id, key, f"size is {info.size}, ledger says {row.size}")
     if info.sha256 is not None and info.sha256 != row.sha256:

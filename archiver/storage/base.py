@@ -260,6 +260,15 @@ class StorageBackend(Protocol):
         """Remove the object (refused by a locked object: StorageError)."""
         ...
 
+    def locate(self, key: str) -> str:
+        """Where a person finds the object: an absolute path, or ``s3://bucket/prefix/key``."""
+        ...
+
+    async def describe_missing(self, key: str) -> str | None:
+        """When ``stat`` finds nothing at ``key``: what storage still knows of it (on S3, a
+        version a delete marker hides), for the report; None when there is nothing to say."""
+        ...
+
     def iter_keys(self) -> AsyncIterator[str]:
         """Every committed key, in no promised order; partial uploads are not keys."""
         ...

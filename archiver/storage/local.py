@@ -219,6 +219,12 @@ class LocalStorage:
     async def cleanup_stale(self, older_than_seconds: float) -> int:
         return await in_io_thread(self._cleanup_stale, time.time() - older_than_seconds)
 
+    def locate(self, key: str) -> str:
+        return str(self._root.joinpath(*check_key(key)))
+
+    async def describe_missing(self, key: str) -> str | None:
+        return None
+
     async def iter_keys(self) -> AsyncIterator[str]:
         # One directory per thread hop: a large tree is walked without holding it all.
         walk = os.walk(self._root, followlinks=False)

@@ -147,6 +147,13 @@ class MemoryStorage:
         check_key(key)
         self._objects.pop(key, None)
 
+    def locate(self, key: str) -> str:
+        check_key(key)
+        return f"memory:{key}"
+
+    async def describe_missing(self, key: str) -> str | None:
+        return None
+
     async def iter_keys(self) -> AsyncIterator[str]:
         for key in sorted(self._objects):
             yield key

@@ -368,6 +368,14 @@ class S3Storage:
         check_key(key)
         await self._run(self.api.delete, key, version_id)
 
+    def locate(self, key: str) -> str:
+        check_key(key)
+        return f"s3://{self.bucket}/{self.full_key(key)}"
+
+    async def describe_missing(self, key: str) -> str | None:
+        check_key(key)
+        return await self._run(self.api.hidden_version, key)
+
     async def iter_keys(self) -> AsyncIterator[str]:
         token: str | None = None
         while True:

@@ -79,6 +79,26 @@ class Bucket:
             return self.client.head_object(Bucket=self.name, Key=self.full_key(key), **kwargs)
         return None
 
+    def hidden_version(self, key: str) -> str | None:
+        """When the current version of ``key`` is a delete marker, the newest real version it
+        hides, said as a sentence (with its retention: a locked one is still the copy)."""
+        full = self.full_key(key)
+        with boto_errors(f"list the versions of {key} in S3 bucket {self.name!r}"):
+            listing = self.client.list_object_versions(Bucket=self.name, Prefix=full, MaxKeys=50)
+        markers = [m for m in listing.get("DeleteMarkers", []) if m.get("Key") == full]
+        versions = [v for v in listing.get("Versions", []) if v.get("Key") == full]
+        if not markers or not versions:
+            return None
+        newest = max(versions, key=lambda v: v["LastModified"])
+        version = newest.get("VersionId")
+        head = self.head(key, version)
+        until = head.get("ObjectLockRetainUntilDate") if head else None
+        locked = f", locked until {until:%Y-%m-%d}" if until is not None else ""
+        return (
+            f"a delete marker hides it: version {version} ({newest.get('Size', '?')} bytes"
+            f"{locked}) still holds the copy; remove the marker to restore it"
+        )
+
     def put(
         self,
         key: str,
