@@ -97,3 +97,12 @@ async def test_a_ledger_on_a_read_only_disk_is_a_sentence(sim_factory: Any, tmp_
         assert code == 2 and "no ledger" in err and "Traceback" not in err, err
     finally:
         umount(place)
+
+
+async def test_read_only_commands_create_no_ledger_and_no_archive(tmp_path: Path):
+    config = tmp_path / "archiver.toml"
+    config.write_text('[storage]\npath = "archive"\n[ledger]\npath = "ledger.db"\n')
+    for command in (["status"], ["verify"], ["manifest"], ["audit", "verify"], ["audit", "export"]):
+        code, _, err = await cli("--config", str(config), *command)
+        assert code == 2 and "there is no ledger" in err and "Traceback" not in err, (command, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["archiver.toml"]
