@@ -1,6 +1,6 @@
 """The ``archiver`` command: parse arguments, run the command's handler, map the outcome to an
 exit code. Each subcommand names its handler (``set_defaults(handler=...)``); what the commands
-do is in ``archiver.commands``.
+do is in ``archiver.commands`` and ``archiver.records``.
 
 Exit codes (public interface; ``archiver.service`` defines them):
     0  everything asked for is archived (or verified)
@@ -112,62 +112,62 @@ async def _give_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _manifest(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
     _check_range(args)
-    return await commands.manifest(
+    return await records.manifest(
         settings, fmt=args.format, since=args.since, until=args.until, output=args.output
     )
 
 
 async def _audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
-    return await commands.audit_verify(settings)
+    return await records.audit_verify(settings)
 
 
 async def _audit_export(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
-    return await commands.audit_export(settings, output=args.output)
+    return await records.audit_export(settings, output=args.output)
 
 
 async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
     _check_range(args)
-    return await commands.reconcile(settings, since=args.since, until=args.until, as_json=args.json)
+    return await records.reconcile(settings, since=args.since, until=args.until, as_json=args.json)
 
 
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
     _check_range(args)
-    return await commands.purge(settings, since=args.since, until=args.until, dry_run=args.dry_run)
+    return await records.purge(settings, since=args.since, until=args.until, dry_run=args.dry_run)
 
 
 async def _ledger_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
-    return await commands.ledger_migrate(settings)
+    return await records.ledger_migrate(settings)
 
 
 async def _ledger_export(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
-    return await commands.ledger_export(settings, output=args.output)
+    return await records.ledger_export(settings, output=args.output)
 
 
 async def _ledger_rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
-    return await commands.ledger_rebuild(settings, deep=args.deep)
+    return await records.ledger_rebuild(settings, deep=args.deep)
 
 
 async def _ledger_import(args: argparse.Namespace, settings: Settings) -> int:
-    from archiver import commands
+    from archiver import records
 
-    return await commands.ledger_import(settings, args.file, force=args.force)
+    return await records.ledger_import(settings, args.file, force=args.force)
 
 
 def _check_range(args: argparse.Namespace) -> None:

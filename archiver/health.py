@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from archiver.errors import ConfigError
 
@@ -130,17 +130,15 @@ def _iso(stamp: float | None) -> str | None:
 
 
 def metrics_app(health: Health) -> web.Application:
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+    """``/metrics``: prometheus-client's own handler over the default registry (it negotiates
+    OpenMetrics and compression); ``/healthz``: ``health.document()``, 200 or 503."""
 
     async def healthz(request: web.Request) -> web.Response:
         doc = health.document()
         return web.json_response(doc, status=200 if doc["status"] == "ok" else 503)
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", make_aiohttp_handler())
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 
 class PageSource(Protocol):
+    """A listing's pages, each fetched under the API's retry policy (``TelnyxClient``): the
+    lister never tries a page again itself."""
+
     def iter_pages(self, filters: Filters) -> AsyncIterator[Page]: ...
 
 

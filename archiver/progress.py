@@ -8,6 +8,7 @@ import time
 from types import TracebackType
 from typing import Self
 
+from rich import filesize
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,11 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
+    """A size or a rate in decimal units (``rich.filesize``): "999 bytes", "1.5 kB", "12.3 MB"."""
+    return filesize.decimal(int(n))
 
 
 class _Counts(Listener):

@@ -52,7 +52,8 @@ _T = TypeVar("_T")
 
 
 class SourceDelete(Protocol):
-    """What deleting needs from the API: one recording, by id."""
+    """What deleting needs from the API: one recording, by id, under the API's retry policy
+    (``TelnyxClient.delete``); a failure left is retried by the next sweep, not here."""
 
     async def delete(self, recording_id: str) -> None: ...
 

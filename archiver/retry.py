@@ -4,8 +4,13 @@ Only ``TransientError`` is retried; which answers are transient is decided once,
 read (for the API: ``telnyx.raise_for_api_status``: 408, 409, 429, 5xx, and ``x-should-retry``
 obeyed both ways). A server's wait hint (``retry-after-ms``, ``Retry-After`` in seconds or as an
 HTTP date, ``x-ratelimit-reset``) is honoured, capped at ``max_backoff``; otherwise exponential
-backoff with full jitter. Attempts and total time are both capped. Backends and the API client
-never loop on their own: they raise, this decides.
+backoff with full jitter. Attempts and total time are both capped.
+
+Adapters never loop on their own: they raise, and one wrapper per call path decides, so attempts
+never multiply (as restic's ``backend/retry``). The API: ``telnyx.TelnyxClient`` around the
+single-attempt ``TelnyxApi`` (``telnyx.max_attempts``). A transfer: its own loop in
+``archiver.transfer`` (``workers.transfer_attempts``), each attempt one retrieve at most and one
+download. The ledger: ``archiver.ledger.retrying`` around a PostgreSQL ledger.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The Telnyx room recordings API: auth, filters, pages, retrieve, delete, error mapping.
 
-Every call is retried by the one policy in ``archiver.retry``. The API key is sent only to the
-API host: this client's session is never used for download URLs.
+``TelnyxApi`` is the adapter: one attempt per call, never a loop of its own. ``TelnyxClient``
+wraps it (as restic wraps a backend), each call retried once, there, by the one policy
+(``archiver.retry``); a caller with a retry loop of its own (a transfer) uses the single attempt,
+``retrieve_once``. The API key is sent only to the API host, never to download URLs.
 """
 
 from __future__ import annotations
@@ -322,11 +324,11 @@ def max_pages_for(page_size: int) -> int:
     return max(math.ceil(MAX_LISTED / max(page_size, 1)), 1)
 
 
-class TelnyxClient:
-    """``async with TelnyxClient(settings) as api:`` … ``api.iter_pages(filters)``."""
+class TelnyxApi:
+    """``async with TelnyxApi(settings) as api:``: each call one attempt (a few redirects within
+    the API's origin aside), raising what the answer means; nothing here retries."""
 
-    def __init__(self, settings: TelnyxSettings, *, max_pages: int | None = None) -> None:
-        """``max_pages``: the page cap of one listing (default ``max_pages_for(page_size)``)."""
+    def __init__(self, settings: TelnyxSettings) -> None:
         if settings.api_key is None:
             raise ConfigError(
                 f"no Telnyx API key: set ${settings.api_key_env} (or telnyx.api_key_file)"
@@ -334,12 +336,6 @@ class TelnyxClient:
         register_secret(settings.api_key.reveal())
         self._settings = settings
         self._base = settings.base_url.rstrip("/")
-        self._policy = RetryPolicy(
-            attempts=settings.max_attempts,
-            total_seconds=settings.max_retry_seconds,
-            max_backoff=settings.max_backoff,
-        )
-        self._max_pages = max_pages or max_pages_for(settings.page_size)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
@@ -375,7 +371,7 @@ class TelnyxClient:
         """One call, redirects handled here: the session's Authorization header must reach
         the API's origin only, so aiohttp never follows one itself. A GET may follow a few
         redirects within that origin; anything else 3xx is an ApiError, its body unread."""
-        assert self._session is not None, "use TelnyxClient as an async context manager"
+        assert self._session is not None, "use TelnyxApi as an async context manager"
         url = URL(f"{self._base}{path}")
         sent = " ".join(f"{k}={v}" for k, v in (params or {}).items() if k.startswith("filter["))
         try:
@@ -418,25 +414,74 @@ class TelnyxClient:
             raise ApiError(f"{where}; refusing to repeat a {method} elsewhere", status=resp.status)
         return target
 
-    async def _json(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
-        async def once() -> Any:
-            _, body = await self._request(method, path, params)
-            try:
-                return json.loads(body)
-            except (ValueError, RecursionError) as exc:
-                raise MalformedResponse(f"{method} {path}: the API answered non-JSON") from exc
-
-        return await call_with_retry(self._policy, f"{method} {path}", once)
-
     async def list_page(self, filters: Filters, number: int, size: int | None = None) -> Page:
         size = size or self._settings.page_size
         params = {**filters.to_query(), "page[size]": str(size), "page[number]": str(number)}
+        _, body = await self._request("GET", "/room_recordings", params)
+        return parse_page(body, number)
 
-        async def once() -> Page:
-            _, body = await self._request("GET", "/room_recordings", params)
-            return parse_page(body, number)
+    async def retrieve(self, recording_id: str) -> Recording:
+        path = f"/room_recordings/{quote(recording_id, safe='')}"
+        _, body = await self._request("GET", path)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise MalformedResponse(f"GET {path}: the API answered non-JSON") from exc
+        data = doc.get("data") if isinstance(doc, dict) else None
+        try:
+            rec = Recording.from_api(data)
+        except MalformedEntry as exc:
+            raise MalformedResponse(f"retrieve {recording_id!r}: {exc}") from exc
+        if rec.id != recording_id:
+            # Trusted, the other recording's bytes would be archived as this one's, and this
+            # one deleted at the source on the strength of that copy.
+            raise MalformedResponse(
+                f"retrieve {recording_id[:80]!r}: the API answered with another recording, "
+                f"{rec.id[:80]!r}"
+            )
+        return rec
 
-        return await call_with_retry(self._policy, f"list page {number}", once)
+    async def delete(self, recording_id: str) -> None:
+        """Delete ONE recording at the source. The bulk delete endpoint is never called."""
+        if not recording_id:
+            raise ValueError("refusing a delete without an id")
+        path = f"/room_recordings/{quote(recording_id, safe='')}"
+        # The answer is a 204 without a body: asking for JSON only would be wrong.
+        await self._request("DELETE", path, headers={"Accept": "*/*"})
+
+
+class TelnyxClient:
+    """``async with TelnyxClient(settings) as api:`` … ``api.iter_pages(filters)``: the API
+    (``TelnyxApi``, kept as ``once``) with every call retried by the one policy. Only here is an
+    API call retried; ``retrieve_once`` is the single attempt for a caller that retries itself."""
+
+    def __init__(self, settings: TelnyxSettings, *, max_pages: int | None = None) -> None:
+        """``max_pages``: the page cap of one listing (default ``max_pages_for(page_size)``)."""
+        self.once = TelnyxApi(settings)
+        self._page_size = settings.page_size
+        self._policy = RetryPolicy(
+            attempts=settings.max_attempts,
+            total_seconds=settings.max_retry_seconds,
+            max_backoff=settings.max_backoff,
+        )
+        self._max_pages = max_pages or max_pages_for(settings.page_size)
+
+    async def __aenter__(self) -> Self:
+        await self.once.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.once.__aexit__(exc_type, exc, tb)
+
+    async def list_page(self, filters: Filters, number: int, size: int | None = None) -> Page:
+        return await call_with_retry(
+            self._policy, f"list page {number}", lambda: self.once.list_page(filters, number, size)
+        )
 
     async def iter_pages(self, filters: Filters) -> AsyncIterator[Page]:
         """Every page in order. The listing ends at an empty page, at ``meta.total_pages``, or
@@ -451,7 +496,7 @@ class TelnyxClient:
             if number > self._max_pages:
                 raise EndlessListing(
                     f"the listing went past {self._max_pages} pages of "
-                    f"{self._settings.page_size} (meta.total_pages: {total_pages}) without "
+                    f"{self._page_size} (meta.total_pages: {total_pages}) without "
                     "ending; stopped: the API keeps answering pages, check telnyx.base_url"
                 )
             page = await self.list_page(filters, number)
@@ -474,32 +519,22 @@ class TelnyxClient:
             number += 1
 
     async def retrieve(self, recording_id: str) -> Recording:
-        doc = await self._json("GET", f"/room_recordings/{quote(recording_id, safe='')}")
-        data = doc.get("data") if isinstance(doc, dict) else None
-        try:
-            rec = Recording.from_api(data)
-        except MalformedEntry as exc:
-            raise MalformedResponse(f"retrieve {recording_id!r}: {exc}") from exc
-        if rec.id != recording_id:
-            # Trusted, the other recording's bytes would be archived as this one's, and this
-            # one deleted at the source on the strength of that copy.
-            raise MalformedResponse(
-                f"retrieve {recording_id[:80]!r}: the API answered with another recording, "
-                f"{rec.id[:80]!r}"
-            )
-        return rec
+        return await call_with_retry(
+            self._policy,
+            f"GET /room_recordings/{quote(recording_id, safe='')}",
+            lambda: self.once.retrieve(recording_id),
+        )
+
+    async def retrieve_once(self, recording_id: str) -> Recording:
+        """One attempt at ``retrieve``: for a caller whose own loop is the retry."""
+        return await self.once.retrieve(recording_id)
 
     async def delete(self, recording_id: str) -> None:
-        """Delete ONE recording at the source. The bulk delete endpoint is never called."""
-        if not recording_id:
-            raise ValueError("refusing a delete without an id")
-        path = f"/room_recordings/{quote(recording_id, safe='')}"
-
-        async def once() -> None:
-            # The answer is a 204 without a body: asking for JSON only would be wrong.
-            await self._request("DELETE", path, headers={"Accept": "*/*"})
-
-        await call_with_retry(self._policy, f"DELETE {path}", once)
+        await call_with_retry(
+            self._policy,
+            f"DELETE /room_recordings/{quote(recording_id, safe='')}",
+            lambda: self.once.delete(recording_id),
+        )
 
 
 async def read_capped(resp: aiohttp.ClientResponse, what: str) -> str:

@@ -26,7 +26,6 @@ from archiver.audit import GENESIS, verify_chain
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
 from archiver.ledger import Budget, Ledger, PassRecord, SqliteLedger, open_ledger
 from archiver.ledger.portable import KINDS
-from archiver.ledger.postgres import PostgresLedger
 from archiver.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION
 from archiver.models import Recording, State, StoredObject
 from tests import fixtures_pg
@@ -48,8 +47,9 @@ async def _sqlite_backend(tmp_path: Path) -> AsyncIterator[LedgerMaker]:
 async def _postgres_backend(tmp_path: Path) -> AsyncIterator[LedgerMaker]:
     pg = fixtures_pg.cluster()
     async with pg.database() as url:
-        yield lambda budget=BUDGET: PostgresLedger(
-            url, password_file=pg.password_file, budget=budget
+        # As ``open_ledger`` makes it: the adapter inside the one retry wrapper.
+        yield lambda budget=BUDGET: open_ledger(
+            url=url, password_file=pg.password_file, budget=budget
         )
 
 

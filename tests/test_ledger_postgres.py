@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +24,29 @@ from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
 from archiver.ledger import open_ledger
 from archiver.ledger.base import PassRecord
 from archiver.ledger.postgres import SCHEMA_VERSION, PostgresLedger, describe_url
+from archiver.ledger.retrying import RetryingLedger
 from archiver.models import State
 from archiver.retry import RetryPolicy
 from archiver.simulator import Simulator, make_recordings
 from tests.conftest import ARCHIVER, cli_env
 from tests.conftest import write_config as write_sqlite_config
 from tests.fixtures_pg import PG_PASSWORD, PgCluster
-from tests.test_ledger_conformance import LEASE, T0, rec, stored
+from tests.test_ledger_conformance import LEASE, T0, archive, rec, stored
 from tests.test_postgres_multi import write_config as write_pg_config
 
 FAST = RetryPolicy(attempts=6, total_seconds=30, initial_backoff=0.01, max_backoff=0.05)
 
 
-def ledger_at(url: str, pg: PgCluster, **kw: Any) -> PostgresLedger:
-    return PostgresLedger(url, password_file=pg.password_file, retry=FAST, **kw)
+def ledger_at(url: str, pg: PgCluster, policy: RetryPolicy = FAST, **kw: Any) -> RetryingLedger:
+    """A PostgreSQL ledger as ``open_ledger`` makes one: retried by the wrapper, here fast."""
+    return RetryingLedger(PostgresLedger(url, password_file=pg.password_file, **kw), policy)
+
+
+def lose_answers(ledger: RetryingLedger) -> LoseAnswers:
+    inner = ledger.inner
+    assert isinstance(inner, PostgresLedger)
+    pool = inner._pool = LoseAnswers(inner._pool)
+    return pool
 
 
 class LoseAnswers:
@@ -75,7 +85,7 @@ async def test_a_call_retried_after_its_answer_was_lost_is_applied_once(
     pg_cluster: PgCluster, pg_url: str
 ) -> None:
     async with ledger_at(pg_url, pg_cluster) as ledger:
-        pool = ledger._pool = LoseAnswers(ledger._pool)
+        pool = lose_answers(ledger)
 
         pool.lose = 1
         assert await ledger.observe([rec("a"), rec("b"), rec("c")]) == {
@@ -121,12 +131,64 @@ async def test_a_call_retried_after_its_answer_was_lost_is_applied_once(
         assert len(await ledger.last_passes()) == 1
 
 
+async def test_the_adapter_never_retries_the_wrapper_does(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    """The commit went through, its answer was lost: the adapter says so once (it never loops);
+    the same call through the wrapper is tried again and finds its own commit."""
+    async with ledger_at(pg_url, pg_cluster) as ledger:
+        pool = lose_answers(ledger)
+        inner = ledger.inner
+        pool.lose = 1
+        with pytest.raises(LedgerUnavailable):
+            await inner.observe([rec("a")])
+        assert pool.lost == 1 and await inner.get("a") is not None  # committed, once
+        pool.lose = 1
+        assert await ledger.claim("a", owner="w", lease_seconds=LEASE) == 1
+        assert pool.lost == 2
+
+
+async def test_a_listing_cut_short_goes_on_where_it_was(
+    pg_cluster: PgCluster, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of the next batch is lost mid-listing: the wrapper lists again and skips what it
+    yielded, by the listing's order; rows that end at the same time are told apart by id."""
+    monkeypatch.setattr(postgres_module, "_BATCH", 3)
+    async with ledger_at(pg_url, pg_cluster) as ledger:
+        ends = [T0 + timedelta(minutes=n // 4) for n in range(10)]  # four rows per minute
+        recs = [rec(f"u{n}", ended=None) for n in range(4)]
+        recs += [rec(f"r{n:02d}", ended=end) for n, end in enumerate(ends)]
+        await ledger.observe(recs)
+        for r in recs:
+            await archive(ledger, r.id)
+        everything = [r.id for r in recs]
+        assert [r.id async for r in ledger.iter_archived()] == everything
+        audit = [e.seq async for e in ledger.iter_audit()]
+        assert audit == list(range(1, len(recs) + 1))
+        pool = lose_answers(ledger)
+        # Cut after the 5th, 7th (mid-way through the first minute's four) and 11th row.
+        for cut in (5, 7, 11):
+            rows = ledger.iter_archived()
+            got = [(await anext(rows)).id for _ in range(cut)]
+            pool.lose = 1
+            got += [r.id async for r in rows]
+            assert got == everything, cut
+            entries = ledger.iter_audit()
+            seqs = [(await anext(entries)).seq for _ in range(cut)]
+            pool.lose = 1
+            seqs += [e.seq async for e in entries]
+            assert seqs == audit, cut
+        assert pool.lost == 6
+        owed = ledger.iter_owed()
+        assert [r.id async for r in owed] == []
+
+
 async def test_a_lost_claim_answer_never_hands_the_row_to_two_owners(
     pg_cluster: PgCluster, pg_url: str
 ) -> None:
     async with ledger_at(pg_url, pg_cluster) as first, ledger_at(pg_url, pg_cluster) as second:
         await first.observe([rec("a")])
-        pool = first._pool = LoseAnswers(first._pool)
+        pool = lose_answers(first)
         pool.lose = 1
         assert await first.claim("a", owner="w1", lease_seconds=LEASE) == 1
         assert await second.claim("a", owner="w2", lease_seconds=LEASE) is None
@@ -163,7 +225,7 @@ async def test_the_database_restarting_under_a_ledger(
 ) -> None:
     ids = [f"r{n:03d}" for n in range(150)]
     policy = RetryPolicy(attempts=40, total_seconds=60, initial_backoff=0.05, max_backoff=0.5)
-    async with PostgresLedger(pg_url, password_file=pg_cluster.password_file, retry=policy) as led:
+    async with ledger_at(pg_url, pg_cluster, policy) as led:
         await led.observe([rec(i) for i in ids])
 
         async def archive_all() -> None:
@@ -192,7 +254,7 @@ async def test_errors_are_translated_and_never_show_the_password(
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not-the-password-1234\n")
     with pytest.raises(LedgerError) as caught:
-        async with PostgresLedger(pg_url, password_file=wrong, retry=FAST):
+        async with RetryingLedger(PostgresLedger(pg_url, password_file=wrong), FAST):
             pass
     assert not isinstance(caught.value, LedgerUnavailable)  # refused, not worth retrying
     assert "not-the-password-1234" not in str(caught.value)
@@ -205,7 +267,7 @@ async def test_errors_are_translated_and_never_show_the_password(
         port = sock.getsockname()[1]
     down = f"postgresql://postgres@127.0.0.1:{port}/db"
     with pytest.raises(LedgerUnavailable, match="unavailable right now"):
-        async with PostgresLedger(down, password_file=pg_cluster.password_file, retry=FAST):
+        async with ledger_at(down, pg_cluster):
             pass
 
     # A password in the URL is refused without repeating it.

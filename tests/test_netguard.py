@@ -662,7 +662,7 @@ async def test_the_api_client_follows_a_get_within_its_origin(serve: Serve) -> N
         with pytest.raises(ApiError, match="refusing to repeat a DELETE"):
             await client.delete(GOOD_ID)
         with pytest.raises(ApiError, match="redirected more than 3 times"):
-            await client._request("GET", "/loop")
+            await client.once._request("GET", "/loop")
     assert api.paths[:2] == [
         "/v2/room_recordings?page%5Bsize%5D=250&page%5Bnumber%5D=1",
         "/v2/moved?x=1",

@@ -1,13 +1,13 @@
 """The ledger: the single source of truth about what is archived (contract in ``base``).
 
-``open_ledger`` picks the implementation: a SQLite file for one instance, PostgreSQL for several.
+``open_ledger`` picks the implementation: a SQLite file for one instance, PostgreSQL for several,
+the latter retried by the one policy (``archiver.ledger.retrying``): a shared server may restart.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import cast
 
 from archiver.errors import ConfigError
 from archiver.ledger.base import (
@@ -20,7 +20,9 @@ from archiver.ledger.base import (
     Tally,
     WorkLedger,
 )
+from archiver.ledger.retrying import RetryingLedger
 from archiver.ledger.sqlite import SqliteLedger
+from archiver.retry import RetryPolicy
 
 __all__ = [
     "AuditEntry",
@@ -28,6 +30,7 @@ __all__ = [
     "Ledger",
     "PassRecord",
     "RecordsLedger",
+    "RetryingLedger",
     "SqliteLedger",
     "Summary",
     "Tally",
@@ -36,6 +39,9 @@ __all__ = [
 ]
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+# How a PostgreSQL ledger is retried: long enough to ride out a restart of the server.
+POSTGRES_RETRY = RetryPolicy(attempts=30, total_seconds=120.0, initial_backoff=0.1, max_backoff=5.0)
 
 
 def open_ledger(
@@ -68,4 +74,5 @@ def open_ledger(
         postgres = importlib.import_module("archiver.ledger.postgres")
     except ImportError as exc:
         raise ConfigError("ledger.url: PostgreSQL ledger is not available") from exc
-    return cast(Ledger, postgres.PostgresLedger(url, password_file=password_file, budget=budget))
+    inner: Ledger = postgres.PostgresLedger(url, password_file=password_file, budget=budget)
+    return RetryingLedger(inner, POSTGRES_RETRY)

@@ -70,7 +70,7 @@ class Tally:
 
     archived: int = 0
     given_up: int = 0
-    # Owed, by why: id → a short reason, per category (see ``archiver.ledger.core.standing``).
+    # Owed, by why: id → a short reason, per category (see ``archiver.ledger.reads.standing``).
     needs_action: Mapping[str, str] = field(default_factory=dict)
     retrying: Mapping[str, str] = field(default_factory=dict)
     processing: Mapping[str, str] = field(default_factory=dict)
@@ -239,14 +239,25 @@ class RecordsLedger(Protocol):
 
     # -- audit chain, passes, settings -------------------------------------------------------
     async def append_audit(
-        self, action: str, recording_id: str | None, details: Mapping[str, Any]
+        self,
+        action: str,
+        recording_id: str | None,
+        details: Mapping[str, Any],
+        *,
+        token: str | None = None,
     ) -> AuditEntry:
-        """Append an entry chained to the previous one (see ``archiver.audit``)."""
+        """Append an entry chained to the previous one (see ``archiver.audit``). ``token``
+        names one call across its attempts (``archiver.ledger.retrying`` makes one per call):
+        an attempt whose token was committed already returns that entry, appending nothing."""
         ...
 
-    def iter_audit(self) -> AsyncIterator[AuditEntry]: ...
+    def iter_audit(self) -> AsyncIterator[AuditEntry]:
+        """Every entry of the chain in ``seq`` order."""
+        ...
 
-    async def record_pass(self, record: PassRecord) -> None: ...
+    async def record_pass(self, record: PassRecord, *, token: str | None = None) -> None:
+        """Keep one pass; an attempt whose ``token`` was committed already adds nothing."""
+        ...
 
     async def last_passes(self, limit: int = 10) -> list[PassRecord]: ...
 
@@ -254,9 +265,12 @@ class RecordsLedger(Protocol):
 
     async def set_meta(self, key: str, value: str) -> None: ...
 
-    async def advance_meta(self, key: str, expected: str | None, new: str) -> bool:
+    async def advance_meta(
+        self, key: str, expected: str | None, new: str, *, token: str | None = None
+    ) -> bool:
         """Set ``key`` to ``new`` only if it still holds ``expected`` (None: not set), atomically.
-        True if this call made the change."""
+        True if this call made the change: also when an attempt with the same ``token`` made
+        it, and only its answer was lost."""
         ...
 
     # -- schema and moving a whole ledger -----------------------------------------------------

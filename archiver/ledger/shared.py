@@ -3,7 +3,8 @@ a few primitives a ledger module provides in its dialect (``_carry_out`` a progr
 ``archiver.ledger.core`` in a transaction, read rows, read the clock).
 
 A ledger module subclasses ``SharedLedger`` and keeps only what is its own: SQL, transactions,
-schema, and (SQLite) group commit or (PostgreSQL) retries and idempotency tokens.
+schema, and (SQLite) group commit or (PostgreSQL) idempotency tokens; retries are
+``archiver.ledger.retrying``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from archiver.ledger import core
+from archiver.ledger import core, reads
 from archiver.ledger.base import OWED_STATES, Budget, Tally
 from archiver.models import LedgerRow, Recording, State, StoredObject
 
@@ -166,7 +167,7 @@ class SharedLedger:
         # scope is mostly archived).
         unsettled = [rid for rid, state in states.items() if state not in core.SETTLED]
         rows = await self._brief_rows(unsettled) if unsettled else {}
-        return core.tally(ids, rows, await self._clock(), self.budget, states)
+        return reads.tally(ids, rows, await self._clock(), self.budget, states)
 
     def iter_archived(
         self, *, since: datetime | None = None, until: datetime | None = None
