@@ -201,6 +201,7 @@ class Downloader:
         headers = {"Accept-Encoding": "identity"}
         if progress.position > 0:
             headers["Range"] = f"bytes={progress.position}-"
+        total: int | None = progress.position
         try:
             async with (
                 self._download_slots,
@@ -209,7 +210,6 @@ class Downloader:
                 ) as resp,
             ):
                 metrics.DOWNLOAD_RESPONSES.labels(status=str(resp.status)).inc()
-                total: int | None = progress.position
                 if not self._has_every_byte(progress, resp):
                     await self._check_status(progress, resp)
                     total = await self._prepare(progress, resp)
@@ -217,9 +217,7 @@ class Downloader:
         except WrongContent as exc:
             await self._refuse(progress, exc)
         except aiohttp.ClientPayloadError as exc:
-            raise TruncatedBody(
-                f"{rec.id}: body cut off at byte {progress.position}: {type(exc).__name__}"
-            ) from exc
+            raise TruncatedBody(_cut_off(rec.id, progress.position, total)) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise NetworkError(
                 f"{rec.id}: download from {safe_url(url)} failed: {type(exc).__name__}"
@@ -458,3 +456,20 @@ class Downloader:
         progress.reset_hash()
         progress.hash_suspect = False
         progress.confirming_end = False
+
+
+def _cut_off(recording_id: str, position: int, total: int | None) -> str:
+    """What happened when a body stopped short, and what the next attempt does about it."""
+    if position == 0:
+        # aiohttp hands over nothing of a read the cut-off ended: a small body that arrived
+        # with the close is lost whole, so the next attempt asks for all of it again.
+        size = f" ({total} bytes)" if total else ""
+        return (
+            f"{recording_id}: the connection closed before the body's end{size}, before any "
+            "of it could be kept; the next attempt asks for it whole"
+        )
+    of = f" of {total}" if total else ""
+    return (
+        f"{recording_id}: the connection closed after {position}{of} bytes; the next attempt "
+        f"asks for the rest from byte {position}"
+    )

@@ -29,6 +29,7 @@ import asyncio
 import enum
 import functools
 import ipaddress
+import logging
 import re
 import socket
 import time
@@ -46,6 +47,8 @@ from yarl import URL
 from archiver.config import TelnyxSettings
 from archiver.errors import RefusedDestination, UnsafeValue
 from archiver.redact import safe_url
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -471,6 +474,12 @@ async def open_download(
         await policy.check_literal(current)
         async with session.get(current, headers=headers, allow_redirects=False) as resp:
             location = resp.headers.get(aiohttp.hdrs.LOCATION)
+            log.debug(
+                "download GET %s%s: HTTP %d",
+                _shown(current),
+                f" (Range {headers['Range']})" if "Range" in headers else "",
+                resp.status,
+            )
             if resp.status not in _REDIRECT_STATUSES or location is None:
                 yield resp
                 return

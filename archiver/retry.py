@@ -57,9 +57,30 @@ def backoff_seconds(policy: RetryPolicy, attempt: int, exc: BaseException | None
 
 
 def retrying(policy: RetryPolicy, what: str) -> AsyncRetrying:
+    """Attempts at ``what`` under ``policy``: a warning before each wait, and at debug level the
+    decision not to try again (a permanent error, or the attempts or time used up)."""
+    stop = stop_after_attempt(policy.attempts) | stop_after_delay(policy.total_seconds)
+
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         return backoff_seconds(policy, state.attempt_number, exc)
+
+    def worth_retrying(exc: BaseException) -> bool:
+        transient = is_transient(exc)
+        if not transient:
+            log.debug("%s: not retried, %s is permanent: %s", what, type(exc).__name__, exc)
+        return transient
+
+    def should_stop(state: RetryCallState) -> bool:
+        done = stop(state)
+        if done:
+            log.debug(
+                "%s: giving up after %d attempt(s) in %.1fs",
+                what,
+                state.attempt_number,
+                state.seconds_since_start or 0.0,
+            )
+        return done
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -70,16 +91,23 @@ def retrying(policy: RetryPolicy, what: str) -> AsyncRetrying:
             state.attempt_number,
             policy.attempts,
             state.upcoming_sleep,
-            exc,
+            _without_subject(str(exc), what),
         )
 
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.total_seconds),
+        stop=should_stop,
         wait=wait,
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(worth_retrying),
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+def _without_subject(message: str, what: str) -> str:
+    """An error that begins with what ``what`` already names ("download ID" and "ID: ...")
+    need not name it twice in one line."""
+    subject = what.rsplit(" ", 1)[-1]
+    return message.removeprefix(f"{subject}: ")
 
 
 async def call_with_retry(policy: RetryPolicy, what: str, fn: Callable[[], Awaitable[T]]) -> T:

@@ -380,6 +380,7 @@ class TelnyxApi:
                     method, url, params=params, headers=headers, allow_redirects=False
                 ) as resp:
                     metrics.API_RESPONSES.labels(status=str(resp.status)).inc()
+                    log.debug("API %s %s: HTTP %d", method, resp.url.path_qs, resp.status)
                     if 300 <= resp.status < 400:
                         url, params = self._redirect_target(method, path, resp), None
                         continue

@@ -336,7 +336,7 @@ class Transferer:
         if self._settings.storage.sidecar:
             sidecar = Companion(
                 key=layout.sidecar_key(upload.key),
-                render=functools.partial(sidecar_json, rec),
+                render=functools.partial(sidecar_json, rec, locate=self._storage.locate),
                 content_type="application/json",
             )
         try:
@@ -358,12 +358,17 @@ class Transferer:
         return stored
 
 
-def sidecar_json(rec: Recording, stored: StoredObject) -> bytes:
-    """The metadata kept beside each recording: the API's fields (no URL) plus what we verified."""
+def sidecar_json(
+    rec: Recording, stored: StoredObject, *, locate: Callable[[str], str] | None = None
+) -> bytes:
+    """The metadata kept beside each recording: the API's fields (no URL) plus what we verified.
+    ``key`` is relative to the archive root or S3 prefix; ``location`` is where a person finds
+    the copy (``StorageBackend.locate``: an absolute path, or ``s3://bucket/prefix/key``)."""
     doc = {
         "recording": dict(rec.metadata),
         "archive": {
             "key": stored.key,
+            "location": locate(stored.key) if locate is not None else None,
             "size": stored.size,
             "sha256": stored.sha256,
             "archived_at": datetime.now(UTC).isoformat(),

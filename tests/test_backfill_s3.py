@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
@@ -79,6 +80,10 @@ async def check_archive(
             assert digest.hexdigest() == sim.expected_sha256(rec_id)
             sidecar = await storage.stat(row.storage_key + ".json")
             assert sidecar is not None and within(sidecar.retain_until, low, high)
+            # The sidecar says where the copy is: bucket and the full key, prefix included.
+            doc = json.loads(b"".join([c async for c in storage.read(row.storage_key + ".json")]))
+            where = f"s3://{server.locked_bucket}/{prefix}{row.storage_key}"
+            assert (doc["archive"]["key"], doc["archive"]["location"]) == (row.storage_key, where)
     counts = versions_by_key(server, prefix)
     # Recordings, their sidecars, and the archive's identity record (archiver.identity).
     assert set(counts) == set(keys.values()) | {k + ".json" for k in keys.values()} | {IDENTITY_KEY}

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from archiver.simulator import Simulator, make_recordings
+from archiver.simulator import Faults, ScriptedAnswer, Simulator, make_recordings
 from tests.conftest import write_config
 from tests.test_cli import cli
 
@@ -107,3 +107,47 @@ async def test_read_only_commands_create_no_ledger_and_no_archive(tmp_path: Path
         code, _, err = await cli("--config", str(config), *command)
         assert code == 2 and "there is no ledger" in err and "Traceback" not in err, (command, err)
     assert sorted(os.listdir(tmp_path)) == ["archiver.toml"]
+
+
+async def test_debug_shows_requests_retry_decisions_and_ledger_transitions(
+    sim_factory: Any, tmp_path: Path
+):
+    recs = make_recordings(2, seed=143)
+    # Every listed URL has expired: each download answers 403, then the API is asked again,
+    # and the first of those retrieves answers 404 (its recording is gone for good).
+    sim: Simulator = await sim_factory(recs, Faults(expired_first_url_rate=1.0))
+    sim.script(ScriptedAnswer(404, route="retrieve"))
+    config = write_config(sim, tmp_path)
+    code, _, err = await cli("--config", str(config), "--log-level", "debug", "backfill")
+    assert code == 1 and "Traceback" not in err, err
+    lines = err.splitlines()
+
+    def having(*parts: str) -> list[str]:
+        return [line for line in lines if all(part in line for part in parts)]
+
+    assert having("DEBUG", "API GET /v2/room_recordings?", ": HTTP 200"), err
+    assert having("DEBUG", "API GET /v2/room_recordings/", ": HTTP 404"), err
+    assert having("DEBUG", "download GET http://", ": HTTP 403"), err
+    assert "X-Amz-Signature" not in err and "token=" not in err
+    [gone] = [r.id for r in recs if having("ledger fail:", f"{r.id} in_progress -> failed")]
+    [kept] = [r.id for r in recs if r.id != gone]
+    assert having("DEBUG", "ledger claim:", f"{kept} pending -> in_progress"), err
+    assert having("DEBUG", "ledger complete:", f"{kept} in_progress -> archived"), err
+    assert having("DEBUG", f"download {gone}: not retried, NotFound is permanent"), err
+    # The retry warning names the recording once, not in its subject and its error both.
+    [warning] = having("WARNING", f"download {kept} failed (attempt 1/")
+    assert warning.count(kept) == 1, warning
+
+    # At the default level none of it is shown.
+    code, _, err = await cli("--config", str(config), "backfill")
+    assert "DEBUG" not in err and "ledger claim:" not in err and "API GET" not in err, err
+
+
+async def test_a_small_body_cut_off_says_what_happened(sim_factory: Any, tmp_path: Path):
+    recs = make_recordings(1, seed=147)
+    sim: Simulator = await sim_factory(recs, Faults(truncate_rate=1.0))
+    config = write_config(sim, tmp_path, "transfer_attempts = 2\nmax_attempts = 1\n")
+    code, _, err = await cli("--config", str(config), "backfill")
+    assert code == 1 and "Traceback" not in err, err
+    assert "cut off at byte 0" not in err, err
+    assert "the connection closed" in err and "the next attempt asks" in err, err

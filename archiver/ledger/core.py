@@ -129,6 +129,35 @@ async def run_async(program: Program[T], answer: Callable[[Op], Awaitable[Any]])
         program.close()
 
 
+Move = tuple[str, State | None, State]
+
+
+def traced(program: Program[T], moves: list[Move]) -> Program[T]:
+    """``program`` as it is, noting in ``moves`` each row whose state it sets: (id, the state it
+    was loaded in or None, the new state). For the debug log: a ledger traces only then."""
+    known: dict[str, State] = {}
+    answer: Any = None
+    try:
+        while True:
+            request = program.send(answer)
+            answer = yield request
+            if isinstance(request, Load) and answer is not None:
+                known[request.id] = answer.state
+            elif isinstance(request, LoadStates):
+                known.update(answer)
+            elif isinstance(request, LoadMany):
+                known.update({rid: row.state for rid, row in answer.items()})
+            elif isinstance(request, LoadState):
+                known.update({row.id: row.state for row in answer})
+            elif isinstance(request, Update):
+                for rid, values in request.changes:
+                    if "state" in values:
+                        moves.append((rid, known.get(rid), State(values["state"])))
+    except StopIteration as done:
+        result: T = done.value
+        return result
+
+
 # -- the rules ---------------------------------------------------------------------------------
 # Rows a sighting never changes, and a tally counts by their state alone.
 SETTLED = frozenset({State.ARCHIVED, State.GIVEN_UP})

@@ -9,6 +9,7 @@ schema, and (SQLite) group commit or (PostgreSQL) idempotency tokens; retries ar
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -18,6 +19,8 @@ from archiver.ledger.base import OWED_STATES, Budget, Tally
 from archiver.models import LedgerRow, Recording, State, StoredObject
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class SharedLedger:
@@ -64,11 +67,34 @@ class SharedLedger:
         raise NotImplementedError
 
     # -- transitions ----------------------------------------------------------------------------
+    async def _transition(
+        self,
+        what: str,
+        make: Callable[[], core.Program[T]],
+        *,
+        grouped: bool = False,
+        durable: bool = True,
+    ) -> T:
+        """``_carry_out``; at debug level each row whose state it set is logged once committed."""
+        if not log.isEnabledFor(logging.DEBUG):
+            return await self._carry_out(what, make, grouped=grouped, durable=durable)
+        moves: list[core.Move] = []
+
+        def traced() -> core.Program[T]:
+            moves.clear()  # made again when a transaction is tried again
+            return core.traced(make(), moves)
+
+        result = await self._carry_out(what, traced, grouped=grouped, durable=durable)
+        for rid, before, after in moves:
+            was = before.value if before is not None else "?"
+            log.debug("ledger %s: %s %s -> %s", what, rid, was, after.value)
+        return result
+
     async def observe(self, recordings: Sequence[Recording]) -> set[str]:
         if not recordings:
             return set()
         page = list(recordings)
-        return await self._carry_out(
+        return await self._transition(
             "observe", lambda: core.observe(page, self.budget), durable=False
         )
 
@@ -79,7 +105,7 @@ class SharedLedger:
         return await self._carry_out_dry(lambda: core.observe(page, self.budget))
 
     async def claim(self, recording_id: str, *, owner: str, lease_seconds: float) -> int | None:
-        return await self._carry_out(
+        return await self._transition(
             "claim",
             lambda: core.claim(
                 recording_id, owner=owner, lease_seconds=lease_seconds, budget=self.budget
@@ -89,7 +115,7 @@ class SharedLedger:
         )
 
     async def heartbeat(self, recording_id: str, *, owner: str, lease_seconds: float) -> bool:
-        return await self._carry_out(
+        return await self._transition(
             "heartbeat",
             lambda: core.heartbeat(recording_id, owner=owner, lease_seconds=lease_seconds),
             grouped=True,
@@ -97,7 +123,7 @@ class SharedLedger:
         )
 
     async def complete(self, recording_id: str, *, owner: str, stored: StoredObject) -> bool:
-        return await self._carry_out(
+        return await self._transition(
             "complete",
             lambda: core.complete(recording_id, owner=owner, stored=stored),
             grouped=True,
@@ -106,7 +132,7 @@ class SharedLedger:
     async def note_upload(
         self, recording_id: str, *, owner: str, upload: Mapping[str, Any]
     ) -> bool:
-        return await self._carry_out(
+        return await self._transition(
             "note_upload",
             lambda: core.note_upload(recording_id, owner=owner, upload=upload),
             grouped=True,
@@ -116,13 +142,13 @@ class SharedLedger:
     async def quarantine(
         self, recording_id: str, *, key: str, version_id: str | None, reason: str
     ) -> None:
-        await self._carry_out(
+        await self._transition(
             "quarantine",
             lambda: core.quarantine(recording_id, key=key, version_id=version_id, reason=reason),
         )
 
     async def fail(self, recording_id: str, *, owner: str, error: str, permanent: bool) -> None:
-        await self._carry_out(
+        await self._transition(
             "fail",
             lambda: core.fail(
                 recording_id, owner=owner, error=error, permanent=permanent, budget=self.budget
@@ -130,29 +156,31 @@ class SharedLedger:
         )
 
     async def release(self, recording_id: str, *, owner: str, note: str | None = None) -> None:
-        await self._carry_out("release", lambda: core.release(recording_id, owner=owner, note=note))
+        await self._transition(
+            "release", lambda: core.release(recording_id, owner=owner, note=note)
+        )
 
     async def reject(
         self, recording_id: str, *, reason: str, metadata: Mapping[str, Any] | None = None
     ) -> None:
-        await self._carry_out(
+        await self._transition(
             "reject", lambda: core.reject(recording_id, reason=reason, metadata=metadata)
         )
 
     async def mark_deleted_at_source(self, recording_id: str) -> None:
-        await self._carry_out(
+        await self._transition(
             "mark_deleted_at_source", lambda: core.mark_deleted_at_source(recording_id)
         )
 
     async def retry(self, recording_ids: Sequence[str] | None = None) -> list[str]:
         ids = None if recording_ids is None else list(recording_ids)
-        return await self._carry_out("retry", lambda: core.retry(ids))
+        return await self._transition("retry", lambda: core.retry(ids))
 
     async def give_up(self, recording_id: str, *, reason: str) -> bool:
-        return await self._carry_out("give_up", lambda: core.give_up(recording_id, reason=reason))
+        return await self._transition("give_up", lambda: core.give_up(recording_id, reason=reason))
 
     async def reopen(self, recording_id: str, *, reason: str) -> bool:
-        return await self._carry_out("reopen", lambda: core.reopen(recording_id, reason=reason))
+        return await self._transition("reopen", lambda: core.reopen(recording_id, reason=reason))
 
     # -- reads ----------------------------------------------------------------------------------
     async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
