@@ -84,6 +84,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             file=settings.logging.file,
         )
 
+    standing_filters(settings)  # refused before the service starts, not on its first pass
     return await commands.run(settings, once=args.once, reopen_logs=reopen_logs)
 
 
@@ -136,6 +137,7 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from archiver import records
 
     _check_range(args)
+    standing_filters(settings)
     return await records.reconcile(settings, since=args.since, until=args.until, as_json=args.json)
 
 
@@ -377,6 +379,16 @@ _CONFIG_KEYS = {
         "duration_secs_lte",
     )
 }
+
+
+def standing_filters(settings: Settings) -> Filters:
+    """The config's ``[filters]``, checked as a backfill's flags are (``UsageError`` naming each
+    bad key): a service or a reconcile never runs on a filter that cannot be right."""
+    filters = Filters.standing(settings.filters)
+    problems = filters.problems(_CONFIG_KEYS)
+    if problems:
+        raise UsageError(problems)
+    return filters
 
 
 def filters_from_args(args: argparse.Namespace, settings: Settings) -> Filters:

@@ -141,6 +141,11 @@ class InvalidRequest(ApiError):
     disagree on what a parameter may be."""
 
 
+class MisdirectedApi(InvalidRequest):
+    """The API redirected to another origin (or too often): ``telnyx.base_url`` points at
+    something that is not the API, a configuration problem, not a recording's."""
+
+
 class PermissionDenied(AuthError):
     """403 from the API: the key is valid but may not use Video Rooms recordings."""
 

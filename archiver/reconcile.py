@@ -29,6 +29,7 @@ from archiver.errors import NotFound
 from archiver.ledger.base import Ledger
 from archiver.manifest import day_range, utc_iso
 from archiver.models import LedgerRow, Recording, State
+from archiver.scope import Facts, admits
 from archiver.storage.base import StorageBackend
 from archiver.telnyx import Filters, Page
 
@@ -90,6 +91,8 @@ class ReconcileReport:
     listed: int = 0
     archived: int = 0
     unusable: int = 0
+    # Listed although outside the filters (a source that ignores one): left out of the rest.
+    outside: int = 0
     missing: list[Missing] = field(default_factory=list)
     processing: list[Missing] = field(default_factory=list)
     gone: list[Gone] = field(default_factory=list)
@@ -153,6 +156,10 @@ async def reconcile(
         report.unusable += len(page.malformed)
         fresh = [rec for rec in page.recordings if rec.id not in seen]
         seen.update(rec.id for rec in fresh)
+        # A source that ignores a filter cannot make recordings outside it owed (as the lister).
+        inside = [rec for rec in fresh if admits(filters, Facts.of_recording(rec))]
+        report.outside += len(fresh) - len(inside)
+        fresh = inside
         states = await ledger.states([rec.id for rec in fresh if rec.id not in archived])
         for rec in fresh:
             known = archived.get(rec.id)
@@ -238,6 +245,7 @@ def format_report(report: ReconcileReport) -> list[str]:
         f"  {'size mismatches':<38}{len(report.size_mismatches):>10}"
         f"{len(report.size_mismatches):>10}",
         f"  {'unusable entries at Telnyx':<38}{report.unusable:>10}{'-':>10}",
+        f"  {'listed outside the filters (ignored)':<38}{report.outside:>10}{'-':>10}",
         f"  {'archived, missing or resized in archive':<38}{'-':>10}{len(report.damaged):>10}",
     ]
     _section(

@@ -34,6 +34,7 @@ from archiver.errors import (
     EndlessListing,
     InvalidRequest,
     MalformedResponse,
+    MisdirectedApi,
     NetworkError,
     NotFound,
     PermissionDenied,
@@ -390,7 +391,7 @@ class TelnyxApi:
         except (aiohttp.ClientError, TimeoutError) as exc:
             metrics.API_RESPONSES.labels(status="network").inc()
             raise NetworkError(redact(f"{method} {path}: {type(exc).__name__}: {exc}")) from exc
-        raise ApiError(
+        raise MisdirectedApi(
             f"{method} {path}: the API redirected more than {MAX_API_REDIRECTS} times; "
             "check telnyx.base_url"
         )
@@ -406,7 +407,7 @@ class TelnyxApi:
             raise ApiError(f"{where} with an unreadable Location", status=resp.status) from exc
         ours, theirs = Origin.of(self._base), Origin.of(target)
         if theirs != ours:
-            raise ApiError(
+            raise MisdirectedApi(
                 f"{where} redirecting from {ours} to another origin, {theirs}; not followed, "
                 "so the API key stays with the API: check telnyx.base_url",
                 status=resp.status,

@@ -26,6 +26,7 @@ from yarl import URL
 from archiver.errors import ApiError, EndlessListing, ServerError
 from archiver.health import Health, metrics_app
 from archiver.lister import Lister
+from archiver.reconcile import reconcile
 from archiver.service import backfill, make_engine, open_services
 from archiver.simulator import (
     Dialect,
@@ -296,6 +297,20 @@ async def test_a_server_ignoring_every_filter_gets_nothing_outside_them_archived
             assert (await services.ledger.get(rec.id) is None) is (rec.id not in expected)
     # Every entry was listed (the server ignored the filters), most of them out of scope.
     assert sum(1 for s in proxy.lists()) >= len(recs) // 25
+
+    # Reconcile under the same filters: what lies outside them is not "missing".
+    async with open_services(settings) as services:
+        assert services.api is not None
+        check = await reconcile(
+            services.api,
+            services.ledger,
+            services.storage,
+            standing=filters,
+            since=filters.date_ended_at_gte,
+            until=filters.date_ended_at_lte,
+        )
+    assert check.ok and not check.missing and check.archived == len(expected), check.missing[:3]
+    assert check.outside == len(recs) - len(expected)
 
 
 async def test_an_exact_duration_is_checked_locally(proxied: Proxied, tmp_path: Path) -> None:
@@ -579,11 +594,16 @@ async def test_bad_filter_values_exit_2_naming_the_flag_before_any_request(
     results = await asyncio.gather(
         *(cli(path, "backfill", *args) for path, args, _ in cases),
         cli(config, "backfill", "--dry-run", "--type", "vidoe"),
+        # The service and reconcile check the config's filters before any request too.
+        cli(bad_config, "run", "--once"),
+        cli(bad_config, "reconcile"),
     )
     for (_, args, why), (code, err) in zip(cases, results, strict=False):
         assert code == 2, (args, err)
         assert why in err, (args, err)
-    assert results[-1][0] == 2
+    assert results[len(cases)][0] == 2
+    for code, err in results[len(cases) + 1 :]:
+        assert code == 2 and "filters.type: 'vidoe' is not a recording type" in err, err
     assert proxy.seen == [] and sim.api_requests == []
 
 
