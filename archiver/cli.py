@@ -117,7 +117,12 @@ async def _manifest(args: argparse.Namespace, settings: Settings) -> int:
 
     _check_range(args)
     return await records.manifest(
-        settings, fmt=args.format, since=args.since, until=args.until, output=args.output
+        settings,
+        fmt=args.format,
+        since=args.since,
+        until=args.until,
+        output=args.output,
+        include_expired=args.include_expired,
     )
 
 
@@ -146,6 +151,18 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
 
     _check_range(args)
     return await records.purge(settings, since=args.since, until=args.until, dry_run=args.dry_run)
+
+
+async def _expire(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import records
+
+    return await records.expire(settings, dry_run=args.dry_run)
+
+
+async def _hold(args: argparse.Namespace, settings: Settings) -> int:
+    from archiver import records
+
+    return await records.hold(settings, ids=args.id, release=args.release, reason=args.reason)
 
 
 async def _ledger_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -259,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="default: jsonl")
     _range_flags(mf)
     mf.add_argument("--output", type=Path, help="write FILE (complete or not at all), not stdout")
+    mf.add_argument(
+        "--include-expired",
+        action="store_true",
+        help="also the recordings whose copy was deleted when their retention ended",
+    )
 
     au = command("audit", None, "the append-only, hash-chained audit log")
     au_sub = au.add_subparsers(
@@ -282,6 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _range_flags(pg)
     pg.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+
+    ex = command(
+        "expire",
+        _expire,
+        "delete the archived copies whose retention has ended (retention.delete_after_days)",
+    )
+    ex.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+
+    hd = command("hold", _hold, "set or release a legal hold: a held copy never expires")
+    hd.add_argument(
+        "--id", action="append", metavar="ID", required=True, help="a recording id (repeatable)"
+    )
+    hd.add_argument("--release", action="store_true", help="release the hold instead")
+    hd.add_argument("--reason", required=True, help="why (kept in the audit log)")
 
     lg = command("ledger", None, "the ledger itself: schema, export, import")
     lg_sub = lg.add_subparsers(

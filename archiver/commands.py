@@ -10,7 +10,7 @@ import logging
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,7 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         owed_ids = [row.id async for row in ledger.iter_owed()]
         tally = await ledger.tally(owed_ids)
         quarantined = await quarantined_copies(ledger)
+        holds = await ledger.holds(limit=1000)
     run = last_run(passes)
     passes = passes[:5]
     now = datetime.now(UTC)
@@ -246,6 +247,8 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         "high_water_mark": high_water_mark,
         # Copies that failed their checks and stay in storage (locked): an examiner sees them.
         "quarantined": quarantined,
+        "legal_holds": [row.id for row in holds],
+        "retention_delete_after_days": settings.retention.delete_after_days,
     }
     if as_json:
         print_json(doc)
@@ -257,6 +260,7 @@ async def status(settings: Settings, *, as_json: bool) -> int:
             f"{counts.get(k, 0)} {k}"
             for k in ("archived", "pending", "in_progress", "failed", "given_up")
         )
+        + (f", {counts['expired']} expired" if counts.get("expired") else "")
         + f"  ({human_bytes(summary.archived_bytes)} archived)"
     )
     if summary.owed:
@@ -302,6 +306,16 @@ async def status(settings: Settings, *, as_json: bool) -> int:
             "the recording was stored again):"
         )
         print_quarantined(quarantined)
+    days = settings.retention.delete_after_days
+    if days is not None:
+        print(
+            f"retention: copies are deleted {days} days after their recording ended "
+            f"(archiver expire; {counts.get('expired', 0)} expired so far)"
+        )
+    if holds:
+        print(f"legal holds: {len(holds)} recording(s); their copies never expire while held:")
+        for row in holds[:50]:
+            print(f"  held {row.id}  key={row.storage_key}")
     return EXIT_OK
 
 
@@ -407,11 +421,23 @@ async def verify(settings: Settings, *, deep: bool, repair: bool = False) -> int
 async def _repair(svc: Services, problems: list[tuple[str, str]]) -> int:
     """Fetch every listed copy again: owed once more (audited), then archived by the engine
     with a fresh URL, or reported lost when the source no longer has it."""
+    days = svc.settings.retention.delete_after_days
+    cutoff = None if days is None else datetime.now(UTC) - timedelta(days=days)
+    due: set[str] = set()
+    for rid in sorted({rid for rid, _ in problems}):
+        row = await svc.ledger.get(rid)
+        if cutoff is not None and row is not None and row.ended_at and row.ended_at <= cutoff:
+            # Its copy must go now: fetching it again would keep what the rule says to delete.
+            due.add(rid)
+            print(f"  not repaired {rid}: its retention has ended; `archiver expire` deletes it")
+    problems = [(rid, what) for rid, what in problems if rid not in due]
     ids = sorted({rid for rid, _ in problems})
     for rid, what in problems:
         await svc.ledger.reopen(rid, reason=what)
     wanted = set(ids)
     scope = Scope(None, None, lambda row: row.id in wanted)
+    if not ids:
+        return EXIT_OWED  # the damaged copies stay until `archiver expire` deletes them
     with make_progress("repairing") as progress:
         engine = make_engine(svc, [progress])
 
@@ -427,7 +453,7 @@ async def _repair(svc: Services, problems: list[tuple[str, str]]) -> int:
     tally = await svc.ledger.tally(ids)
     print(f"repair: {tally.archived} of {len(ids)} copies fetched again and verified")
     _print_lost(tally)
-    return EXIT_OK if tally.owed == 0 else EXIT_OWED
+    return EXIT_OK if tally.owed == 0 and not due else EXIT_OWED
 
 
 def _print_lost(tally: Tally) -> None:

@@ -180,6 +180,14 @@ class SourceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    # Delete an archived copy (media and sidecar; on S3 every version) once its recording
+    # ended this many days ago: never under a legal hold, never while Object Lock retention
+    # runs. None: copies are kept for ever.
+    delete_after_days: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     format: str = "auto"
     level: str = "info"
@@ -196,6 +204,7 @@ class Settings:
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: SourceSettings = field(default_factory=SourceSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source_file: Path | None = None
 
@@ -464,6 +473,16 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
         problems.append("backfill.max_passes / backfill.processing_wait: must not be negative")
     if daemon.poll_interval <= 0:
         problems.append("daemon.poll_interval: must be positive")
+    days = s["retention"].delete_after_days
+    if days is not None:
+        locked = storage.s3.retention_days if storage.backend == "s3" and storage.s3 else None
+        if days < 1:
+            problems.append("retention.delete_after_days: must be at least 1")
+        elif locked is not None and days < locked:
+            problems.append(
+                f"retention.delete_after_days ({days}) is shorter than storage.s3.retention_days "
+                f"({locked}): Object Lock would keep every copy past the day it must go"
+            )
     if isinstance(daemon.first_start, str) and daemon.first_start != "all":
         problems.append('daemon.first_start: must be "all" or a number of days')
     if isinstance(daemon.first_start, int) and daemon.first_start < 0:

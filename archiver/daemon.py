@@ -21,6 +21,7 @@ from datetime import datetime
 
 from archiver import metrics
 from archiver.config import Settings
+from archiver.expire import daily_sweep, sweep_daily
 from archiver.health import Health, metrics_app, serve
 from archiver.models import utcnow
 from archiver.notify import Notifier
@@ -140,6 +141,15 @@ async def run_daemon(
             asyncio.create_task(_watchdog(notifier, health)),
             asyncio.create_task(_announce_stop(engine, notifier)),
         ]
+        days = settings.retention.delete_after_days
+        if days is not None and once:
+            await daily_sweep(services.ledger, services.storage, days=days)
+        elif days is not None:
+            side.append(
+                asyncio.create_task(
+                    sweep_daily(services.ledger, services.storage, days=days, stop=engine.stop)
+                )
+            )
         stack.push_async_callback(_cancel, side)
         notifier.ready(status="started; first pass running")
         log.info(

@@ -7,7 +7,9 @@ appears only complete (temp file, fsync, rename), never half-written.
 Columns (public interface): id, room_id, session_id, participant_id, started_at, ended_at,
 storage_key, size, sha256, archived_at, retain_until, version_id, deleted_at_source, and
 location: where an auditor finds the object (an absolute path, or ``s3://bucket/prefix/key``:
-``storage_key`` is relative to the archive root or the S3 prefix).
+``storage_key`` is relative to the archive root or the S3 prefix), state (archived, or with
+``--include-expired`` also expired: the copy was deleted when its retention ended, and the row
+keeps what it was) and expired_at.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from archiver.models import LedgerRow
+from archiver.models import LedgerRow, State
 
 FORMATS = ("jsonl", "csv")
 
@@ -43,6 +45,8 @@ COLUMNS = (
     "version_id",
     "deleted_at_source",
     "location",
+    "state",
+    "expired_at",
 )
 
 
@@ -72,7 +76,13 @@ def manifest_record(row: LedgerRow, locate: Callable[[str], str] | None = None) 
         "retain_until": utc_iso(row.retain_until),
         "version_id": row.version_id,
         "deleted_at_source": utc_iso(row.deleted_at_source),
-        "location": locate(row.storage_key) if locate and row.storage_key else None,
+        "location": (
+            locate(row.storage_key)
+            if locate and row.storage_key and row.state is not State.EXPIRED
+            else None
+        ),
+        "state": row.state.value,
+        "expired_at": utc_iso(row.expired_at),
     }
 
 

@@ -22,8 +22,10 @@ class State(enum.StrEnum):
        └──release / lease──┤──fail──▶ failed ──(budget left)──▶ claim again
                                         │ for good ──retry (operator)──▶ pending
     pending | failed ──give_up (operator)──▶ given_up
+    archived ──expire (retention.delete_after_days passed, copy deleted)──▶ expired
 
-    A recording is *owed* from its first sighting until it is archived or given up.
+    A recording is *owed* from its first sighting until it is archived or given up; an expired
+    one was archived and its copy deleted when its retention ended: never fetched again.
     """
 
     PENDING = "pending"
@@ -31,6 +33,7 @@ class State(enum.StrEnum):
     ARCHIVED = "archived"
     FAILED = "failed"
     GIVEN_UP = "given_up"
+    EXPIRED = "expired"
 
 
 class MalformedEntry(ValueError):
@@ -255,6 +258,10 @@ class LedgerRow:
     # Copies stored but found wanting that could not be removed (Object Lock): each with its
     # key, version id, reason and time. Reported by status and verify; never forgotten.
     quarantined: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Under a legal hold (``archiver hold``): its copy is never expired while it is on.
+    legal_hold: bool = False
+    # When its copy was deleted because its retention ended (state expired).
+    expired_at: datetime | None = None
 
 
 def utcnow() -> datetime:

@@ -102,6 +102,8 @@ class ReconcileReport:
     size_mismatches: list[SizeMismatch] = field(default_factory=list)
     # Archived by the ledger, but missing or resized in the archive.
     damaged: list[Damaged] = field(default_factory=list)
+    # Still listed at the source; archived once, the copy deleted at the end of its retention.
+    expired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -162,6 +164,10 @@ async def reconcile(
         fresh = inside
         states = await ledger.states([rec.id for rec in fresh if rec.id not in archived])
         for rec in fresh:
+            if states.get(rec.id) is State.EXPIRED:
+                # Archived once, its copy deleted when its retention ended: settled, not owed.
+                report.expired.append(rec.id)
+                continue
             known = archived.get(rec.id)
             if known is None and states.get(rec.id) is State.ARCHIVED:
                 # Archived, though its end date in the ledger falls outside the range.
@@ -246,6 +252,8 @@ def format_report(report: ReconcileReport) -> list[str]:
         f"{len(report.size_mismatches):>10}",
         f"  {'unusable entries at Telnyx':<38}{report.unusable:>10}{'-':>10}",
         f"  {'listed outside the filters (ignored)':<38}{report.outside:>10}{'-':>10}",
+        f"  {'in Telnyx, expired in the archive':<38}{len(report.expired):>10}{'-':>10}"
+        "   (retention ended)",
         f"  {'archived, missing or resized in archive':<38}{'-':>10}{len(report.damaged):>10}",
     ]
     _section(

@@ -5,7 +5,7 @@ returns its exit code (``archiver.service`` defines them)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import date
 from pathlib import Path
 
@@ -60,15 +60,19 @@ async def manifest(
     since: date | None,
     until: date | None,
     output: Path | None,
+    include_expired: bool = False,
 ) -> int:
-    """Every archived recording as JSON lines or CSV; the data on stdout, the count on stderr."""
+    """Every archived recording as JSON lines or CSV; the data on stdout, the count on stderr.
+    ``include_expired``: the rows whose copy expired too (their ``state`` says so)."""
     from archiver.manifest import day_range, open_output, write_manifest
 
     start, end = day_range(since, until)
     async with reading(settings) as svc:
         try:
             with open_output(output) as out:
-                rows = svc.ledger.iter_archived(since=start, until=end)
+                rows = svc.ledger.iter_archived(
+                    since=start, until=end, include_expired=include_expired
+                )
                 stats = await write_manifest(rows, out, fmt, svc.storage.locate)
         except BrokenPipeError:
             raise
@@ -228,3 +232,62 @@ async def ledger_import(settings: Settings, path: Path, *, force: bool) -> int:
         print(f"PROBLEM audit {problem}")
     print(f"audit chain: {chain.entries} entries, {'ok' if chain.ok else 'BROKEN'}")
     return EXIT_OK if chain.ok else EXIT_OWED
+
+
+async def expire(settings: Settings, *, dry_run: bool) -> int:
+    """Delete the archived copies past ``retention.delete_after_days`` (``archiver.expire``)."""
+    from archiver.expire import Expirer
+
+    days = settings.retention.delete_after_days
+    if days is None:
+        raise ConfigError(
+            "retention.delete_after_days is not set: copies are kept for ever unless it says "
+            "after how many days from a recording's end they must be deleted"
+        )
+    async with open_services(
+        settings, exclusive=not dry_run, api=False, storage_ready=not dry_run, must_exist=True
+    ) as svc:
+        report = await Expirer(svc.ledger, svc.storage, days=days).sweep(dry_run=dry_run)
+    for rid in report.would_expire:
+        print(f"would delete the copy of {rid}: its retention has ended")
+    for rid in report.expired:
+        print(f"expired {rid}: its copy is deleted")
+    for rid, why in sorted(report.kept.items()):
+        print(f"kept {rid}: {why}")
+    for rid, error in sorted(report.failed.items()):
+        print(f"FAILED {rid}: {error}")
+    print(("dry run: " if dry_run else "expire: ") + report.line())
+    return EXIT_OK if report.ok else EXIT_OWED
+
+
+async def hold(settings: Settings, *, ids: Sequence[str], release: bool, reason: str) -> int:
+    """Set or release a legal hold: the ledger's flag (audited), and on an Object Lock bucket
+    the hold of every stored version of the copy. A hold is set in the ledger first and
+    released there last, so an expiry sweep in between keeps the copy."""
+    from archiver import layout
+
+    if not reason.strip():
+        raise ConfigError("hold: --reason is required (it goes into the audit log)")
+    on = not release
+    changed = 0
+    async with open_services(
+        settings, exclusive=False, api=False, storage_ready=False, must_exist=True
+    ) as svc:
+        for rid in ids:
+            row = await svc.ledger.get(rid)
+            if row is None:
+                raise ConfigError(f"hold: the ledger has no recording {rid[:80]!r}")
+            keys = [row.storage_key, layout.sidecar_key(row.storage_key)] if row.storage_key else []
+            if on:
+                was = await svc.ledger.hold(rid, on=True, reason=reason)
+                versions = await svc.storage.set_legal_hold(keys, True) if keys else 0
+            else:
+                versions = await svc.storage.set_legal_hold(keys, False) if keys else 0
+                was = await svc.ledger.hold(rid, on=False, reason=reason)
+            changed += was
+            state = (
+                ("held" if was else "already held") if on else ("released" if was else "not held")
+            )
+            where = f"; {versions} object version(s) in storage" if versions else ""
+            print(f"{state} {rid}{where}")
+    return EXIT_OK

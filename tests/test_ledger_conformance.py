@@ -522,6 +522,60 @@ async def test_reopen_makes_an_archived_copy_owed_again(ledger: Ledger) -> None:
     ]
 
 
+async def test_an_expired_row_is_settled_and_never_claimed_again(ledger: Ledger) -> None:
+    await ledger.observe([rec("a"), rec("b"), rec("c")])
+    await archive(ledger, "a", size=10)
+    await archive(ledger, "b", size=20)
+    removed = [{"key": "room-1/a.mp4", "version_id": "v1"}]
+    assert await ledger.expire("a", rule="delete_after_days = 30", removed=removed) is True
+    assert await ledger.expire("a", rule="again", removed=[]) is False  # once
+    assert await ledger.expire("c", rule="not archived", removed=[]) is False
+    row = await ledger.get("a")
+    assert row is not None and row.state is State.EXPIRED and row.expired_at is not None
+    assert row.storage_key == "room-1/a.mp4" and row.sha256 == "ab" * 32  # the record stays
+    # Listed again at the source (not deleted there): still expired, never fetched again.
+    assert await ledger.observe([rec("a")]) == set()
+    assert await ledger.claim("a", owner="w", lease_seconds=LEASE) is None
+    assert await state_of(ledger, "a") is State.EXPIRED
+    assert [r.id async for r in ledger.iter_archived()] == ["b"]
+    assert [r.id async for r in ledger.iter_expired()] == ["a"]
+    assert "a" not in {r.id async for r in ledger.iter_owed()}
+    tally = await ledger.tally(["a", "b", "c", "never-seen"])
+    assert (tally.expired, tally.archived, tally.owed, tally.unknown) == (1, 1, 1, 1)
+    summary = await ledger.summary()
+    assert summary.counts[State.EXPIRED] == 1 and summary.archived_bytes == 20
+    assert await ledger.reopen("a", reason="repair") is False  # nothing to repair
+    entries = [e async for e in ledger.iter_audit()]
+    assert entries[-1].action == "expired" and entries[-1].recording_id == "a"
+    assert entries[-1].details["removed"] == removed
+    assert entries[-1].details["sha256"] == "ab" * 32
+
+
+async def test_a_legal_hold_is_set_released_and_audited(ledger: Ledger) -> None:
+    await ledger.observe([rec("a"), rec("b")])
+    await archive(ledger, "a")
+    assert await ledger.hold("a", on=True, reason="case 42") is True
+    assert await ledger.hold("a", on=True, reason="case 42") is False  # already held
+    row = await ledger.get("a")
+    assert row is not None and row.legal_hold and row.state is State.ARCHIVED
+    assert await ledger.hold("b", on=True, reason="before its copy exists") is True
+    assert await ledger.hold("a", on=False, reason="case closed") is True
+    row = await ledger.get("a")
+    assert row is not None and not row.legal_hold
+    with pytest.raises(LedgerError, match="no recording"):
+        await ledger.hold("zzz", on=True, reason="x")
+    await ledger.expire("a", rule="r", removed=[])
+    with pytest.raises(LedgerError, match="expired"):
+        await ledger.hold("a", on=True, reason="too late")
+    actions = await audit_actions(ledger)
+    assert actions[-4:] == [
+        ("legal_hold", "a"),
+        ("legal_hold", "b"),
+        ("legal_hold_released", "a"),
+        ("expired", "a"),
+    ]
+
+
 async def test_concurrent_claims_have_exactly_one_winner(ledger_factory: LedgerMaker) -> None:
     async with ledger_factory() as first, ledger_factory() as second:
         await first.observe([rec("a")])
@@ -581,6 +635,7 @@ async def test_summary(ledger: Ledger) -> None:
         State.ARCHIVED: 2,
         State.FAILED: 3,
         State.GIVEN_UP: 0,
+        State.EXPIRED: 0,
     }
     assert (summary.permanent_failures, summary.retryable_failures) == (1, 2)
     assert summary.oldest_unarchived_ended_at == T0 + 2 * day

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import shutil
@@ -29,8 +30,8 @@ from archiver.errors import (
     StorageError,
     UnsafeValue,
 )
-from archiver.models import StoredObject
-from archiver.storage import CommitRequest, LocalStorage, MemoryStorage, StorageBackend
+from archiver.models import StoredObject, utcnow
+from archiver.storage import CommitRequest, LocalStorage, MemoryStorage, StorageBackend, localfs
 from archiver.storage.base import Companion
 
 MiB = 1 << 20
@@ -351,6 +352,27 @@ async def test_delete(storage: StorageBackend) -> None:
     await assert_absent(storage, "d/gone.mp4")
     assert await read_all(storage, "d/kept.mp4") == b"other"
     await storage.delete("d/gone.mp4")  # deleting what is not there is not an error
+
+
+async def test_remove_copy_deletes_every_version_at_its_keys_and_only_those(
+    storage: StorageBackend,
+) -> None:
+    await store(storage, "x/rec.mp4", b"first")
+    await store(storage, "x/rec.mp4", b"second")  # a second version, where a store keeps them
+    await storage.put_bytes("x/rec.mp4.json", b"{}", content_type="application/json")
+    await store(storage, "x/rec.mp4.bak", b"a neighbour whose key starts the same")
+    removal = await storage.remove_copy(["x/rec.mp4", "x/rec.mp4.json", "x/none.mp4"], utcnow())
+    assert removal.refused is None
+    keys = [copy["key"] for copy in removal.removed]
+    assert set(keys) == {"x/rec.mp4", "x/rec.mp4.json"}
+    if storage.capabilities.name == "s3":
+        assert keys.count("x/rec.mp4") == 2  # both versions, not a delete marker over them
+    await assert_absent(storage, "x/rec.mp4")
+    await assert_absent(storage, "x/rec.mp4.json")
+    assert await storage.describe_missing("x/rec.mp4") is None  # no hidden version left
+    assert await read_all(storage, "x/rec.mp4.bak") == b"a neighbour whose key starts the same"
+    again = await storage.remove_copy(["x/rec.mp4"], utcnow())
+    assert again.removed == () and again.refused is None
 
 
 async def test_async_with_aborts_on_exception(storage: StorageBackend) -> None:
@@ -800,29 +822,47 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (then, then))
 
 
-async def test_local_cleanup_removes_dead_one_shot_temps_at_once(tmp_path: Path) -> None:
-    """A one-shot temp nobody holds goes after a short grace, whatever age cleanup is given; a
-    resumable partial keeps the age rule."""
+async def test_local_cleanup_removes_dead_one_shot_temps_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-shot temp nobody holds goes at once where the filesystem locks (its writer holds
+    it from its creation), after a short grace where locks tell nothing; one a live writer
+    holds stays; a resumable partial keeps the age rule."""
     storage = LocalStorage(tmp_path)
     (tmp_path / "rooms").mkdir()
     dead = tmp_path / "rooms" / ".rec.mp4.json.0123456789ab.partial"
     fresh = tmp_path / "rooms" / ".rec2.mp4.json.ba9876543210.partial"
+    held = tmp_path / "rooms" / ".rec3.mp4.json.aaaaaaaaaaaa.partial"
     probe = tmp_path / ".preflight.00112233aabb.partial"
-    for path in (dead, fresh, probe):
+    for path in (dead, fresh, held, probe):
         path.write_bytes(b'{"half a sidecar')
     await leave_partial(tmp_path, "rooms/rec.mp4", b"resumable")
     age(dead, 61)
-    age(probe, 61)
     age(tmp_path / "rooms" / ".rec.mp4.partial", 61)
-
-    assert await storage.cleanup_stale(24 * 3600) == 2
-    # Just created (perhaps not yet locked by its writer): left alone for now.
-    assert files_under(tmp_path) == [
-        "rooms/.rec.mp4.partial",
-        "rooms/.rec2.mp4.json.ba9876543210.partial",
-    ]
+    writer = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(writer, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live writer holds its temp
+        assert await storage.cleanup_stale(24 * 3600) == 3
+        assert files_under(tmp_path) == [
+            "rooms/.rec.mp4.partial",
+            "rooms/.rec3.mp4.json.aaaaaaaaaaaa.partial",
+        ]
+    finally:
+        os.close(writer)
     async with await storage.begin("rooms/rec.mp4") as again:
         assert again.offset == len(b"resumable")
+
+    # Where the filesystem cannot lock, a just-written temp may be a live write: it waits out
+    # the grace; an older one goes.
+    monkeypatch.setattr(localfs, "take_lock", lambda fd: (True, False))
+    fresh.write_bytes(b"{")
+    dead.write_bytes(b"{")
+    age(dead, 61)
+    assert await storage.cleanup_stale(24 * 3600) == 1
+    assert files_under(tmp_path) == [  # (the resumable partial went with the aborted upload)
+        "rooms/.rec2.mp4.json.ba9876543210.partial",
+        "rooms/.rec3.mp4.json.aaaaaaaaaaaa.partial",
+    ]
 
 
 # The helper process: it commits a recording with a sidecar, and stops midway through writing the

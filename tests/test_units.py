@@ -386,6 +386,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         "concurrency",
         "poll_interval",
         "delete_after_archive",
+        "delete_after_days",
     ):
         assert f"{key} =" in example or f"# {key} =" in example
 

@@ -70,6 +70,8 @@ class Tally:
 
     archived: int = 0
     given_up: int = 0
+    # Archived, then deleted when its retention ended (``archiver expire``): settled.
+    expired: int = 0
     # Owed, by why: id → a short reason, per category (see ``archiver.ledger.reads.standing``).
     needs_action: Mapping[str, str] = field(default_factory=dict)
     retrying: Mapping[str, str] = field(default_factory=dict)
@@ -214,11 +216,20 @@ class RecordsLedger(Protocol):
         """Failed rows, the newest failure first."""
         ...
 
+    async def holds(self, limit: int = 100) -> list[LedgerRow]:
+        """Rows under a legal hold, the newest change first."""
+        ...
+
     def iter_archived(
-        self, *, since: datetime | None = None, until: datetime | None = None
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_expired: bool = False,
     ) -> AsyncIterator[LedgerRow]:
         """Archived rows ordered by ended_at; since/until bound ended_at (inclusive, exclusive).
-        Without bounds, rows with no known end come first."""
+        Without bounds, rows with no known end come first. ``include_expired``: expired rows
+        too, in the same order."""
         ...
 
     async def mark_deleted_at_source(self, recording_id: str) -> None: ...
@@ -235,6 +246,24 @@ class RecordsLedger(Protocol):
 
     async def reopen(self, recording_id: str, *, reason: str) -> bool:
         """An archived copy found missing or damaged: owed again, to be fetched again."""
+        ...
+
+    async def expire(
+        self, recording_id: str, *, rule: str, removed: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        """An archived row whose copy was deleted at the end of its retention (``rule`` says
+        which; ``removed`` lists what went): expired, audited. False if it was not archived."""
+        ...
+
+    async def hold(self, recording_id: str, *, on: bool, reason: str) -> bool:
+        """Set or release a legal hold (audited): a held copy never expires. True if it
+        changed; an unknown id, or a hold on an expired row, is a LedgerError."""
+        ...
+
+    def iter_expired(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[LedgerRow]:
+        """Expired rows, ordered and bounded like ``iter_archived``."""
         ...
 
     # -- audit chain, passes, settings -------------------------------------------------------

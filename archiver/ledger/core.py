@@ -160,7 +160,7 @@ def traced(program: Program[T], moves: list[Move]) -> Program[T]:
 
 # -- the rules ---------------------------------------------------------------------------------
 # Rows a sighting never changes, and a tally counts by their state alone.
-SETTLED = frozenset({State.ARCHIVED, State.GIVEN_UP})
+SETTLED = frozenset({State.ARCHIVED, State.GIVEN_UP, State.EXPIRED})
 
 
 def is_owed(row: LedgerRow) -> bool:
@@ -245,6 +245,8 @@ def new_row(recording_id: str, now: datetime, **values: Any) -> dict[str, Any]:
         "completed_by": None,
         "upload": {},
         "quarantined": {},
+        "legal_hold": False,
+        "expired_at": None,
     }
     unknown = set(values) - set(row)
     if unknown:
@@ -632,4 +634,44 @@ def reopen(recording_id: str, *, reason: str) -> Program[bool]:
     yield Update([(recording_id, values)])
     details = {"reason": reason, "key": row.storage_key, "size": row.size, "sha256": row.sha256}
     yield Audit("reopened", recording_id, details)
+    return True
+
+
+def expire(recording_id: str, *, rule: str, removed: Sequence[Mapping[str, Any]]) -> Program[bool]:
+    """An archived row whose copy was deleted because its retention ended (``archiver.expire``
+    checks the holds and locks before it deletes): expired, never fetched again. The truth is
+    recorded whatever else holds: the copy is gone."""
+    row: LedgerRow | None = yield Load(recording_id)
+    if row is None or row.state is not State.ARCHIVED:
+        return False
+    now: datetime = yield Clock()
+    yield Update([(recording_id, {"state": State.EXPIRED, "expired_at": now, "updated_at": now})])
+    details = {
+        "rule": rule,
+        "key": row.storage_key,
+        "size": row.size,
+        "sha256": row.sha256,
+        "ended_at": None if row.ended_at is None else row.ended_at.isoformat(),
+        "removed": [dict(copy) for copy in removed],
+    }
+    yield Audit("expired", recording_id, details)
+    return True
+
+
+def hold(recording_id: str, *, on: bool, reason: str) -> Program[bool]:
+    """Set (``on``) or release a legal hold; True if that changed the row. A held row's copy
+    never expires. An expired row has no copy left to hold."""
+    row: LedgerRow | None = yield Load(recording_id)
+    if row is None:
+        raise LedgerError(f"the ledger has no recording {recording_id!r}")
+    if row.state is State.EXPIRED and on:
+        raise LedgerError(
+            f"{recording_id} has expired: its copy was deleted, nothing is left to hold"
+        )
+    if row.legal_hold == on:
+        return False
+    now: datetime = yield Clock()
+    yield Update([(recording_id, {"legal_hold": on, "updated_at": now})])
+    details = {"reason": reason, "key": row.storage_key, "version_id": row.version_id}
+    yield Audit("legal_hold" if on else "legal_hold_released", recording_id, details)
     return True

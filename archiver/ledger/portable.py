@@ -32,11 +32,13 @@ from archiver.ledger.base import Ledger
 from archiver.models import State
 
 FORMAT = "archiver-ledger"
-FORMAT_VERSION = 3
-# Older files are read too: version 1 (before claims were told from attempts, ``_from_v1``) and
-# version 2 (before upload progress and quarantined copies: both empty).
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+# Older files are read too: version 1 (before claims were told from attempts, ``_from_v1``),
+# version 2 (before upload progress and quarantined copies: both empty) and version 3 (before
+# legal holds and expiry: no hold, never expired).
+READABLE_VERSIONS = (1, 2, 3, 4)
 _V3_ADDED: dict[str, dict[str, Any]] = {"upload": {}, "quarantined": {}}
+_V4_ADDED: dict[str, Any] = {"legal_hold": False, "expired_at": None}
 # What version 1 left out of a recording, and the attempts that made a v1 row failed for good
 # (the default budget then, also applied by the ledgers' own schema upgrade).
 _V1_ADDED = ("claims", "interruptions", "rejected", "completed_by")
@@ -75,6 +77,8 @@ RECORDING_FIELDS: Mapping[str, Kind] = {
     "completed_by": "text?",
     "upload": "object",
     "quarantined": "object",
+    "legal_hold": "bool",
+    "expired_at": "ts?",
 }
 # Columns a row has beside its metadata (what a transition reads).
 BRIEF_FIELDS = tuple(name for name in RECORDING_FIELDS if name != "metadata")
@@ -185,6 +189,9 @@ def decode(line: str, lineno: int, version: int = FORMAT_VERSION) -> tuple[str, 
     if kind == "recording" and version < 3:
         for name, empty in _V3_ADDED.items():
             doc.setdefault(name, dict(empty))
+    if kind == "recording" and version < 4:
+        for name, value in _V4_ADDED.items():
+            doc.setdefault(name, value)
     unknown = set(doc) - set(fields)
     if unknown:
         raise LedgerError(f"line {lineno}: unknown {kind} field(s) {', '.join(sorted(unknown))}")

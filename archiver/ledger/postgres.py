@@ -327,6 +327,16 @@ class PostgresLedger(SharedLedger):
 
         return await self._run("failures", read, transaction=False)
 
+    async def holds(self, limit: int = 100) -> list[LedgerRow]:
+        async def read(conn: Any) -> list[LedgerRow]:
+            rows = await conn.fetch(
+                "SELECT * FROM recordings WHERE legal_hold ORDER BY updated_at DESC, id LIMIT $1",
+                limit,
+            )
+            return [decode_row(row, utc) for row in rows]
+
+        return await self._run("holds", read, transaction=False)
+
     async def _iter_rows(
         self, states: tuple[State, ...], since: datetime | None, until: datetime | None
     ) -> AsyncIterator[LedgerRow]:

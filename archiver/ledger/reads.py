@@ -17,12 +17,15 @@ from archiver.models import LedgerRow, State
 
 
 def standing(row: LedgerRow, now: datetime, budget: Budget) -> tuple[str, str]:
-    """Where one row stands: (category, a short reason). Categories: archived, given_up, and
+    """Where one row stands: (category, a short reason). Categories: archived, given_up,
+    expired, and
     the owed ones of ``Tally``: needs_action, retrying, processing, pending, in_progress."""
     if row.state is State.ARCHIVED:
         return "archived", ""
     if row.state is State.GIVEN_UP:
         return "given_up", row.last_error or "given up by an operator"
+    if row.state is State.EXPIRED:
+        return "expired", "its retention ended: the copy was deleted"
     if row.state is State.FAILED:
         error = row.last_error or "failed"
         if needs_action(row, budget):
@@ -49,7 +52,7 @@ def tally(
     groups: dict[str, dict[str, str]] = {
         name: {} for name in ("needs_action", "retrying", "processing", "pending", "in_progress")
     }
-    archived = given_up = unknown = 0
+    archived = given_up = expired = unknown = 0
     for rid in dict.fromkeys(ids):
         row = rows.get(rid)
         if row is None:
@@ -58,6 +61,8 @@ def tally(
                 archived += 1
             elif state is State.GIVEN_UP:
                 given_up += 1
+            elif state is State.EXPIRED:
+                expired += 1
             else:
                 unknown += 1
             continue
@@ -66,9 +71,11 @@ def tally(
             archived += 1
         elif category == "given_up":
             given_up += 1
+        elif category == "expired":
+            expired += 1
         else:
             groups[category][rid] = reason
-    return Tally(archived=archived, given_up=given_up, unknown=unknown, **groups)
+    return Tally(archived=archived, given_up=given_up, expired=expired, unknown=unknown, **groups)
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,11 +262,22 @@ class RetryingLedger:
     async def failures(self, limit: int = 100) -> list[LedgerRow]:
         return await self._call("failures", lambda: self.inner.failures(limit))
 
+    async def holds(self, limit: int = 100) -> list[LedgerRow]:
+        return await self._call("holds", lambda: self.inner.holds(limit))
+
     def iter_archived(
-        self, *, since: datetime | None = None, until: datetime | None = None
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_expired: bool = False,
     ) -> AsyncIterator[LedgerRow]:
         return self._list(
-            "iter_archived", lambda: self.inner.iter_archived(since=since, until=until), _RowsSeen()
+            "iter_archived",
+            lambda: self.inner.iter_archived(
+                since=since, until=until, include_expired=include_expired
+            ),
+            _RowsSeen(),
         )
 
     async def mark_deleted_at_source(self, recording_id: str) -> None:
@@ -282,6 +293,23 @@ class RetryingLedger:
 
     async def reopen(self, recording_id: str, *, reason: str) -> bool:
         return await self._call("reopen", lambda: self.inner.reopen(recording_id, reason=reason))
+
+    async def expire(
+        self, recording_id: str, *, rule: str, removed: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        return await self._call(
+            "expire", lambda: self.inner.expire(recording_id, rule=rule, removed=removed)
+        )
+
+    async def hold(self, recording_id: str, *, on: bool, reason: str) -> bool:
+        return await self._call("hold", lambda: self.inner.hold(recording_id, on=on, reason=reason))
+
+    def iter_expired(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[LedgerRow]:
+        return self._list(
+            "iter_expired", lambda: self.inner.iter_expired(since=since, until=until), _RowsSeen()
+        )
 
     async def append_audit(
         self,

@@ -73,6 +73,8 @@ def decode_row(row: Any, when: TimeReader) -> LedgerRow:
             completed_by=row["completed_by"],
             upload=json_object(row["upload"], f"the upload of {row['id']!r}"),
             quarantined=json_object(row["quarantined"], f"the quarantine of {row['id']!r}"),
+            legal_hold=bool(row["legal_hold"]),
+            expired_at=when(row["expired_at"]),
         )
     except (ValueError, TypeError) as exc:
         raise LedgerError(f"the ledger row {row['id']!r} cannot be read: {exc}") from exc

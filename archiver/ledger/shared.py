@@ -182,6 +182,17 @@ class SharedLedger:
     async def reopen(self, recording_id: str, *, reason: str) -> bool:
         return await self._transition("reopen", lambda: core.reopen(recording_id, reason=reason))
 
+    async def expire(
+        self, recording_id: str, *, rule: str, removed: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        copies = [dict(copy) for copy in removed]
+        return await self._transition(
+            "expire", lambda: core.expire(recording_id, rule=rule, removed=copies)
+        )
+
+    async def hold(self, recording_id: str, *, on: bool, reason: str) -> bool:
+        return await self._transition("hold", lambda: core.hold(recording_id, on=on, reason=reason))
+
     # -- reads ----------------------------------------------------------------------------------
     async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
         if not recording_ids:
@@ -198,9 +209,19 @@ class SharedLedger:
         return reads.tally(ids, rows, await self._clock(), self.budget, states)
 
     def iter_archived(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_expired: bool = False,
+    ) -> AsyncIterator[LedgerRow]:
+        states = (State.ARCHIVED, State.EXPIRED) if include_expired else (State.ARCHIVED,)
+        return self._iter_rows(states, since, until)
+
+    def iter_expired(
         self, *, since: datetime | None = None, until: datetime | None = None
     ) -> AsyncIterator[LedgerRow]:
-        return self._iter_rows((State.ARCHIVED,), since, until)
+        return self._iter_rows((State.EXPIRED,), since, until)
 
     def iter_owed(
         self, *, since: datetime | None = None, until: datetime | None = None

@@ -307,6 +307,16 @@ class SqliteLedger(SqliteFile, SharedLedger):
         )
         return [decode_row(row, dt) for row in rows]
 
+    async def holds(self, limit: int = 100) -> list[LedgerRow]:
+        return await self._call(self._holds_sync, limit)
+
+    def _holds_sync(self, limit: int) -> list[LedgerRow]:
+        rows = self._db().execute(
+            "SELECT * FROM recordings WHERE legal_hold = 1 ORDER BY updated_at DESC, id LIMIT ?",
+            (limit,),
+        )
+        return [decode_row(row, dt) for row in rows]
+
     async def _iter_rows(
         self, states: tuple[State, ...], since: datetime | None, until: datetime | None
     ) -> AsyncIterator[LedgerRow]:

@@ -133,6 +133,56 @@ MIGRATIONS: list[str] = [
     ALTER TABLE recordings ADD COLUMN upload TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE recordings ADD COLUMN quarantined TEXT NOT NULL DEFAULT '{}';
     """,
+    # 4: the expired state (retention that ends) and legal holds. SQLite cannot change a CHECK:
+    # the table is made again, every row copied as it is.
+    """
+    CREATE TABLE recordings_v4 (
+        id                TEXT PRIMARY KEY,
+        state             TEXT NOT NULL
+                          CHECK (state IN ('pending', 'in_progress', 'archived', 'failed',
+                                           'given_up', 'expired')),
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        permanent         INTEGER NOT NULL DEFAULT 0,
+        last_error        TEXT,
+        storage_key       TEXT,
+        size              INTEGER,
+        sha256            TEXT,
+        version_id        TEXT,
+        retain_until      TEXT,
+        source_status     TEXT,
+        room_id           TEXT,
+        session_id        TEXT,
+        participant_id    TEXT,
+        started_at        TEXT,
+        ended_at          TEXT,
+        metadata          TEXT NOT NULL DEFAULT '{}',
+        lease_owner       TEXT,
+        lease_expires     TEXT,
+        first_seen_at     TEXT NOT NULL,
+        updated_at        TEXT NOT NULL,
+        archived_at       TEXT,
+        deleted_at_source TEXT,
+        claims            INTEGER NOT NULL DEFAULT 0,
+        interruptions     INTEGER NOT NULL DEFAULT 0,
+        rejected          INTEGER NOT NULL DEFAULT 0,
+        completed_by      TEXT,
+        upload            TEXT NOT NULL DEFAULT '{}',
+        quarantined       TEXT NOT NULL DEFAULT '{}',
+        legal_hold        INTEGER NOT NULL DEFAULT 0,
+        expired_at        TEXT
+    );
+    INSERT INTO recordings_v4
+    SELECT id, state, attempts, permanent, last_error, storage_key, size, sha256, version_id,
+           retain_until, source_status, room_id, session_id, participant_id, started_at,
+           ended_at, metadata, lease_owner, lease_expires, first_seen_at, updated_at,
+           archived_at, deleted_at_source, claims, interruptions, rejected, completed_by,
+           upload, quarantined, 0, NULL
+    FROM recordings;
+    DROP TABLE recordings;
+    ALTER TABLE recordings_v4 RENAME TO recordings;
+    CREATE INDEX recordings_state ON recordings (state, ended_at, id);
+    CREATE INDEX recordings_ended_at ON recordings (ended_at);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -59,6 +59,16 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Removal:
+    """What removing a recording's copy did (``StorageBackend.remove_copy``): every object
+    version deleted, as ``{"key", "version_id"}``; or, when something keeps the copy (Object
+    Lock retention still running, a legal hold), why, and nothing was deleted."""
+
+    removed: tuple[Mapping[str, str | None], ...] = ()
+    refused: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Companion:
     """A small object stored by the same commit as the main one (its JSON sidecar): the two become
     visible together or not at all (see ``Upload.commit``). ``render`` is given what is being
@@ -273,6 +283,19 @@ class StorageBackend(Protocol):
         """Every committed key, in no promised order; partial uploads are not keys."""
         ...
 
+    async def remove_copy(self, keys: Sequence[str], now: datetime) -> Removal:
+        """Delete a recording's copy for good (its retention ended): every version stored at
+        ``keys`` (media and sidecar). Every version is checked first: while any is under Object
+        Lock retention (until after ``now``) or a legal hold, nothing is deleted and
+        ``refused`` says why. Keys with nothing stored are no error."""
+        ...
+
+    async def set_legal_hold(self, keys: Sequence[str], on: bool) -> int:
+        """Set (``on``) or release the store's own legal hold on every version at ``keys``;
+        how many versions were changed. 0 where the store has none (local disk, a bucket
+        without Object Lock): the ledger's flag is the hold there."""
+        ...
+
     async def cleanup_stale(self, older_than_seconds: float) -> int:
         """Remove what killed processes left behind: partial uploads idle for longer than the
         limit, and temporary files that are never resumed (a sidecar being written) as soon as no
@@ -363,3 +386,25 @@ class UploadBase(ABC):
 
     async def _let_go(self) -> None:
         return None
+
+
+class PlainCopies:
+    """``remove_copy`` and ``set_legal_hold`` for a store with one version per key and no lock
+    of its own (local disk, memory): delete what is there; the ledger's flag is the hold."""
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        raise NotImplementedError
+
+    async def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    async def remove_copy(self, keys: Sequence[str], now: datetime) -> Removal:
+        removed: list[Mapping[str, str | None]] = []
+        for key in keys:
+            if await self.stat(key) is not None:
+                await self.delete(key)
+                removed.append({"key": key, "version_id": None})
+        return Removal(tuple(removed))
+
+    async def set_legal_hold(self, keys: Sequence[str], on: bool) -> int:
+        return 0

@@ -47,6 +47,7 @@ from archiver.storage.base import (
     Companion,
     Digest,
     ObjectInfo,
+    PlainCopies,
     ResumeNotes,
     UploadBase,
 )
@@ -151,7 +152,7 @@ def describe_filesystem(path: Path) -> str:
     return f"on {fstype} mounted at {mount}, {free} free of {total}"
 
 
-class LocalStorage:
+class LocalStorage(PlainCopies):
     """Recordings as files under ``root``, keys being ``/``-separated paths below it."""
 
     def __init__(
@@ -465,7 +466,8 @@ class LocalStorage:
             for name in filenames:
                 if not is_partial_name(name):
                     continue
-                limit = one_shot_cutoff if is_one_shot_name(name) else cutoff
-                if remove_if_stale(Path(dirpath, name), limit):
+                one_shot = is_one_shot_name(name)
+                limit = one_shot_cutoff if one_shot else cutoff
+                if remove_if_stale(Path(dirpath, name), limit, dead_when_unlocked=one_shot):
                     removed += 1
         return removed

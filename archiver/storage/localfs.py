@@ -31,14 +31,13 @@ from archiver.storage.keys import PARTIAL_SUFFIX
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
-# How long cleanup_stale leaves an unlocked one-shot temporary file alone. Such a file lives for
-# milliseconds, but it exists (unlocked) between its create and its flock, and where flock is
-# unsupported (some NFS and FUSE mounts: try_lock then reports success) the lock tells nothing at
-# all; there, its mtime, fresh from the create and each write, is what keeps cleanup away from a
-# live write. A minute is far beyond any create-to-rename even on a loaded host, and costs only
-# this: a leftover found by a start less than a minute after the crash waits for a later start.
-# (A writer re-checks its file once locked, so not even a clock step can make it write a file
-# that cleanup removed.)
+# How long cleanup_stale leaves an unlocked one-shot temporary file alone where the filesystem
+# cannot lock (some NFS and FUSE mounts: try_lock then reports success and tells nothing); there
+# its mtime, fresh from the create and each write, is what keeps cleanup away from a live write,
+# and a leftover found by a start less than a minute after the crash waits for a later start.
+# Where flock works, an unlocked one-shot file is dead at once: its writer locks it right after
+# the create and re-checks it is still its file once locked, so cleanup taking it in between
+# only makes the writer create another.
 ONE_SHOT_GRACE = 60.0
 _ONE_SHOT_NAME = re.compile(r"\..+\.[0-9a-f]{12}" + re.escape(PARTIAL_SUFFIX))
 
@@ -120,14 +119,21 @@ def fsync_dir(path: Path) -> None:
 
 def try_lock(fd: int) -> bool:
     """Take an exclusive lock without waiting; False when someone else holds it."""
+    return take_lock(fd)[0]
+
+
+def take_lock(fd: int) -> tuple[bool, bool]:
+    """``try_lock``, and whether the filesystem locks at all: (taken, locking works). Where it
+    does not, "taken" tells nothing about other writers."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
+        return False, True
     except OSError as exc:
         if exc.errno not in _UNSUPPORTED:
             raise
-    return True
+        return True, False
+    return True, True
 
 
 def same_file(fd: int, path: Path) -> bool:
@@ -438,10 +444,14 @@ class PartialFile:
             os.close(fd)
 
 
-def remove_if_stale(path: Path, cutoff: float) -> bool:
+def remove_if_stale(path: Path, cutoff: float, *, dead_when_unlocked: bool = False) -> bool:
+    """Remove ``path`` when no process holds it and it is older than ``cutoff``.
+    ``dead_when_unlocked`` (a one-shot temporary file, never resumed): where the filesystem
+    locks, unlocked is enough whatever its age (its writer holds the lock from its creation and
+    re-checks the file once locked); the age counts only where locks tell nothing."""
     try:
         info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_mtime > cutoff:
+        if not stat.S_ISREG(info.st_mode) or (info.st_mtime > cutoff and not dead_when_unlocked):
             return False
         fd = os.open(path, os.O_RDONLY | OPEN_FLAGS)
     except FileNotFoundError:
@@ -450,7 +460,10 @@ def remove_if_stale(path: Path, cutoff: float) -> bool:
         raise StorageError(f"cannot clean up {path.name}: {exc.strerror}") from exc
     try:
         # A locked file belongs to a live writer, however long it has been idle.
-        if not try_lock(fd) or not same_file(fd, path) or os.fstat(fd).st_mtime > cutoff:
+        taken, locking = take_lock(fd)
+        if not taken or not same_file(fd, path):
+            return False
+        if os.fstat(fd).st_mtime > cutoff and not (dead_when_unlocked and locking):
             return False
         os.unlink(path)
         return True

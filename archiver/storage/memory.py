@@ -22,6 +22,7 @@ from archiver.storage.base import (
     CommitRequest,
     Digest,
     ObjectInfo,
+    PlainCopies,
     ResumeNotes,
     UploadBase,
 )
@@ -86,7 +87,7 @@ class MemoryUpload(UploadBase):
         self._buffer = bytearray()
 
 
-class MemoryStorage:
+class MemoryStorage(PlainCopies):
     def __init__(self) -> None:
         self._objects: dict[str, _Stored] = {}
         self._capabilities = Capabilities(name="memory", resumes_after_crash=False)

@@ -32,6 +32,7 @@ from archiver.storage.base import (
     Digest,
     Leftover,
     ObjectInfo,
+    Removal,
     ResumeNotes,
     UploadBase,
 )
@@ -367,6 +368,23 @@ class S3Storage:
         """Delete one version for good: refused (StorageError) while it is under Object Lock."""
         check_key(key)
         await self._run(self.api.delete, key, version_id)
+
+    async def remove_copy(self, keys: Sequence[str], now: datetime) -> Removal:
+        for key in keys:
+            check_key(key)
+        return await self._run(self.api.remove_versions, list(keys), now)
+
+    async def set_legal_hold(self, keys: Sequence[str], on: bool) -> int:
+        if not self.capabilities.object_lock:
+            return 0  # a bucket without Object Lock has no legal hold: the ledger's flag is it
+        changed = 0
+        for key in keys:
+            check_key(key)
+            versions, _ = await self._run(self.api.versions_of, key)
+            for version in versions:
+                await self._run(functools.partial(self.api.put_legal_hold, on=on), key, version)
+                changed += 1
+        return changed
 
     def locate(self, key: str) -> str:
         check_key(key)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from archiver.errors import NetworkError, StorageError
 from archiver.redact import safe_url
-from archiver.storage.base import CHUNK_SIZE
+from archiver.storage.base import CHUNK_SIZE, Removal
 from archiver.storage.s3.errors import Missing, Refused, boto_errors, code_of
 from archiver.storage.s3.settings import (
     aware,
@@ -165,14 +165,51 @@ class Bucket:
                 **_version(version),
             )
 
-    def put_legal_hold(self, key: str, version: str | None) -> None:
-        with boto_errors(f"put a legal hold on {key}"):
+    def put_legal_hold(self, key: str, version: str | None, *, on: bool = True) -> None:
+        with boto_errors(f"{'put' if on else 'release'} a legal hold on {key}"):
             self.client.put_object_legal_hold(
                 Bucket=self.name,
                 Key=self.full_key(key),
-                LegalHold={"Status": "ON"},
+                LegalHold={"Status": "ON" if on else "OFF"},
                 **_version(version),
             )
+
+    def versions_of(self, key: str) -> tuple[list[str], list[str]]:
+        """Every version id stored at ``key`` exactly, and every delete marker's."""
+        full = self.full_key(key)
+        versions: list[str] = []
+        markers: list[str] = []
+        paginator = self.client.get_paginator("list_object_versions")
+        with boto_errors(f"list the versions of {key} in S3 bucket {self.name!r}"):
+            for page in paginator.paginate(Bucket=self.name, Prefix=full):
+                versions += [v["VersionId"] for v in page.get("Versions", []) if v["Key"] == full]
+                markers += [
+                    m["VersionId"] for m in page.get("DeleteMarkers", []) if m["Key"] == full
+                ]
+        return versions, markers
+
+    def remove_versions(self, keys: Sequence[str], now: datetime) -> Removal:
+        """``StorageBackend.remove_copy``: all checked, then all deleted, markers too."""
+        found = [(key, self.versions_of(key)) for key in keys]
+        for key, (versions, _) in found:
+            for version in versions:
+                head = self.head(key, version)
+                if head is None:
+                    continue
+                if head.get("ObjectLockLegalHoldStatus") == "ON":
+                    return Removal(refused=f"version {version} of {key} is under a legal hold")
+                until = head.get("ObjectLockRetainUntilDate")
+                if until is not None and aware(until) > now:
+                    return Removal(
+                        refused=f"version {version} of {key} is under Object Lock retention "
+                        f"until {aware(until):%Y-%m-%d %H:%M} UTC"
+                    )
+        removed: list[Mapping[str, str | None]] = []
+        for key, (versions, markers) in found:
+            for version in [*versions, *markers]:
+                self.delete(key, version)
+                removed.append({"key": key, "version_id": version})
+        return Removal(tuple(removed))
 
     def tag(self, key: str, version: str | None, tags: Mapping[str, str]) -> None:
         with boto_errors(f"tag {key}"):
