@@ -69,9 +69,11 @@ def test_the_rules_and_the_wiring_stay_apart() -> None:
         "archiver.audit",
         "archiver.errors",
         "archiver.ledger.base",
+        "archiver.ledger.ops",
         "archiver.ledger.rows",
         "archiver.models",
     }
+    assert graph["archiver.ledger.ops"] <= {"archiver.models"}
     # Policy (producers) never opens resources: it knows no service or daemon wiring.
     assert not graph["archiver.producers"] & {"archiver.service", "archiver.daemon"}
     # Commands print through archiver.output, never through the CLI module.

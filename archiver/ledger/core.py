@@ -2,8 +2,9 @@
 
 Each transition is a *program*: a generator that asks its ledger for what it needs (``Load`` a
 row, the ``Clock``), decides by the rules below, and says what to write (``Insert``, ``Update``,
-``Audit``). A ledger carries a program out inside one transaction of its own, answering each
-request in its dialect (``run_sync`` for SQLite's thread, ``run_async`` for PostgreSQL). So the
+``Audit``: ``archiver.ledger.ops``). A ledger carries a program out inside one transaction of
+its own, answering each request in its dialect (``ops.run_sync`` for SQLite's thread,
+``ops.run_async`` for PostgreSQL). So the
 rules never touch a connection, both ledgers obey the same ones, and a ledger module holds only
 its SQL, its transactions and its schema.
 
@@ -28,134 +29,28 @@ What the reads mean (where a row stands, a tally, the summary) is ``archiver.led
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from archiver import audit
 from archiver.errors import LedgerError
 from archiver.ledger.base import OWED_STATES, AuditEntry, Budget
+from archiver.ledger.ops import (
+    Audit,
+    Clock,
+    Insert,
+    Load,
+    LoadMany,
+    LoadState,
+    LoadStates,
+    Program,
+    Update,
+)
 from archiver.ledger.rows import dumps
 from archiver.models import LedgerRow, Recording, State, StoredObject
 
 T = TypeVar("T")
-
-
-# -- what a program asks of its ledger ---------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Clock:
-    """→ the transaction's current time (PostgreSQL: the database's clock)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    """→ the row (without metadata), locked until the transaction ends, or None."""
-
-    id: str
-
-
-@dataclass(frozen=True, slots=True)
-class LoadStates:
-    """→ {id: state} of the ids the ledger has; unlocked (cheap: what a no-op pass needs)."""
-
-    ids: Sequence[str]
-
-
-@dataclass(frozen=True, slots=True)
-class LoadMany:
-    """→ {id: row} (without metadata) of the ids the ledger has, locked in id order."""
-
-    ids: Sequence[str]
-
-
-@dataclass(frozen=True, slots=True)
-class LoadState:
-    """→ every row in ``state`` (without metadata), locked."""
-
-    state: State
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    """→ how many of ``rows`` were inserted (an id that exists meanwhile is left alone)."""
-
-    rows: Sequence[Mapping[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Update:
-    """Set columns of existing rows: (id, {column: value}) each."""
-
-    changes: Sequence[tuple[str, Mapping[str, Any]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Audit:
-    """→ the ``AuditEntry`` appended to the chain (see ``chain_entry``)."""
-
-    action: str
-    recording_id: str | None
-    details: Mapping[str, Any]
-
-
-Op = Clock | Load | LoadStates | LoadMany | LoadState | Insert | Update | Audit
-Program = Generator[Op, Any, T]
-
-
-def run_sync(program: Program[T], answer: Callable[[Op], Any]) -> T:
-    """Carry out ``program`` with a synchronous ``answer`` to each of its requests."""
-    try:
-        request = next(program)
-        while True:
-            request = program.send(answer(request))
-    except StopIteration as done:
-        result: T = done.value
-        return result
-    finally:
-        program.close()
-
-
-async def run_async(program: Program[T], answer: Callable[[Op], Awaitable[Any]]) -> T:
-    """Carry out ``program`` with an asynchronous ``answer`` to each of its requests."""
-    try:
-        request = next(program)
-        while True:
-            request = program.send(await answer(request))
-    except StopIteration as done:
-        result: T = done.value
-        return result
-    finally:
-        program.close()
-
-
-Move = tuple[str, State | None, State]
-
-
-def traced(program: Program[T], moves: list[Move]) -> Program[T]:
-    """``program`` as it is, noting in ``moves`` each row whose state it sets: (id, the state it
-    was loaded in or None, the new state). For the debug log: a ledger traces only then."""
-    known: dict[str, State] = {}
-    answer: Any = None
-    try:
-        while True:
-            request = program.send(answer)
-            answer = yield request
-            if isinstance(request, Load) and answer is not None:
-                known[request.id] = answer.state
-            elif isinstance(request, LoadStates):
-                known.update(answer)
-            elif isinstance(request, LoadMany):
-                known.update({rid: row.state for rid, row in answer.items()})
-            elif isinstance(request, LoadState):
-                known.update({row.id: row.state for row in answer})
-            elif isinstance(request, Update):
-                for rid, values in request.changes:
-                    if "state" in values:
-                        moves.append((rid, known.get(rid), State(values["state"])))
-    except StopIteration as done:
-        result: T = done.value
-        return result
 
 
 # -- the rules ---------------------------------------------------------------------------------

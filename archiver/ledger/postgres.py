@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import asyncpg
 
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
-from archiver.ledger import core, postgres_portable, reads
+from archiver.ledger import core, ops, postgres_portable, reads
 from archiver.ledger.base import AuditEntry, Budget, Ledger, PassRecord, Summary
 from archiver.ledger.portable import BRIEF_FIELDS, RECORDING_FIELDS
 from archiver.ledger.postgres_driver import (
@@ -196,7 +196,7 @@ class PostgresLedger(SharedLedger):
     async def _carry_out(
         self,
         what: str,
-        make: Callable[[], core.Program[_T]],
+        make: Callable[[], ops.Program[_T]],
         *,
         grouped: bool = False,
         durable: bool = True,
@@ -206,14 +206,14 @@ class PostgresLedger(SharedLedger):
 
         async def tx(conn: Any) -> _T:
             clock: list[datetime] = []
-            return await core.run_async(make(), functools.partial(self._answer, conn, clock))
+            return await ops.run_async(make(), functools.partial(self._answer, conn, clock))
 
         return await self._run(what, tx)
 
-    async def _carry_out_dry(self, make: Callable[[], core.Program[_T]]) -> _T:
+    async def _carry_out_dry(self, make: Callable[[], ops.Program[_T]]) -> _T:
         async def read(conn: Any) -> _T:
             answer = functools.partial(self._answer, conn, [], dry=True)
-            return await core.run_async(make(), answer)
+            return await ops.run_async(make(), answer)
 
         return await self._run("dry run", read, transaction=False)
 
@@ -226,51 +226,51 @@ class PostgresLedger(SharedLedger):
         return now
 
     async def _answer(
-        self, conn: Any, clock: list[datetime], op: core.Op, *, dry: bool = False
+        self, conn: Any, clock: list[datetime], op: ops.Op, *, dry: bool = False
     ) -> Any:
         """Carry out one request; ``dry`` reads without locking and writes nothing."""
-        if dry and isinstance(op, core.Insert | core.Update | core.Audit):
-            return len(op.rows) if isinstance(op, core.Insert) else None
+        if dry and isinstance(op, ops.Insert | ops.Update | ops.Audit):
+            return len(op.rows) if isinstance(op, ops.Insert) else None
         lock = "" if dry else "FOR UPDATE"
         match op:
-            case core.Clock():
+            case ops.Clock():
                 if not clock:  # one time per transaction: the database's
                     now = utc(await conn.fetchval("SELECT now()"))
                     assert now is not None
                     clock.append(now)
                 return clock[0]
-            case core.Load(id=rid):
+            case ops.Load(id=rid):
                 row = await conn.fetchrow(
                     f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = $1 {lock}", rid
                 )
                 return None if row is None else decode_row(row, utc)
-            case core.LoadStates(ids=ids):
+            case ops.LoadStates(ids=ids):
                 return _states(
                     await conn.fetch(
                         "SELECT id, state FROM recordings WHERE id = ANY($1::text[])",
                         [clean(i) for i in ids],
                     )
                 )
-            case core.LoadMany(ids=ids):
+            case ops.LoadMany(ids=ids):
                 rows = await conn.fetch(
                     f"""SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ANY($1::text[])
                         ORDER BY id {lock}""",
                     [clean(i) for i in ids],
                 )
                 return {row["id"]: decode_row(row, utc) for row in rows}
-            case core.LoadState(state=state):
+            case ops.LoadState(state=state):
                 rows = await conn.fetch(
                     f"""SELECT {_BRIEF_COLUMNS} FROM recordings WHERE state = $1
                         ORDER BY id {lock}""",
                     state.value,
                 )
                 return [decode_row(row, utc) for row in rows]
-            case core.Insert(rows=new):
+            case ops.Insert(rows=new):
                 if not new:
                     return 0
                 arrays = [[pg_value(c, row[c]) for row in new] for c in RECORDING_FIELDS]
                 return len(await conn.fetch(INSERT, *arrays))
-            case core.Update(changes=changes):
+            case ops.Update(changes=changes):
                 groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
                 for rid, values in changes:
                     params = (clean(rid), *(pg_value(c, v) for c, v in values.items()))
@@ -278,7 +278,7 @@ class PostgresLedger(SharedLedger):
                 for changed, params_list in groups.items():
                     await conn.executemany(update_sql(changed), params_list)
                 return None
-            case core.Audit(action=action, recording_id=rid, details=details):
+            case ops.Audit(action=action, recording_id=rid, details=details):
                 return await self._append_audit_tx(conn, action, clean(rid), details)
         raise LedgerError(f"the PostgreSQL ledger cannot carry out {op!r}")
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from archiver.ledger import core, reads
+from archiver.ledger import core, ops, reads
 from archiver.ledger.base import OWED_STATES, Budget, Tally
 from archiver.models import LedgerRow, Recording, State, StoredObject
 
@@ -33,7 +33,7 @@ class SharedLedger:
     async def _carry_out(
         self,
         what: str,
-        make: Callable[[], core.Program[T]],
+        make: Callable[[], ops.Program[T]],
         *,
         grouped: bool = False,
         durable: bool = True,
@@ -43,7 +43,7 @@ class SharedLedger:
         loss in a power cut is harmless (a sighting, a claim, a heartbeat)."""
         raise NotImplementedError
 
-    async def _carry_out_dry(self, make: Callable[[], core.Program[T]]) -> T:
+    async def _carry_out_dry(self, make: Callable[[], ops.Program[T]]) -> T:
         """Run the program reading as usual, locking and writing nothing."""
         raise NotImplementedError
 
@@ -70,7 +70,7 @@ class SharedLedger:
     async def _transition(
         self,
         what: str,
-        make: Callable[[], core.Program[T]],
+        make: Callable[[], ops.Program[T]],
         *,
         grouped: bool = False,
         durable: bool = True,
@@ -78,11 +78,11 @@ class SharedLedger:
         """``_carry_out``; at debug level each row whose state it set is logged once committed."""
         if not log.isEnabledFor(logging.DEBUG):
             return await self._carry_out(what, make, grouped=grouped, durable=durable)
-        moves: list[core.Move] = []
+        moves: list[ops.Move] = []
 
-        def traced() -> core.Program[T]:
+        def traced() -> ops.Program[T]:
             moves.clear()  # made again when a transaction is tried again
-            return core.traced(make(), moves)
+            return ops.traced(make(), moves)
 
         result = await self._carry_out(what, traced, grouped=grouped, durable=durable)
         for rid, before, after in moves:

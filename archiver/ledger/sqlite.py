@@ -42,7 +42,7 @@ from typing import Any, ParamSpec, Self, TypeVar
 
 from archiver import audit
 from archiver.errors import LedgerError, LedgerUnavailable
-from archiver.ledger import core, reads, sqlite_portable, tables
+from archiver.ledger import core, ops, reads, sqlite_portable, tables
 from archiver.ledger.base import AuditEntry, Budget, PassRecord, Summary
 from archiver.ledger.portable import BRIEF_FIELDS, RECORDING_FIELDS
 from archiver.ledger.rows import decode_audit, decode_pass, decode_row, dumps
@@ -141,7 +141,7 @@ class SqliteLedger(SqliteFile, SharedLedger):
     async def _carry_out(
         self,
         what: str,
-        make: Callable[[], core.Program[_T]],
+        make: Callable[[], ops.Program[_T]],
         *,
         grouped: bool = False,
         durable: bool = True,
@@ -149,22 +149,22 @@ class SqliteLedger(SqliteFile, SharedLedger):
         if grouped:
 
             def apply(conn: sqlite3.Connection) -> _T:
-                return core.run_sync(make(), functools.partial(self._answer, conn))
+                return ops.run_sync(make(), functools.partial(self._answer, conn))
 
             result: _T = await self._grouped(apply, durable=durable)
             return result
         return await self._call(self._carry_out_sync, make(), durable)
 
-    def _carry_out_sync(self, program: core.Program[_T], durable: bool) -> _T:
+    def _carry_out_sync(self, program: ops.Program[_T], durable: bool) -> _T:
         with self._write(durable=durable) as conn:
-            return core.run_sync(program, functools.partial(self._answer, conn))
+            return ops.run_sync(program, functools.partial(self._answer, conn))
 
-    async def _carry_out_dry(self, make: Callable[[], core.Program[_T]]) -> _T:
+    async def _carry_out_dry(self, make: Callable[[], ops.Program[_T]]) -> _T:
         return await self._call(self._carry_out_dry_sync, make())
 
-    def _carry_out_dry_sync(self, program: core.Program[_T]) -> _T:
+    def _carry_out_dry_sync(self, program: ops.Program[_T]) -> _T:
         answer = functools.partial(self._answer, self._db(), dry=True)
-        return core.run_sync(program, answer)
+        return ops.run_sync(program, answer)
 
     async def _brief_rows(self, ids: list[str]) -> dict[str, LedgerRow]:
         return await self._call(self._brief_rows_on, self._db(), ids)
@@ -199,29 +199,29 @@ class SqliteLedger(SqliteFile, SharedLedger):
             return utcnow()
         return _NO_LIVE_LEASE
 
-    def _answer(self, conn: sqlite3.Connection, op: core.Op, *, dry: bool = False) -> Any:
+    def _answer(self, conn: sqlite3.Connection, op: ops.Op, *, dry: bool = False) -> Any:
         """Carry out one request; ``dry`` reads as usual but writes nothing."""
-        if dry and isinstance(op, core.Insert | core.Update | core.Audit):
-            return len(op.rows) if isinstance(op, core.Insert) else None
+        if dry and isinstance(op, ops.Insert | ops.Update | ops.Audit):
+            return len(op.rows) if isinstance(op, ops.Insert) else None
         match op:
-            case core.Clock():
+            case ops.Clock():
                 return self._lease_clock_sync() if dry else stamp()[0]
-            case core.Load(id=rid):
+            case ops.Load(id=rid):
                 found = conn.execute(
                     f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE id = ?", (rid,)
                 ).fetchone()
                 return None if found is None else decode_row(found, dt)
-            case core.LoadStates(ids=ids):
+            case ops.LoadStates(ids=ids):
                 return self._states_on(conn, list(ids))
-            case core.LoadMany(ids=ids):
+            case ops.LoadMany(ids=ids):
                 return self._brief_rows_on(conn, list(ids))
-            case core.LoadState(state=state):
+            case ops.LoadState(state=state):
                 rows = conn.execute(
                     f"SELECT {_BRIEF_COLUMNS} FROM recordings WHERE state = ? ORDER BY id",
                     (state.value,),
                 )
                 return [decode_row(row, dt) for row in rows]
-            case core.Insert(rows=rows):
+            case ops.Insert(rows=rows):
                 if not rows:
                     return 0
                 columns = list(RECORDING_FIELDS)
@@ -232,11 +232,11 @@ class SqliteLedger(SqliteFile, SharedLedger):
                     [tuple(_encode(c, row[c]) for c in columns) for row in rows],
                 )
                 return conn.total_changes - before
-            case core.Update(changes=changes):
+            case ops.Update(changes=changes):
                 for sql, params in _updates(changes):
                     conn.executemany(sql, params)
                 return None
-            case core.Audit(action=action, recording_id=rid, details=details):
+            case ops.Audit(action=action, recording_id=rid, details=details):
                 now_dt, now = stamp()
                 return self._append_audit_tx(conn, now_dt, now, action, rid, details)
         raise LedgerError(f"the SQLite ledger cannot carry out {op!r}")
