@@ -32,11 +32,11 @@ from archiver.errors import (
     PreflightError,
     UsageError,
 )
+from archiver.filters import Filters
 from archiver.logs import setup_logging
 from archiver.output import quiet_broken_pipe
 from archiver.redact import redact
 from archiver.service import EXIT_INTERRUPTED, EXIT_OK, EXIT_OWED, EXIT_USAGE
-from archiver.telnyx import Filters
 
 log = logging.getLogger("archiver")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from archiver.config import Settings
 from archiver.errors import ConfigError
+from archiver.filters import Filters
 from archiver.ledger.base import Ledger, PassRecord, Tally
 from archiver.lister import Lister, downloadable
 from archiver.models import LedgerRow, Recording, State
@@ -36,7 +37,6 @@ from archiver.service import (
     open_services,
 )
 from archiver.service import backfill as run_backfill
-from archiver.telnyx import Filters
 from archiver.verify import verify_archive
 
 log = logging.getLogger(__name__)

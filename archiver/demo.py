@@ -12,10 +12,10 @@ from pathlib import Path
 
 from archiver.commands import print_backfill
 from archiver.config import load_settings
+from archiver.filters import Filters
 from archiver.progress import human_bytes, make_progress
 from archiver.service import backfill, install_stop_signals, make_engine, open_services
 from archiver.simulator import Faults, Simulator, make_recordings
-from archiver.telnyx import Filters
 from archiver.verify import verify_archive
 
 KEY_ENV = "ARCHIVER_DEMO_KEY"

@@ -28,10 +28,11 @@ from typing import Protocol
 
 from archiver import layout, metrics
 from archiver.errors import UnsafeValue
+from archiver.filters import Filters
 from archiver.ledger.base import WorkLedger
 from archiver.models import Recording
 from archiver.scope import Facts, admits
-from archiver.telnyx import Filters, Page
+from archiver.telnyx import Page
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from typing import Any
 
 from archiver import metrics
 from archiver.errors import StorageFull
+from archiver.filters import Filters
 from archiver.ledger.base import WorkLedger
 from archiver.lister import Lister, PageSource, PassStats
 from archiver.models import Recording
 from archiver.scope import Scope
-from archiver.telnyx import Filters
 from archiver.transfer import Outcome, Result, Transferer
 
 log = logging.getLogger(__name__)

@@ -43,6 +43,7 @@ from typing import Protocol
 from archiver import metrics
 from archiver.config import BackfillSettings, DaemonSettings, FilterSettings
 from archiver.errors import ArchiverError, AuthError
+from archiver.filters import Filters
 from archiver.ledger.base import Ledger, PassRecord
 from archiver.lister import PassStats
 from archiver.models import utcnow
@@ -50,7 +51,6 @@ from archiver.pipeline import Counts, Work
 from archiver.progress import human_bytes
 from archiver.redact import redact
 from archiver.scope import Scope
-from archiver.telnyx import Filters
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ from datetime import date, datetime
 from typing import Any, NamedTuple, Protocol
 
 from archiver.errors import NotFound
+from archiver.filters import Filters
 from archiver.ledger.base import Ledger
 from archiver.manifest import day_range, utc_iso
 from archiver.models import LedgerRow, Recording, State
 from archiver.scope import Facts, admits
 from archiver.storage.base import StorageBackend
-from archiver.telnyx import Filters, Page
+from archiver.telnyx import Page
 
 SIZE_SLACK_BYTES = 1_048_576
 SIZE_SLACK_SHARE = 0.05

@@ -12,12 +12,12 @@ from pathlib import Path
 from archiver.commands import print_purge, print_would_delete, reading
 from archiver.config import Settings
 from archiver.errors import ConfigError
+from archiver.filters import Filters
 from archiver.ledger.base import Ledger
 from archiver.output import print_json
 from archiver.progress import human_bytes
 from archiver.purge import SourceDeleter
 from archiver.service import EXIT_OK, EXIT_OWED, make_ledger, open_services
-from archiver.telnyx import Filters
 
 
 async def purge(

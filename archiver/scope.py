@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
+from archiver.filters import Filters
 from archiver.ledger.base import Tally, WorkLedger
 from archiver.manifest import day_range
 from archiver.models import LedgerRow, Recording, _int, _text, parse_timestamp
-from archiver.telnyx import Filters
 
 # How many ids of each owed group a report prints; `archiver status` has them all.
 SHOWN = 20

@@ -19,13 +19,14 @@ import aiohttp
 from archiver import identity
 from archiver.config import Settings
 from archiver.errors import ConfigError
+from archiver.filters import Filters
 from archiver.ledger.base import Budget, Ledger, Tally
 from archiver.pipeline import Counts, Engine, Listener
 from archiver.producers import Backfill
 from archiver.purge import SourceDeleter
 from archiver.storage import registry as storage_registry
 from archiver.storage.base import StorageBackend
-from archiver.telnyx import Filters, TelnyxClient
+from archiver.telnyx import TelnyxClient
 from archiver.transfer import Transferer, download_session
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from aiohttp import web
 from yarl import URL
 
 from archiver.errors import ApiError, EndlessListing, ServerError
+from archiver.filters import Filters
 from archiver.health import Health, metrics_app
 from archiver.lister import Lister
 from archiver.reconcile import reconcile
@@ -36,7 +37,7 @@ from archiver.simulator import (
     Simulator,
     make_recordings,
 )
-from archiver.telnyx import Filters, TelnyxClient
+from archiver.telnyx import TelnyxClient
 from tests import spec_room_recordings as spec
 from tests.conftest import ARCHIVER, cli_env, make_settings, write_config
 

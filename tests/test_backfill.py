@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 from archiver.errors import NetworkError
+from archiver.filters import Filters
 from archiver.ledger import open_ledger
 from archiver.models import State
 from archiver.service import BackfillResult as RunReport
 from archiver.service import backfill, make_engine, open_services
 from archiver.simulator import Faults, Simulator, add_hostile_entries, make_recordings
-from archiver.telnyx import Filters
 from archiver.verify import verify_archive
 from tests.conftest import API_KEY, make_settings
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from archiver.cli import main
 from archiver.config import Settings, load_settings
+from archiver.filters import Filters
 from archiver.ledger import open_ledger
 from archiver.manifest import COLUMNS
 from archiver.models import LedgerRow, Recording, StoredObject
@@ -28,7 +29,7 @@ from archiver.service import BackfillResult as RunReport
 from archiver.service import backfill, make_engine, open_services
 from archiver.simulator import Faults, Simulator, add_hostile_entries, make_recordings
 from archiver.storage.base import Capabilities, ObjectInfo
-from archiver.telnyx import Filters, TelnyxClient
+from archiver.telnyx import TelnyxClient
 from tests.conftest import API_KEY, KEY_ENV, make_settings, write_config
 
 Cli = Callable[..., Awaitable[tuple[int, str, str]]]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from archiver.filters import Filters
 from archiver.ledger import open_ledger
 from archiver.models import State
 from archiver.service import backfill, make_engine, open_services
 from archiver.simulator import Simulator, make_recordings
-from archiver.telnyx import Filters
 from archiver.verify import verify_archive
 from tests.conftest import make_settings
 

@@ -29,12 +29,13 @@ from aiohttp import web
 
 from archiver import layout, simulator
 from archiver.config import Settings, load_settings
+from archiver.filters import Filters
 from archiver.ledger import open_ledger
 from archiver.models import LedgerRow, State, StoredObject
 from archiver.pipeline import Engine, Listener
 from archiver.service import backfill, make_engine, make_ledger, make_storage, open_services
 from archiver.simulator import Faults, SimRecording, Simulator, container_header, make_recordings
-from archiver.telnyx import Filters, TelnyxClient
+from archiver.telnyx import TelnyxClient
 from tests.conftest import API_KEY, ARCHIVER, KEY_ENV, cli_env
 from tests.fixtures_s3 import S3Server
 

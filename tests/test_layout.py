@@ -74,6 +74,8 @@ def test_the_rules_and_the_wiring_stay_apart() -> None:
         "archiver.models",
     }
     assert graph["archiver.ledger.ops"] <= {"archiver.models"}
+    # What a listing is limited to is pure: the filters and the scope know no HTTP client.
+    assert not (graph["archiver.filters"] | graph["archiver.scope"]) & {"archiver.telnyx"}
     # Policy (producers) never opens resources: it knows no service or daemon wiring.
     assert not graph["archiver.producers"] & {"archiver.service", "archiver.daemon"}
     # Commands print through archiver.output, never through the CLI module.

@@ -32,9 +32,10 @@ from cryptography.x509.oid import NameOID
 from archiver import layout, netguard
 from archiver.config import Secret, TelnyxSettings, load_settings
 from archiver.errors import ApiError, MalformedResponse, RefusedDestination, UnsafeValue
+from archiver.filters import Filters
 from archiver.models import MalformedEntry, Recording
 from archiver.netguard import AddressClass, DownloadPolicy, Origin, classify, open_download
-from archiver.telnyx import MAX_RESPONSE_BYTES, Filters, TelnyxClient, parse_page
+from archiver.telnyx import MAX_RESPONSE_BYTES, TelnyxClient, parse_page
 
 API_KEY = "KEYnetguard0123456789SECRET"
 GOOD_ID = "6b61621f-62e0-4aad-ab11-9fd19e272e73"

@@ -19,6 +19,7 @@ import pytest
 
 from archiver.config import DaemonSettings, FilterSettings
 from archiver.errors import LedgerUnavailable, ServerError
+from archiver.filters import Filters
 from archiver.ledger import Budget, SqliteLedger, open_ledger
 from archiver.lister import PassStats
 from archiver.models import Recording, State, StoredObject
@@ -27,7 +28,6 @@ from archiver.producers import HWM_KEY, RESCAN_KEY, PassResult, Polling
 from archiver.scope import Scope
 from archiver.service import make_engine, open_services
 from archiver.simulator import Simulator, make_recordings
-from archiver.telnyx import Filters
 from tests.conftest import make_settings
 
 NOW = datetime(2025, 3, 20, 12, 0, tzinfo=UTC)

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from archiver.errors import ServerError
+from archiver.filters import Filters
 from archiver.models import Recording, State
 from archiver.service import open_services
 from archiver.simulator import Faults, Simulator, make_recordings
-from archiver.telnyx import Filters, TelnyxClient
+from archiver.telnyx import TelnyxClient
 from archiver.transfer import Result, Transferer
 from tests.conftest import make_settings
 

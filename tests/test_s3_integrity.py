@@ -294,8 +294,8 @@ async def test_a_locked_copy_stored_after_another_worker_archived_is_quarantined
     keeps one; the other copy, locked beside it, is recorded too."""
     import dataclasses
 
+    from archiver.filters import Filters
     from archiver.service import make_engine, open_services
-    from archiver.telnyx import Filters
 
     recs = make_recordings(1, seed=63, size=200_000)
     sim: Simulator = await sim_factory(recs)

@@ -24,12 +24,13 @@ from archiver.errors import (
     ServerError,
     UnsafeValue,
 )
+from archiver.filters import Filters
 from archiver.health import Health
 from archiver.models import LedgerRow, Recording, State
 from archiver.redact import redact, register_secret
 from archiver.retry import RetryPolicy, backoff_seconds
 from archiver.scope import Facts, Scope, admits
-from archiver.telnyx import Filters, error_message, parse_page, raise_for_api_status, wait_hint
+from archiver.telnyx import error_message, parse_page, raise_for_api_status, wait_hint
 
 ROOT = Path(__file__).resolve().parent.parent
 
