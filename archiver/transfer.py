@@ -247,8 +247,14 @@ class Transferer:
         )
 
     async def _give_back(self, progress: TransferState) -> None:
-        """On cancellation: nothing partial stays, and the row is free for the next run."""
-        await self._discard(progress)
+        """On cancellation (a stop past ``daemon.shutdown_grace``, SIGINT): the row is free for
+        the next run, and what was written so far stays for it to continue where the storage
+        can (a partial file, an S3 upload the ledger notes), so a restart does not fetch a
+        large recording again; elsewhere nothing partial stays."""
+        if self._storage.capabilities.resumes_after_crash:
+            await self._release(progress)
+        else:
+            await self._discard(progress)
         with contextlib.suppress(Exception):
             await self._ledger.release(progress.rec.id, owner=progress.owner)
 

@@ -371,7 +371,7 @@ async def test_a_crash_before_the_commit_costs_neither_an_attempt_nor_the_bytes_
 
 # -- 3. a signal: exit 3 while the scope is not done, 0 once it is -------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_a_signal_mid_transfer_exits_3_and_leaves_no_partial(
+async def test_a_signal_mid_transfer_exits_3_and_the_rerun_continues_each_partial(
     sim_factory, tmp_path, monkeypatch, sig
 ):
     recs = make_recordings(12, seed=303, size=(1_500_000, 2_500_000))
@@ -390,13 +390,19 @@ async def test_a_signal_mid_transfer_exits_3_and_leaves_no_partial(
     assert code == 3, out
     owed = re.search(r"interrupted before the end: (\d+) still owed", out)
     assert owed is not None and int(owed.group(1)) > 0, out
-    assert partials(tmp_path) == []
+    left = partials(tmp_path)
+    assert left, "what was written before the signal stays, to be continued"
     doc = await status_json(config)
     assert doc["owed"] == int(owed.group(1))
     assert doc["counts"].get("in_progress", 0) == 0  # every lease given back
 
+    before = len(sim.download_requests)
     code, out = await cli(config, "backfill")
     assert code == 0, out
+    assert partials(tmp_path) == []
+    # Each left partial was continued from its size with Range, not fetched again from zero.
+    resumed = [r for r in sim.download_requests[before:] if r.range]
+    assert len(resumed) >= len(left), (len(resumed), len(left))
     files = archived_files(tmp_path)
     assert set(files) == {r.id for r in recs}
     assert all(sha256(files[r.id]) == sim.expected_sha256(r.id) for r in recs)

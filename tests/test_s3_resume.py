@@ -95,9 +95,12 @@ def pending_bytes(upload: Mapping[str, Any]) -> int:
     return int(upload["pending"][0]) if upload.get("pending") else 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 async def test_a_killed_multipart_upload_is_continued_by_the_rerun(
-    sim_factory: Any, tmp_path: Path, any_s3: S3Server, s3_prefix: str
+    sim_factory: Any, tmp_path: Path, any_s3: S3Server, s3_prefix: str, sig: signal.Signals
 ) -> None:
+    """SIGKILL, or a stop (SIGTERM with no grace left): either way the rerun continues the
+    upload the ledger notes, never a new one from zero."""
     [rec] = make_recordings(1, seed=71, size=SIZE)
     sim: Simulator = await sim_factory([rec], content_cache=tmp_path / "content")
     sim.warm_content_cache()
@@ -105,18 +108,21 @@ async def test_a_killed_multipart_upload_is_continued_by_the_rerun(
     await relay.start()
     rec.download_url_override = relayed_url(sim, rec, relay)
     cfg = config(sim, tmp_path, any_s3, s3_prefix, extra_s3=PARTS)
+    cfg.write_text(cfg.read_text() + "[daemon]\nshutdown_grace = 0.0\n")
     try:
         first = await archiver(cfg, "backfill")
-        relay.when(SIZE // 2, lambda: first.send_signal(signal.SIGKILL))
+        relay.when(SIZE // 2, lambda: first.send_signal(sig))
         _, err = await first.communicate()
-        assert first.returncode == -signal.SIGKILL, err.decode()[-3000:]
+        # A stopped backfill exits 3 (interrupted, still owed) and gives its lease back.
+        assert first.returncode == (-sig if sig == signal.SIGKILL else 3), err.decode()[-3000:]
         sent_first = relay.sent
 
-        # What the killed process left: one unfinished upload, noted in the ledger.
+        # What the process left: one unfinished upload, noted in the ledger.
         [left] = unfinished(any_s3, s3_prefix)
         async with open_ledger(path=tmp_path / "ledger.db") as ledger:
             row = await ledger.get(rec.id)
-        assert row is not None and row.state is State.IN_PROGRESS
+        held = State.IN_PROGRESS if sig == signal.SIGKILL else State.PENDING
+        assert row is not None and row.state is held
         assert row.upload["upload_id"] == left["UploadId"]
         noted, pending = noted_bytes(row.upload), pending_bytes(row.upload)
         assert noted > SIZE // 3
