@@ -17,7 +17,7 @@ from typing import Any
 from archiver.config import Settings
 from archiver.errors import ConfigError
 from archiver.filters import Filters
-from archiver.ledger.base import Ledger, PassRecord, Tally
+from archiver.ledger.base import OWED_STATES, Ledger, PassRecord, Tally
 from archiver.lister import Lister, downloadable
 from archiver.models import LedgerRow, Recording, State
 from archiver.output import print_json
@@ -37,6 +37,7 @@ from archiver.service import (
     open_services,
 )
 from archiver.service import backfill as run_backfill
+from archiver.sources import RECORDINGS
 from archiver.verify import verify_archive
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,13 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         "high_water_mark": high_water_mark,
         # Copies that failed their checks and stay in storage (locked): an examiner sees them.
         "quarantined": quarantined,
+        "by_source": {
+            source: {
+                "counts": {state.value: n for state, n in counts.items()},
+                "archived_bytes": summary.archived_bytes_by_source.get(source, 0),
+            }
+            for source, counts in summary.by_source.items()
+        },
         "legal_holds": [row.id for row in holds],
         "retention_delete_after_days": settings.retention.delete_after_days,
     }
@@ -263,6 +271,15 @@ async def status(settings: Settings, *, as_json: bool) -> int:
         + (f", {counts['expired']} expired" if counts.get("expired") else "")
         + f"  ({human_bytes(summary.archived_bytes)} archived)"
     )
+    # Per source once there is more than recordings to tell apart.
+    if set(summary.by_source) - {RECORDINGS} or len(settings.sources.enabled()) > 1:
+        for source, of_source in sorted(summary.by_source.items()):
+            print(
+                f"  {source}: {of_source.get(State.ARCHIVED, 0)} archived "
+                f"({human_bytes(summary.archived_bytes_by_source.get(source, 0))}), "
+                f"{sum(n for s, n in of_source.items() if s in OWED_STATES)} owed"
+                + (f", {of_source[State.EXPIRED]} expired" if of_source.get(State.EXPIRED) else "")
+            )
     if summary.owed:
         print(f"owed: {summary.owed} recording(s) not archived yet")
         for line in describe_owed(tally):

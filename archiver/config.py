@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from archiver.errors import ConfigError
+from archiver.sources import COMPOSITIONS, RECORDINGS, SOURCES
 from archiver.storage import registry as storage_registry
 
 CONFIG_ENV = "ARCHIVER_CONFIG"
@@ -180,6 +181,30 @@ class SourceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SourcesSettings:
+    """Which of the API's collections are archived (``archiver.sources``)."""
+
+    room_recordings: bool = True
+    # The mixed mp4 of a room session Telnyx builds from its recordings: opt-in.
+    room_compositions: bool = False
+    composition_key_template: str = SOURCES[COMPOSITIONS].default_key_template
+
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(
+            name
+            for name, on in (
+                (RECORDINGS, self.room_recordings),
+                (COMPOSITIONS, self.room_compositions),
+            )
+            if on
+        )
+
+    def key_template(self, source: str, recordings: str) -> str:
+        """The key template of ``source`` (``recordings``: storage.key_template)."""
+        return self.composition_key_template if source == COMPOSITIONS else recordings
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionSettings:
     # Delete an archived copy (media and sidecar; on S3 every version) once its recording
     # ended this many days ago: never under a legal hold, never while Object Lock retention
@@ -204,6 +229,7 @@ class Settings:
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     source: SourceSettings = field(default_factory=SourceSettings)
+    sources: SourcesSettings = field(default_factory=SourcesSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source_file: Path | None = None
@@ -425,6 +451,22 @@ TEMPLATE_FIELDS = frozenset(
 )
 
 
+def _template_problems(name: str, template: str) -> list[str]:
+    found: list[str] = []
+    used = set(_TEMPLATE_FIELD.findall(template))
+    unknown = used - TEMPLATE_FIELDS
+    if unknown:
+        found.append(
+            f"{name}: unknown field(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(TEMPLATE_FIELDS))}"
+        )
+    if "id" not in used:
+        found.append(f"{name}: must contain {{id}} so every recording has its own key")
+    if template.startswith("/") or ".." in template.split("/"):
+        found.append(f"{name}: must be a relative path without '..'")
+    return found
+
+
 def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
     telnyx: TelnyxSettings = s["telnyx"]
     storage: StorageSettings = s["storage"]
@@ -444,19 +486,13 @@ def _cross_checks(s: dict[str, Any], problems: list[str]) -> None:
         problems.append("telnyx.max_attempts: must be at least 1")
     # Each backend owns its rules (S3's limits, Object Lock, tags), in pure modules.
     problems.extend(storage_registry.check(storage))
-    used = set(_TEMPLATE_FIELD.findall(storage.key_template))
-    unknown = used - TEMPLATE_FIELDS
-    if unknown:
-        problems.append(
-            f"storage.key_template: unknown field(s) {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(sorted(TEMPLATE_FIELDS))}"
-        )
-    if "id" not in used:
-        problems.append(
-            "storage.key_template: must contain {id} so every recording has its own key"
-        )
-    if storage.key_template.startswith("/") or ".." in storage.key_template.split("/"):
-        problems.append("storage.key_template: must be a relative path without '..'")
+    sources: SourcesSettings = s["sources"]
+    problems.extend(_template_problems("storage.key_template", storage.key_template))
+    problems.extend(
+        _template_problems("sources.composition_key_template", sources.composition_key_template)
+    )
+    if not sources.enabled():
+        problems.append("sources: room_recordings and room_compositions are both off")
     if not 1 <= workers.concurrency <= 256:
         problems.append("workers.concurrency: must be between 1 and 256")
     for name in ("max_attempts", "transfer_attempts", "max_interruptions"):

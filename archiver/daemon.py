@@ -125,7 +125,10 @@ async def run_daemon(
             log.info("metrics on %s/metrics, health on %s/healthz", url, url)
         if webhook_key is not None:
             receiver = WebhookReceiver(
-                engine, webhook_key, tolerance=daemon_settings.webhook_tolerance
+                engine,
+                webhook_key,
+                tolerance=daemon_settings.webhook_tolerance,
+                sources=settings.sources.enabled(),
             )
             url = await stack.enter_async_context(
                 serve(

@@ -68,7 +68,7 @@ class RecordingSource(Protocol):
     transfer's loop (``workers.transfer_attempts``) is the one retry on this path; a source
     retrying inside it would multiply the API calls (``TelnyxClient.retrieve_once``)."""
 
-    async def retrieve_once(self, recording_id: str) -> Recording: ...
+    async def retrieve_once(self, recording_id: str, source: str = ...) -> Recording: ...
 
 
 class TooSlow(NetworkError):
@@ -176,6 +176,10 @@ class Downloader:
         # that is claiming, committing or recording its result holds no connection.
         self._download_slots = asyncio.Semaphore(settings.workers.concurrency)
 
+    def _key_template(self, rec: Recording) -> str:
+        storage = self._settings.storage
+        return self._settings.sources.key_template(rec.source, storage.key_template)
+
     async def attempt(self, progress: TransferState) -> None:
         """One request for the bytes still missing, streamed into ``progress.upload``; returns
         once the upload holds the whole body, raises otherwise (``Again`` and its kinds: go on
@@ -186,7 +190,7 @@ class Downloader:
             or not rec.download_url
             or rec.url_age() > self._workers.url_max_age
         ):
-            rec = progress.rec = await self._source.retrieve_once(rec.id)
+            rec = progress.rec = await self._source.retrieve_once(rec.id, rec.source)
             progress.need_fresh_url = False
             if not rec.download_url and rec.is_completed:
                 raise MalformedResponse(f"{rec.id} is completed but the API gives no download_url")
@@ -372,7 +376,7 @@ class Downloader:
             progress.content_type = resp.headers.get("Content-Type")
         if progress.upload is None:
             ext = layout.extension(progress.content_type, str(resp.url), progress.rec)
-            key = layout.render_key(self._settings.storage.key_template, progress.rec, ext)
+            key = layout.render_key(self._key_template(progress.rec), progress.rec, ext)
             progress.upload = await self._begin(progress, key)
             if progress.upload.offset > 0:
                 # A killed process left bytes behind: take them over, then ask for the rest.
@@ -411,7 +415,7 @@ class Downloader:
             return
         try:
             ext = PurePosixPath(layout.check_key(key)).suffix.lstrip(".")
-            expected = layout.render_key(self._settings.storage.key_template, progress.rec, ext)
+            expected = layout.render_key(self._key_template(progress.rec), progress.rec, ext)
         except UnsafeValue:
             return
         if key != expected:

@@ -12,6 +12,7 @@ from datetime import date
 from typing import Any
 
 from archiver.config import FilterSettings
+from archiver.sources import COMPOSITIONS, RECORDINGS
 
 # The values the API's RoomRecording schema allows for ``status`` and ``type``.
 RECORDING_STATUSES = ("completed", "processing")
@@ -67,9 +68,22 @@ class Filters:
     duration_secs_lte: int | None = None
     duration_secs_gte: int | None = None
 
-    def to_query(self) -> dict[str, str]:
-        """The query keys the current spec defines, e.g. ``filter[date_ended_at][gte]``."""
+    def to_query(self, source: str = RECORDINGS) -> dict[str, str]:
+        """The query keys the current spec defines for ``source``'s list, e.g.
+        ``filter[date_ended_at][gte]``. Compositions are listed by creation day: a composition
+        is created once its session has ended, so the first end day asked for bounds its
+        creation from below; the rest of the days, and what that list has no filter for, are
+        checked on each entry only."""
         query: dict[str, str] = {}
+        if source == COMPOSITIONS:
+            since = self.date_ended_at_eq or self.date_ended_at_gte
+            if since is not None:
+                query["filter[date_created_at][gte]"] = since.isoformat()
+            for name in ("session_id", "status"):
+                value = getattr(self, name)
+                if value is not None:
+                    query[f"filter[{name}]"] = str(value)
+            return query
         for name, key in _QUERY_KEYS.items():
             value = getattr(self, name)
             if value is not None:

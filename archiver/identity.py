@@ -33,6 +33,7 @@ from archiver.errors import ConfigError, LedgerError, StorageError, UnsafeValue
 from archiver.ledger import core
 from archiver.ledger.base import Ledger
 from archiver.models import State, parse_timestamp, utcnow
+from archiver.sources import COMPOSITIONS, RECORDINGS, SOURCES
 from archiver.storage.base import StorageBackend
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,7 @@ async def _row_of(
         archived_at=parse_timestamp(archive.get("archived_at")) or now,
         claims=1,
         completed_by="ledger rebuild",
+        source=_source(archive, recording, key),
     )
     row["_hashed"] = hashed
     return row
@@ -283,3 +285,14 @@ def ledger_files(ledger_path: Path, archive_root: Path) -> Ignore:
         return key == rel or key.startswith((rel + "-", rel + "."))
 
     return ignore
+
+
+def _source(archive: dict[str, Any], recording: dict[str, Any], key: str) -> str:
+    """The source a copy was archived from: what its sidecar says, else what its entry's
+    ``record_type`` or its key under the default composition template tell."""
+    said = archive.get("source")
+    if said in SOURCES:
+        return str(said)
+    if recording.get("record_type") in ("room_composition", "composition"):
+        return COMPOSITIONS
+    return COMPOSITIONS if key.startswith("compositions/") and not recording else RECORDINGS

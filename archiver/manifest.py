@@ -9,7 +9,7 @@ storage_key, size, sha256, archived_at, retain_until, version_id, deleted_at_sou
 location: where an auditor finds the object (an absolute path, or ``s3://bucket/prefix/key``:
 ``storage_key`` is relative to the archive root or the S3 prefix), state (archived, or with
 ``--include-expired`` also expired: the copy was deleted when its retention ended, and the row
-keeps what it was) and expired_at.
+keeps what it was), expired_at, and source (``room_recordings`` or ``room_compositions``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ COLUMNS = (
     "location",
     "state",
     "expired_at",
+    "source",
 )
 
 
@@ -83,6 +84,7 @@ def manifest_record(row: LedgerRow, locate: Callable[[str], str] | None = None) 
         ),
         "state": row.state.value,
         "expired_at": utc_iso(row.expired_at),
+        "source": row.source,
     }
 
 

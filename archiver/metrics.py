@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-ARCHIVED = Counter("archiver_recordings_archived_total", "Recordings archived and verified")
+ARCHIVED = Counter(
+    "archiver_recordings_archived_total",
+    "Recordings (and compositions) archived and verified, by source",
+    ["source"],
+)
 FAILED = Counter(
-    "archiver_recordings_failed_total", "Recording transfers that failed", ["permanent"]
+    "archiver_recordings_failed_total", "Transfers that failed, by source", ["source", "permanent"]
 )
 SKIPPED = Counter(
     "archiver_recordings_skipped_total",
     "Recordings listed but not transferred",
     ["reason"],
 )
-BYTES = Counter("archiver_bytes_archived_total", "Bytes written to the archive")
+BYTES = Counter("archiver_bytes_archived_total", "Bytes written to the archive", ["source"])
 TRANSFER_SECONDS = Histogram(
     "archiver_transfer_duration_seconds",
     "Duration of one successful recording transfer",

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from archiver.sources import COMPOSITIONS, RECORDINGS
+
 # Fields of a listing entry that are short-lived or secret and never stored durably.
 _EPHEMERAL_FIELDS = frozenset({"download_url"})
 
@@ -129,7 +131,8 @@ def parse_timestamp(value: Any) -> datetime | None:
 
 @dataclass(frozen=True, slots=True)
 class Recording:
-    """One room recording as the API describes it. No field but ``id`` is guaranteed."""
+    """One item of a source (a room recording, or a room composition: ``source``) as the API
+    describes it. No field but ``id`` is guaranteed."""
 
     id: str
     status: str | None = None
@@ -149,9 +152,11 @@ class Recording:
     metadata: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # When download_url was obtained (time.monotonic()), to know when it is too old to trust.
     url_obtained_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
+    # The collection it was listed from (``archiver.sources``).
+    source: str = RECORDINGS
 
     @classmethod
-    def from_api(cls, entry: Any) -> Recording:
+    def from_api(cls, entry: Any, source: str = RECORDINGS) -> Recording:
         """Read one ``data`` entry. Raises MalformedEntry when it has no usable id or is too big
         to keep (an id over 128 characters, a download_url over 8 KiB, any string over 8 KiB,
         over 64 KiB in all); the message never quotes an oversized value in full."""
@@ -178,7 +183,8 @@ class Recording:
             room_id=_text(entry.get("room_id")),
             session_id=_text(entry.get("session_id")),
             participant_id=_text(entry.get("participant_id")),
-            type=_text(entry.get("type")),
+            # A composition is video (an mp4) and says so only by its format.
+            type=_text(entry.get("type")) or ("video" if source == COMPOSITIONS else None),
             codec=_text(entry.get("codec")),
             duration_secs=_int(entry.get("duration_secs")),
             size_mb=_float(entry.get("size_mb")),
@@ -187,6 +193,7 @@ class Recording:
             ended_at=parse_timestamp(entry.get("ended_at")),
             completed_at=parse_timestamp(entry.get("completed_at")),
             metadata={k: v for k, v in entry.items() if k not in _EPHEMERAL_FIELDS},
+            source=source,
         )
 
     @classmethod
@@ -194,9 +201,9 @@ class Recording:
         """A recording the ledger knows, as its last listing described it; never with a
         download URL (those are not kept), so its transfer asks the API for a fresh one."""
         try:
-            return cls.from_api({**row.metadata, "id": row.id})
+            return cls.from_api({**row.metadata, "id": row.id}, source=row.source)
         except MalformedEntry:
-            return cls(id=row.id, status=row.source_status)
+            return cls(id=row.id, status=row.source_status, source=row.source)
 
     @property
     def is_completed(self) -> bool:
@@ -262,6 +269,8 @@ class LedgerRow:
     legal_hold: bool = False
     # When its copy was deleted because its retention ended (state expired).
     expired_at: datetime | None = None
+    # The collection it belongs to (``archiver.sources``).
+    source: str = RECORDINGS
 
 
 def utcnow() -> datetime:

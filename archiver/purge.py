@@ -55,7 +55,7 @@ class SourceDelete(Protocol):
     """What deleting needs from the API: one recording, by id, under the API's retry policy
     (``TelnyxClient.delete``); a failure left is retried by the next sweep, not here."""
 
-    async def delete(self, recording_id: str) -> None: ...
+    async def delete(self, recording_id: str, source: str = ...) -> None: ...
 
 
 @dataclass(slots=True)
@@ -203,7 +203,7 @@ class SourceDeleter:
             raise RuntimeError("SourceDeleter without an API client can only do a dry run")
         try:
             try:
-                await self._api.delete(row.id)
+                await self._api.delete(row.id, row.source)
             except NotFound:
                 log.warning("%s was already gone at the source", row.id)
                 await self._ledger.append_audit(

@@ -31,6 +31,7 @@ from archiver.ledger.base import Ledger
 from archiver.manifest import day_range, utc_iso
 from archiver.models import LedgerRow, Recording, State
 from archiver.scope import Facts, admits
+from archiver.sources import RECORDINGS, source_of
 from archiver.storage.base import StorageBackend
 from archiver.telnyx import Page
 
@@ -44,7 +45,7 @@ SHOWN = 50
 class Source(Protocol):
     def iter_pages(self, filters: Filters) -> AsyncIterator[Page]: ...
 
-    async def retrieve(self, recording_id: str) -> Recording: ...
+    async def retrieve(self, recording_id: str, source: str = ...) -> Recording: ...
 
 
 class _Archived(NamedTuple):
@@ -52,6 +53,7 @@ class _Archived(NamedTuple):
     storage_key: str | None
     size: int | None
     deleted_at_source: datetime | None
+    source: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,7 @@ class Missing:
     ended_at: str | None
     status: str | None
     ledger_state: str | None  # None: the ledger never saw it
+    source: str = RECORDINGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +183,10 @@ async def reconcile(
                     utc_iso(rec.ended_at),
                     rec.status,
                     None if rec.id not in states else states[rec.id].value,
+                    rec.source,
                 )
-                (report.processing if rec.status == "processing" else report.missing).append(entry)
+                waiting = rec.status in source_of(rec.source).waiting
+                (report.processing if waiting else report.missing).append(entry)
                 continue
             if known.deleted_at_source is not None:
                 report.deleted_but_listed.append(rec.id)
@@ -203,7 +208,7 @@ async def reconcile(
             return
         async with limit:
             try:
-                rec = await source.retrieve(rid)
+                rec = await source.retrieve(rid, known.source)
             except NotFound:
                 report.gone.append(gone)
                 return
@@ -221,7 +226,7 @@ async def reconcile(
 
 
 def _archived_of(row: LedgerRow) -> _Archived:
-    return _Archived(row.ended_at, row.storage_key, row.size, row.deleted_at_source)
+    return _Archived(row.ended_at, row.storage_key, row.size, row.deleted_at_source, row.source)
 
 
 def _check_size(report: ReconcileReport, rec: Recording, known: _Archived) -> None:

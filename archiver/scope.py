@@ -19,6 +19,7 @@ from archiver.filters import Filters
 from archiver.ledger.base import Tally, WorkLedger
 from archiver.manifest import day_range
 from archiver.models import LedgerRow, Recording, _int, _text, parse_timestamp
+from archiver.sources import COMPOSITIONS
 
 # How many ids of each owed group a report prints; `archiver status` has them all.
 SHOWN = 20
@@ -77,7 +78,9 @@ class Facts:
             session_id=row.session_id,
             participant_id=row.participant_id,
             status=row.source_status,
-            type=_text(row.metadata.get("type")),
+            # As ``Recording.from_api`` reads it: a composition is video.
+            type=_text(row.metadata.get("type"))
+            or ("video" if row.source == COMPOSITIONS else None),
             duration_secs=_int(row.metadata.get("duration_secs")),
         )
 

@@ -119,7 +119,8 @@ async def open_services(
     if not must_exist:
         check_ledger_directory(settings)
     async with AsyncExitStack() as stack:
-        client = TelnyxClient(settings.telnyx) if api else None  # fails early without a key
+        # Fails early without a key.
+        client = TelnyxClient(settings.telnyx, sources=settings.sources.enabled()) if api else None
         ledger = await stack.enter_async_context(
             make_ledger(settings, exclusive=exclusive, must_exist=must_exist)
         )

@@ -1,4 +1,4 @@
-"""In-process simulator of the Telnyx Video Room Recordings API.
+"""In-process simulator of the Telnyx Video Room Recordings and Room Compositions API.
 
 It answers as the current Telnyx OpenAPI spec (``team-telnyx/openapi``, ``ListRoomRecordings``,
 ``ViewRoomRecording``, ``DeleteRoomRecording``) defines, or, with ``dialect="legacy"``, as the
@@ -17,10 +17,23 @@ older reference page did:
   key it does not know is ignored (recorded in ``Simulator.ignored_params``), a bad value is
   answered 400; every error body is ``{"errors": [...]}``; an entry's unknown fields are null.
 
+Room compositions (``ListRoomCompositions``, ``ViewRoomComposition``, ``DeleteRoomComposition``;
+``SimComposition``, ``make_compositions``, ``Simulator(compositions=...)``) are served by the
+same code as recordings, so every fault, scripted answer (routes ``list``, ``retrieve`` and
+``delete`` match both resources), record of requests and download behaviour applies to them
+too. Their list takes ``filter[date_created_at][eq|gte|lte]`` (whole UTC days of
+``created_at``), ``filter[session_id]`` (a UUID) and ``filter[status]`` (``completed``,
+``processing`` or ``enqueued``), newest ``created_at`` first, with the same paging, validation
+and error shapes as the recordings list in each dialect. A composition has a ``download_url``
+(``/compositions/<id>.mp4`` on the download host, signed as a recording's) only once completed;
+``Simulator.advance_compositions`` moves every enqueued one to processing and every processing
+one to completed. Its content is ``video/mp4`` (an ISO-BMFF ``ftyp`` box, then ``mdat``).
+
 Two aiohttp servers on loopback ephemeral ports:
 
 * the API host: ``GET /v2/room_recordings`` (list), ``GET``/``DELETE
-  /v2/room_recordings/{id}``; ``DELETE /v2/room_recordings`` (bulk) is refused
+  /v2/room_recordings/{id}``, the same for ``/v2/room_compositions``;
+  ``DELETE /v2/room_recordings`` (bulk) is refused
   with 405 and recorded, because the archiver must never bulk-delete. ``GET /echo``
   answers the request's own headers as ``application/octet-stream``: what a naive
   client would archive if a ``download_url`` pointed at the API host
@@ -74,7 +87,8 @@ the same status and headers without a body. Each bad answer given is counted in
 ``Simulator.injected`` as ``download:<name>``; only answers that delivered exactly
 the content (``drip`` included) count in ``download_completions``.
 
-Run standalone: ``python -m archiver.simulator --port 8080 --count 1000``; add
+Run standalone: ``python -m archiver.simulator --port 8080 --count 1000`` (``--compositions N``
+adds N completed compositions); add
 ``--fault NAME=VALUE`` for any ``Faults`` field, ``--download-fault NAME`` to give
 the next newest recording that bad answer, ``--point-download-url URL|echo`` to
 point the next one's ``download_url`` elsewhere.
@@ -104,7 +118,7 @@ import time
 import uuid
 import zlib
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -127,6 +141,8 @@ __all__ = [
     "DownloadRequest",
     "Faults",
     "ScriptedAnswer",
+    "SimComposition",
+    "SimMedia",
     "SimRecording",
     "Simulator",
     "add_hostile_entries",
@@ -134,6 +150,7 @@ __all__ = [
     "content_bytes",
     "content_sha256",
     "iter_content",
+    "make_compositions",
     "make_recordings",
     "run_forever",
 ]
@@ -183,8 +200,18 @@ class Dialect(StrEnum):
 # --------------------------------------------------------------------------- data
 
 
+class _SizedByBody:
+    """Assigning ``body`` (not None) sets ``size`` to its length."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name == "body" and value is not None:
+            size = len(value) if isinstance(value, bytes) else value.stat().st_size
+            object.__setattr__(self, "size", size)
+
+
 @dataclass
-class SimRecording:
+class SimRecording(_SizedByBody):
     """One recording as the simulator stores it (the API view is derived from it)."""
 
     id: str
@@ -219,11 +246,47 @@ class SimRecording:
     # If set, the entry's download_url (list and retrieve), instead of a signed one.
     download_url_override: str | None = None
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if name == "body" and value is not None:
-            size = len(value) if isinstance(value, bytes) else value.stat().st_size
-            object.__setattr__(self, "size", size)
+
+@dataclass
+class SimComposition(_SizedByBody):
+    """One room composition (``RoomComposition``): the room's session composed into one MP4.
+
+    ``started_at``/``ended_at`` are the span of the session composed, ``created_at`` when the
+    composition was asked for, ``completed_at`` when it was ready (None until then). Its status
+    goes enqueued, processing, completed (``Simulator.advance_compositions``); only a completed
+    one has a ``download_url``. The knobs after ``webhook_timeout_secs`` are SimRecording's."""
+
+    id: str
+    room_id: str
+    session_id: str
+    user_id: str
+    status: str  # enqueued | processing | completed
+    size: int
+    duration_secs: int
+    created_at: datetime
+    started_at: datetime
+    ended_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None = None
+    resolution: str = "1280x720"
+    # Region name -> VideoRegion (height, width, x_pos, y_pos, z_pos, video_sources, ...).
+    video_layout: dict[str, Any] = field(default_factory=dict)
+    format: str = "mp4"
+    webhook_event_url: str | None = None
+    webhook_event_failover_url: str | None = None
+    webhook_timeout_secs: int | None = None
+    content_type: str = "video/mp4"
+    raw_override: dict[str, Any] | None = None
+    entry_hook: Callable[[dict[str, Any]], Any] | None = field(
+        default=None, repr=False, compare=False
+    )
+    body: bytes | Path | None = field(default=None, repr=False)
+    download_fault: str | None = None
+    download_url_override: str | None = None
+
+
+# What the download host serves: a recording's or a composition's content.
+SimMedia = SimRecording | SimComposition
 
 
 @dataclass
@@ -276,8 +339,8 @@ class ApiRequest:
 @dataclass(frozen=True)
 class ScriptedAnswer:
     """One error answer ``Simulator.script`` gives the next API call of ``route`` (``list``,
-    ``retrieve``, ``delete`` or ``any``), after authentication: ``status`` with ``headers``, its
-    body in the shape that answer has."""
+    ``retrieve``, ``delete`` or ``any``; of recordings or of compositions), after
+    authentication: ``status`` with ``headers``, its body in the shape that answer has."""
 
     status: int
     headers: dict[str, str] = field(default_factory=dict)
@@ -431,7 +494,7 @@ def _iter_body(body: bytes | Path, start: int, stop: int) -> Iterator[bytes]:
             pos += len(chunk)
 
 
-def iter_content(rec: SimRecording, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+def iter_content(rec: SimMedia, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """Yield the bytes ``[start, end)`` of the recording's content (end defaults to size)."""
     stop = rec.size if end is None else end
     if not 0 <= start <= stop <= rec.size:
@@ -442,7 +505,7 @@ def iter_content(rec: SimRecording, start: int = 0, end: int | None = None) -> I
         yield from _iter_blocks(rec.id, start, stop, container_header(rec.content_type, rec.size))
 
 
-def content_bytes(rec: SimRecording, start: int = 0, end: int | None = None) -> bytes:
+def content_bytes(rec: SimMedia, start: int = 0, end: int | None = None) -> bytes:
     """The content range ``[start, end)`` as one bytes object (for small checks)."""
     return b"".join(iter_content(rec, start, end))
 
@@ -450,7 +513,7 @@ def content_bytes(rec: SimRecording, start: int = 0, end: int | None = None) -> 
 _SHA_CACHE: dict[tuple[str, int, str], str] = {}
 
 
-def content_sha256(rec: SimRecording) -> str:
+def content_sha256(rec: SimMedia) -> str:
     """Hex SHA-256 of the full content (streamed; synthesised content cached per id, size, type)."""
     if isinstance(rec.body, bytes):
         return hashlib.sha256(rec.body).hexdigest()
@@ -466,7 +529,7 @@ def content_sha256(rec: SimRecording) -> str:
     return cached
 
 
-def _iter_oversized(rec: SimRecording, start: int, stop: int | None) -> Iterator[bytes]:
+def _iter_oversized(rec: SimMedia, start: int, stop: int | None) -> Iterator[bytes]:
     """Bytes ``[start, stop)`` of the content followed by more pseudo-random bytes."""
     if start < rec.size:
         yield from iter_content(rec, start, rec.size if stop is None else min(stop, rec.size))
@@ -474,12 +537,12 @@ def _iter_oversized(rec: SimRecording, start: int, stop: int | None) -> Iterator
     yield from _iter_blocks(f"{rec.id}\x00tail", start, stop)
 
 
-def _iter_wrong(rec: SimRecording, start: int, stop: int) -> Iterator[bytes]:
+def _iter_wrong(rec: SimMedia, start: int, stop: int) -> Iterator[bytes]:
     # Other pseudo-random bytes, eight zero bytes first: no container starts like that.
     return _iter_blocks(f"{rec.id}\x00wrong", start, stop, bytes(8))
 
 
-def _gzipped(rec: SimRecording) -> bytes:
+def _gzipped(rec: SimMedia) -> bytes:
     z = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip wrapper, mtime 0
     return b"".join([*(z.compress(chunk) for chunk in iter_content(rec)), z.flush()])
 
@@ -494,6 +557,26 @@ _ELSEWHERE_TEXT = "hello from somewhere else\n"
 
 def _uuid(rng: Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+_Room = tuple[str, list[str], list[str]]  # room id, its session ids, its participant ids
+
+
+def _rooms(rng: Random) -> list[_Room]:
+    """A few rooms, each with a few sessions and participants (the id filters' values)."""
+    rooms = []
+    for _ in range(3):
+        room = _uuid(rng)
+        sessions = [_uuid(rng) for _ in range(3)]
+        participants = [_uuid(rng) for _ in range(4)]
+        rooms.append((room, sessions, participants))
+    return rooms
+
+
+def _duration(rng: Random) -> int:
+    # Mostly short calls, some long ones.
+    band = rng.choices([(5, 60), (60, 900), (900, 7200)], weights=[4, 4, 2])[0]
+    return rng.randint(*band)
 
 
 def make_recordings(
@@ -513,20 +596,13 @@ def make_recordings(
     complete after 1-3 list calls each.
     """
     rng = Random(seed)
-    rooms = []
-    for _ in range(3):
-        room = _uuid(rng)
-        sessions = [_uuid(rng) for _ in range(3)]
-        participants = [_uuid(rng) for _ in range(4)]
-        rooms.append((room, sessions, participants))
+    rooms = _rooms(rng)
     span = max(1, days * 86400)
     recs: list[SimRecording] = []
     for _ in range(n):
         room, sessions, participants = rng.choice(rooms)
         ended = start + timedelta(seconds=rng.randrange(span), microseconds=rng.randrange(10**6))
-        # Mostly short calls, some long ones.
-        band = rng.choices([(5, 60), (60, 900), (900, 7200)], weights=[4, 4, 2])[0]
-        duration = rng.randint(*band)
+        duration = _duration(rng)
         started = ended - timedelta(seconds=duration)
         is_video = rng.random() < video_ratio
         nbytes = size if isinstance(size, int) else rng.randint(*size)
@@ -554,6 +630,79 @@ def make_recordings(
         rec.completed_at = None
         rec.processing_lists_left = rng.randint(1, 3)
     return recs
+
+
+COMPOSITION_WEBHOOK_URL = "https://webhooks.example.com/telnyx/video"
+
+
+def make_compositions(
+    n: int,
+    *,
+    seed: int = 0,
+    size: int | tuple[int, int] = (20_000, 200_000),
+    start: datetime = DEFAULT_START,
+    days: int = 30,
+    enqueued: int = 0,
+    processing: int = 0,
+) -> list[SimComposition]:
+    """Deterministic fake room compositions, ended_at spread over ``days`` days from ``start``.
+
+    Their rooms and sessions are those of ``make_recordings`` with the same ``seed`` (so the
+    session filter selects a proper subset, and a composition is of a session that has
+    recordings); their ids come from another stream, so they never collide with those
+    recordings' ids. Each was created 1-10 minutes after its session ended and, completed,
+    finished 30 s to 15 min later. The first ``enqueued`` are enqueued, the next ``processing``
+    processing (neither has a completed_at), the rest completed.
+    """
+    rooms = _rooms(Random(seed))
+    rng = Random(f"compositions:{seed}")
+    user = _uuid(rng)  # one account
+    span = max(1, days * 86400)
+    out: list[SimComposition] = []
+    for i in range(n):
+        room, sessions, _ = rng.choice(rooms)
+        ended = start + timedelta(seconds=rng.randrange(span), microseconds=rng.randrange(10**6))
+        duration = _duration(rng)
+        created = ended + timedelta(seconds=rng.randint(60, 600), microseconds=rng.randrange(10**6))
+        completed: datetime | None = None
+        if i < enqueued:
+            status, updated = "enqueued", created
+        elif i < enqueued + processing:
+            status, updated = "processing", created + timedelta(seconds=rng.randint(1, 30))
+        else:
+            completed = created + timedelta(seconds=rng.randint(30, 900))
+            status, updated = "completed", completed
+        sources = [_uuid(rng) for _ in range(rng.randint(1, 4))]  # the session's video recordings
+        webhook = rng.random() < 0.5
+        out.append(
+            SimComposition(
+                id=_uuid(rng),
+                room_id=room,
+                session_id=rng.choice(sessions),
+                user_id=user,
+                status=status,
+                size=size if isinstance(size, int) else rng.randint(*size),
+                duration_secs=duration,
+                created_at=created,
+                started_at=ended - timedelta(seconds=duration),
+                ended_at=ended,
+                updated_at=updated,
+                completed_at=completed,
+                video_layout={
+                    "first": {
+                        "height": 720,
+                        "width": 1280,
+                        "x_pos": 0,
+                        "y_pos": 0,
+                        "z_pos": 0,
+                        "video_sources": sources,
+                    }
+                },
+                webhook_event_url=COMPOSITION_WEBHOOK_URL if webhook else None,
+                webhook_timeout_secs=25 if webhook else None,
+            )
+        )
+    return out
 
 
 # ----------------------------------------------------------------------- helpers
@@ -621,7 +770,7 @@ def _unsatisfiable(size: int) -> web.Response:
     return resp
 
 
-def _etag(rec: SimRecording, salt: str = "") -> str:
+def _etag(rec: SimMedia, salt: str = "") -> str:
     if isinstance(rec.body, bytes):
         basis = hashlib.sha256(rec.body).hexdigest()
     elif isinstance(rec.body, Path):
@@ -648,18 +797,16 @@ _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _INT_RE = re.compile(r"-?\d{1,18}")
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
-_Pred = Callable[[SimRecording], bool]
+_Pred = Callable[[SimMedia], bool]
 _CMP: dict[str, Callable[[Any, Any], bool]] = {
     "eq": lambda a, b: a == b,
     "gte": lambda a, b: a >= b,
     "lte": lambda a, b: a <= b,
 }
-_DATE_FIELDS = {"date_ended_at": "ended_at", "date_started_at": "started_at"}
-_STR_FIELDS = ("room_id", "participant_id", "session_id", "status", "type")
 
 
 def _date_pred(attr: str, op: str, value: date) -> _Pred:
-    def pred(rec: SimRecording) -> bool:
+    def pred(rec: SimMedia) -> bool:
         d = _utc_date(getattr(rec, attr))
         return d is not None and _CMP[op](d, value)
 
@@ -667,7 +814,7 @@ def _date_pred(attr: str, op: str, value: date) -> _Pred:
 
 
 def _attr_pred(attr: str, cmp: Callable[[Any, Any], bool], value: object) -> _Pred:
-    def pred(rec: SimRecording) -> bool:
+    def pred(rec: SimMedia) -> bool:
         v = getattr(rec, attr)
         return v is not None and cmp(v, value)
 
@@ -675,7 +822,6 @@ def _attr_pred(attr: str, cmp: Callable[[Any, Any], bool], value: object) -> _Pr
 
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
-_ID_FIELDS = ("room_id", "participant_id", "session_id")
 # The duration filters of each dialect: query key -> comparison.
 _DURATION_KEYS = {
     Dialect.CURRENT: {"filter[duration_secs]": "gte"},
@@ -683,10 +829,54 @@ _DURATION_KEYS = {
 }
 
 
-def _filter_pred(key: str, value: str, dialect: Dialect) -> _Pred | None:
-    """Turn one ``filter[...]`` query parameter into a predicate (or raise _BadParam); None for
-    a key the legacy dialect ignores."""
-    for name, attr in _DATE_FIELDS.items():
+@dataclass(frozen=True)
+class _Resource:
+    """What differs between the API's two resources; every route and fault is shared."""
+
+    name: str  # "recordings" | "compositions": also the download host's directory
+    path: str  # below /v2
+    # The list's filters: date filter name -> attribute (whole UTC days, eq/gte/lte), filters
+    # matched exactly (UUIDs; non-empty strings; one of an enum), and the duration minimum.
+    date_filters: dict[str, str]
+    id_filters: tuple[str, ...]
+    str_filters: tuple[str, ...] = ()
+    enum_filters: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    duration_filter: bool = False
+    sort_attr: str = "ended_at"  # newest first by this, then id
+
+    def sort_key(self, item: SimMedia) -> tuple[datetime, str]:
+        moment: datetime | None = getattr(item, self.sort_attr)
+        return (moment or datetime.min.replace(tzinfo=UTC), item.id)
+
+
+# ListRoomRecordings, ViewRoomRecording, DeleteRoomRecording (and the refused bulk delete).
+_RECORDINGS = _Resource(
+    "recordings",
+    "room_recordings",
+    date_filters={"date_ended_at": "ended_at", "date_started_at": "started_at"},
+    id_filters=("room_id", "participant_id", "session_id"),
+    str_filters=("status", "type"),  # the spec gives them no enum
+    duration_filter=True,
+)
+# ListRoomCompositions, ViewRoomComposition, DeleteRoomComposition.
+COMPOSITION_STATUSES = ("completed", "processing", "enqueued")
+_COMPOSITIONS = _Resource(
+    "compositions",
+    "room_compositions",
+    date_filters={"date_created_at": "created_at"},
+    id_filters=("session_id",),
+    enum_filters={"status": COMPOSITION_STATUSES},
+    sort_attr="created_at",
+)
+_RESOURCES = (_RECORDINGS, _COMPOSITIONS)
+
+
+def _filter_pred(
+    key: str, value: str, dialect: Dialect, res: _Resource = _RECORDINGS
+) -> _Pred | None:
+    """Turn one ``filter[...]`` query parameter of ``res``'s list into a predicate (or raise
+    _BadParam); None for a key the legacy dialect ignores."""
+    for name, attr in res.date_filters.items():
         for op in _CMP:
             if key == f"filter[{name}][{op}]":
                 if not _DATE_RE.fullmatch(value):
@@ -696,17 +886,20 @@ def _filter_pred(key: str, value: str, dialect: Dialect) -> _Pred | None:
                 except ValueError:
                     raise _BadParam(key, f"{key} is not a valid date") from None
                 return _date_pred(attr, op, day)
-    compare = _DURATION_KEYS[dialect].get(key)
+    compare = _DURATION_KEYS[dialect].get(key) if res.duration_filter else None
     if compare is not None:
         if not _INT_RE.fullmatch(value):
             raise _BadParam(key, f"{key} must be an integer")
         return _attr_pred("duration_secs", _CMP[compare], int(value))
-    for attr in _STR_FIELDS:
+    for attr in (*res.id_filters, *res.str_filters, *res.enum_filters):
         if key == f"filter[{attr}]":
             if not value:
                 raise _BadParam(key, f"{key} must not be empty")
-            if attr in _ID_FIELDS and not _UUID_RE.fullmatch(value):
+            if attr in res.id_filters and not _UUID_RE.fullmatch(value):
                 raise _BadParam(key, f"{key} must be a UUID")
+            allowed = res.enum_filters.get(attr)
+            if allowed is not None and value not in allowed:
+                raise _BadParam(key, f"{key} must be one of {', '.join(allowed)}")
             return _attr_pred(attr, _CMP["eq"], value)
     if dialect is Dialect.LEGACY and key.startswith("filter["):
         return None
@@ -727,7 +920,7 @@ def _page_param(query: MultiMapping[str], key: str, default: int, hi: int | None
 
 
 def _parse_list_query(
-    query: MultiMapping[str], dialect: Dialect = Dialect.CURRENT
+    query: MultiMapping[str], dialect: Dialect = Dialect.CURRENT, res: _Resource = _RECORDINGS
 ) -> tuple[int, int, list[_Pred], list[str]]:
     """Page size, page number, the filters' predicates, and the keys ignored."""
     preds: list[_Pred] = []
@@ -736,7 +929,7 @@ def _parse_list_query(
         if len(query.getall(key)) > 1:
             raise _BadParam(key, f"{key} given more than once")
         if key not in ("page[size]", "page[number]"):
-            pred = _filter_pred(key, query[key], dialect)
+            pred = _filter_pred(key, query[key], dialect, res)
             if pred is None:
                 ignored.append(key)
             else:
@@ -770,10 +963,58 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def _sort_key(rec: SimRecording) -> tuple[datetime, str]:
-    return (rec.ended_at or datetime.min.replace(tzinfo=UTC), rec.id)
+    return _RECORDINGS.sort_key(rec)
 
 
 # --------------------------------------------------------------------- simulator
+
+
+def _recording_fields(rec: SimRecording, url: str | None) -> dict[str, Any]:
+    """A recording's entry (``RoomRecording``), None where it has no value."""
+    return {
+        "id": rec.id,
+        "room_id": rec.room_id,
+        "session_id": rec.session_id,
+        "participant_id": rec.participant_id,
+        "status": rec.status,
+        "download_url": url,
+        "type": rec.type,
+        "duration_secs": rec.duration_secs,
+        "size_mb": round(rec.size / 1e6, 1),
+        "codec": rec.codec,
+        "created_at": _iso(rec.created_at),
+        "updated_at": _iso(rec.completed_at or rec.ended_at or rec.created_at),
+        "started_at": _iso(rec.started_at),
+        "ended_at": _iso(rec.ended_at),
+        "completed_at": _iso(rec.completed_at),
+        "record_type": "room_recording",
+    }
+
+
+def _composition_fields(comp: SimComposition, url: str | None) -> dict[str, Any]:
+    """A composition's entry (``RoomComposition``), None where it has no value."""
+    return {
+        "id": comp.id,
+        "room_id": comp.room_id,
+        "session_id": comp.session_id,
+        "user_id": comp.user_id,
+        "status": comp.status,
+        "download_url": url,
+        "format": comp.format,
+        "resolution": comp.resolution,
+        "video_layout": copy.deepcopy(comp.video_layout),
+        "duration_secs": comp.duration_secs,
+        "size_mb": round(comp.size / 1e6, 1),
+        "created_at": _iso(comp.created_at),
+        "updated_at": _iso(comp.updated_at),
+        "started_at": _iso(comp.started_at),
+        "ended_at": _iso(comp.ended_at),
+        "completed_at": _iso(comp.completed_at),
+        "webhook_event_url": comp.webhook_event_url,
+        "webhook_event_failover_url": comp.webhook_event_failover_url,
+        "webhook_timeout_secs": comp.webhook_timeout_secs,
+        "record_type": "room_composition",
+    }
 
 
 class Simulator:
@@ -793,6 +1034,7 @@ class Simulator:
         download_port: int = 0,
         content_cache: Path | None = None,
         dialect: Dialect | str = Dialect.CURRENT,
+        compositions: Sequence[SimComposition] = (),
     ) -> None:
         self.api_key = api_key
         self.dialect = Dialect(dialect)
@@ -809,8 +1051,9 @@ class Simulator:
         self._secret = secrets.token_bytes(32)
 
         self.recordings: dict[str, SimRecording] = {}
-        self._known: dict[str, SimRecording] = {}  # includes deleted ones
-        self._order: list[SimRecording] | None = None  # newest first, cached
+        self.compositions: dict[str, SimComposition] = {}
+        self._known: dict[str, SimMedia] = {}  # both resources, deleted ones included
+        self._orders: dict[str, list[SimMedia]] = {}  # by resource name: newest first, cached
 
         self.api_requests: list[ApiRequest] = []
         self.download_requests: list[DownloadRequest] = []
@@ -832,6 +1075,8 @@ class Simulator:
         self.max_streaming = 0
         if recordings:
             self.add(recordings)
+        if compositions:
+            self.add(compositions)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -849,14 +1094,18 @@ class Simulator:
 
     async def start(self) -> None:
         api = web.Application(middlewares=[self._record_middleware])
-        api.router.add_get("/v2/room_recordings", self._handle_list, allow_head=False)
+        for res in _RESOURCES:
+            base = f"/v2/{res.path}"
+            api.router.add_get(base, self._bind(self._handle_list, res), allow_head=False)
+            one = f"{base}/{{id}}"
+            api.router.add_get(one, self._bind(self._handle_retrieve, res), allow_head=False)
+            api.router.add_delete(one, self._bind(self._handle_delete, res))
         api.router.add_delete("/v2/room_recordings", self._handle_bulk_delete)
-        api.router.add_get("/v2/room_recordings/{id}", self._handle_retrieve, allow_head=False)
-        api.router.add_delete("/v2/room_recordings/{id}", self._handle_delete)
         api.router.add_get("/echo", self._handle_echo)
         api.router.add_get("/echo/{tail:.*}", self._handle_echo)
         dl = web.Application()
-        dl.router.add_get("/recordings/{name}", self._handle_download)
+        for res in _RESOURCES:
+            dl.router.add_get(f"/{res.name}/{{name}}", self._bind(self._handle_download, res))
         dl.router.add_get("/elsewhere", self._handle_elsewhere)
         try:
             self._api_runner, self._api_port = await self._serve(api, self._ports[0])
@@ -864,6 +1113,15 @@ class Simulator:
         except BaseException:
             await self.stop()
             raise
+
+    @staticmethod
+    def _bind(
+        method: Callable[[web.Request, _Resource], Awaitable[web.StreamResponse]], res: _Resource
+    ) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await method(request, res)
+
+        return handle
 
     async def _serve(self, app: web.Application, port: int) -> tuple[web.AppRunner, int]:
         # Short shutdown timeout: tests must not wait for abandoned slow downloads.
@@ -906,21 +1164,49 @@ class Simulator:
 
     # --------------------------------------------------------------------- data
 
-    def add(self, recs: list[SimRecording]) -> None:
-        """Add recordings (ids must be new)."""
+    def add(self, recs: Iterable[SimMedia]) -> None:
+        """Add recordings and compositions (ids must be new to both)."""
         for rec in recs:
-            if rec.id in self.recordings:
-                raise ValueError(f"duplicate recording id {rec.id!r}")
-            self.recordings[rec.id] = rec
+            if rec.id in self.recordings or rec.id in self.compositions:
+                raise ValueError(f"duplicate id {rec.id!r}")
+            if isinstance(rec, SimComposition):
+                self.compositions[rec.id] = rec
+            else:
+                self.recordings[rec.id] = rec
             self._known[rec.id] = rec
-        self._order = None
+        self._orders.clear()
+
+    def advance_compositions(self) -> list[str]:
+        """One step of the compositions' work: every enqueued one starts processing, every one
+        processing completes (its completed_at and updated_at now). The ids completed."""
+        now = datetime.now(UTC)
+        done: list[str] = []
+        for comp in self.compositions.values():
+            if comp.status == "processing":
+                comp.status, comp.completed_at, comp.updated_at = "completed", now, now
+                done.append(comp.id)
+            elif comp.status == "enqueued":
+                comp.status, comp.updated_at = "processing", now
+        return done
+
+    def _live(self, res: _Resource) -> Mapping[str, SimMedia]:
+        return self.compositions if res is _COMPOSITIONS else self.recordings
+
+    def _remove(self, res: _Resource, id: str) -> bool:
+        """Delete ``id`` from ``res`` (False if it has no such item)."""
+        live: dict[str, SimRecording] | dict[str, SimComposition]
+        live = self.compositions if res is _COMPOSITIONS else self.recordings
+        if live.pop(id, None) is None:
+            return False
+        self._orders.pop(res.name, None)
+        return True
 
     def point_download_url(self, id: str, url: str | None) -> None:
         """Make the entry of ``id`` (list and retrieve) carry ``url`` as its download_url;
         None restores the signed one."""
         self._known[id].download_url_override = url
 
-    def cached_content(self, rec: SimRecording) -> Path:
+    def cached_content(self, rec: SimMedia) -> Path:
         """The file holding ``rec``'s content in ``content_cache``, written on first use
         (a ``body`` given as a Path is its own file)."""
         if isinstance(rec.body, Path):
@@ -945,8 +1231,10 @@ class Simulator:
         return path
 
     def warm_content_cache(self) -> None:
-        """Write every recording's content file now, so no download waits for one."""
-        for rec in self.recordings.values():
+        """Write every recording's and composition's content file now, so no download waits
+        for one."""
+        every: list[SimMedia] = [*self.recordings.values(), *self.compositions.values()]
+        for rec in every:
             if rec.body is None:  # a body is served from memory or its own file
                 self.cached_content(rec)
 
@@ -955,14 +1243,16 @@ class Simulator:
         return content_sha256(self._known[id])
 
     def download_url(self, id: str, *, expires: int | None = None) -> str:
-        """A signed download URL for ``id`` (default expiry: now + url_ttl)."""
+        """A signed download URL for the recording or composition ``id`` (default expiry:
+        now + url_ttl)."""
         rec = self._known[id]
         ext = _extension(rec.content_type) if self.url_extension else ""
         if expires is None:
             expires = int(time.time() + self.url_ttl)
         sig = self._sign(rec.id, ext, expires)
+        where = (_COMPOSITIONS if isinstance(rec, SimComposition) else _RECORDINGS).name
         return (
-            f"{self.download_base_url}/recordings/{quote(rec.id, safe='')}{ext}"
+            f"{self.download_base_url}/{where}/{quote(rec.id, safe='')}{ext}"
             f"?Expires={expires}&Signature={sig}"
         )
 
@@ -970,17 +1260,19 @@ class Simulator:
         msg = f"{rec_id}\n{ext}\n{expires}".encode("utf-8", "surrogatepass")
         return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()
 
-    def _ordered(self) -> list[SimRecording]:
-        if self._order is None:
-            self._order = sorted(self.recordings.values(), key=_sort_key, reverse=True)
-        return self._order
+    def _ordered(self, res: _Resource) -> list[SimMedia]:
+        order = self._orders.get(res.name)
+        if order is None:
+            order = sorted(self._live(res).values(), key=res.sort_key, reverse=True)
+            self._orders[res.name] = order
+        return order
 
-    def _matching(self, preds: list[_Pred]) -> list[SimRecording]:
-        ordered = self._ordered()
+    def _matching(self, preds: list[_Pred], res: _Resource) -> list[SimMedia]:
+        ordered = self._ordered(res)
         # Unfiltered, the cached order itself (only read): no copy of 100,000 entries per page.
         return [r for r in ordered if all(p(r) for p in preds)] if preds else ordered
 
-    def _expired_in_lists(self, rec: SimRecording) -> bool:
+    def _expired_in_lists(self, rec: SimMedia) -> bool:
         # Stable per recording (not per call): hash of seed + id.
         rate = self.faults.expired_first_url_rate
         if rate <= 0:
@@ -988,53 +1280,60 @@ class Simulator:
         digest = hashlib.sha256(f"{self._seed}:{rec.id}".encode("utf-8", "surrogatepass"))
         return int.from_bytes(digest.digest()[:8], "big") / 2**64 < rate
 
-    def _entry(self, rec: SimRecording, *, listing: bool) -> Any:
+    def _entry(self, rec: SimMedia, *, listing: bool) -> Any:
         if rec.raw_override is not None:
             return copy.deepcopy(rec.raw_override)
         url: str | None = rec.download_url_override
-        if url is None and rec.status != "processing":
+        # A recording has its URL once it is no longer processing, a composition once completed.
+        if isinstance(rec, SimComposition):
+            ready = rec.status == "completed"
+        else:
+            ready = rec.status != "processing"
+        if url is None and ready:
             expires = None
             if listing and self._expired_in_lists(rec):
                 self.injected["list:expired_url"] += 1
                 expires = int(time.time()) - 60
             url = self.download_url(rec.id, expires=expires)
-        entry: dict[str, Any] = {
-            "id": rec.id,
-            "room_id": rec.room_id,
-            "session_id": rec.session_id,
-            "participant_id": rec.participant_id,
-            "status": rec.status,
-            "download_url": url,
-            "type": rec.type,
-            "duration_secs": rec.duration_secs,
-            "size_mb": round(rec.size / 1e6, 1),
-            "codec": rec.codec,
-            "created_at": _iso(rec.created_at),
-            "updated_at": _iso(rec.completed_at or rec.ended_at or rec.created_at),
-            "started_at": _iso(rec.started_at),
-            "ended_at": _iso(rec.ended_at),
-            "completed_at": _iso(rec.completed_at),
-            "record_type": "room_recording",
-        }
-        if self.dialect is Dialect.CURRENT:  # no field of RoomRecording is nullable
+        entry = (
+            _composition_fields(rec, url)
+            if isinstance(rec, SimComposition)
+            else _recording_fields(rec, url)
+        )
+        if self.dialect is Dialect.CURRENT:  # no field of either schema is nullable
             entry = {k: v for k, v in entry.items() if v is not None}
         return rec.entry_hook(entry) if rec.entry_hook is not None else entry
 
-    def _shift(self, matching: list[SimRecording]) -> None:
-        """Insert ``shift_count`` recordings newer than everything matching the
-        current filters, copying the newest match so they pass the same filters."""
+    def _shift(self, matching: list[SimMedia], res: _Resource) -> None:
+        """Insert ``shift_count`` items newer than everything matching the current filters,
+        copying the newest match so they pass the same filters."""
         template = matching[0] if matching else None
         now = datetime.now(UTC)
-        base = template.ended_at if template and template.ended_at else now
-        new: list[SimRecording] = []
+        newest = getattr(template, res.sort_attr) if template is not None else None
+        base = newest or now
+        new: list[SimMedia] = []
         for k in range(self.faults.shift_count):
-            ended = base + timedelta(milliseconds=k + 1)
-            if template is not None:
+            moment = base + timedelta(milliseconds=k + 1)
+            rec: SimMedia
+            if isinstance(template, SimComposition):
                 rec = dataclasses.replace(
                     template,
                     id=_uuid(self._rng),
                     status="completed",
-                    ended_at=ended,
+                    created_at=moment,
+                    completed_at=now,
+                    updated_at=now,
+                    raw_override=None,
+                    entry_hook=None,
+                    download_fault=None,
+                    download_url_override=None,
+                )
+            elif template is not None:
+                rec = dataclasses.replace(
+                    template,
+                    id=_uuid(self._rng),
+                    status="completed",
+                    ended_at=moment,
                     completed_at=now,
                     processing_lists_left=0,
                     raw_override=None,
@@ -1042,9 +1341,12 @@ class Simulator:
                     download_fault=None,
                     download_url_override=None,
                 )
+            elif res is _COMPOSITIONS:
+                rec = make_compositions(1, seed=self._rng.getrandbits(32), start=now, days=1)[0]
+                rec.created_at = moment
             else:
                 rec = make_recordings(1, seed=self._rng.getrandbits(32), start=now, days=1)[0]
-                rec.ended_at = ended
+                rec.ended_at = moment
             new.append(rec)
         self.add(new)
         self.shifted_ids.extend(r.id for r in new)
@@ -1171,14 +1473,16 @@ class Simulator:
         ][variant - 2]
         return web.json_response(body)
 
-    async def _handle_list(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_list(self, request: web.Request, res: _Resource) -> web.StreamResponse:
         if self.faults.list_redirect_to is not None:  # the API moved (or a proxy in front of it)
             self.injected["list:redirect"] += 1
             return web.Response(status=302, headers={"Location": self.faults.list_redirect_to})
         if not self._authorized(request):
             return self._unauthorized("list")
         try:
-            page_size, page_number, preds, ignored = _parse_list_query(request.query, self.dialect)
+            page_size, page_number, preds, ignored = _parse_list_query(
+                request.query, self.dialect, res
+            )
         except _BadParam as e:
             status = 422 if self.dialect is Dialect.CURRENT else 400
             title = "Unprocessable Entity" if status == 422 else "Bad Request"
@@ -1205,21 +1509,26 @@ class Simulator:
         if f.ignore_filters:
             preds = []
 
-        matching = self._matching(preds)
+        matching = self._matching(preds, res)
         if f.shift_on_page is not None and page_number == f.shift_on_page:
             f.shift_on_page = None  # one-shot; set it again to re-arm
             self.injected["list:shift"] += 1
-            self._shift(matching)
-            matching = self._matching(preds)
+            self._shift(matching, res)
+            matching = self._matching(preds, res)
 
         shown = 1 if f.repeat_page else page_number
         first = (shown - 1) * page_size
         page = matching[first : first + page_size]
         entries = [self._entry(rec, listing=True) for rec in page]
-        # Processing recordings advance only when a list call actually shows them.
+        # Processing recordings advance only when a list call actually shows them (compositions
+        # with advance_compositions).
         now = datetime.now(UTC)
         for rec in page:
-            if rec.status == "processing" and rec.processing_lists_left > 0:
+            if (
+                isinstance(rec, SimRecording)
+                and rec.status == "processing"
+                and rec.processing_lists_left > 0
+            ):
                 rec.processing_lists_left -= 1
                 if rec.processing_lists_left == 0:
                     rec.status = "completed"
@@ -1237,7 +1546,7 @@ class Simulator:
             }
         return web.json_response(body)
 
-    async def _handle_retrieve(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_retrieve(self, request: web.Request, res: _Resource) -> web.StreamResponse:
         if not self._authorized(request):
             return self._unauthorized("retrieve")
         scripted = self._scripted_answer("retrieve")
@@ -1249,12 +1558,12 @@ class Simulator:
             return self._server_error("retrieve")
         if fault == 1:
             return self._throttled("retrieve")
-        rec = self.recordings.get(request.match_info["id"])
+        rec = self._live(res).get(request.match_info["id"])
         if rec is None:
             return self._not_found("retrieve")
         return web.json_response({"data": self._entry(rec, listing=False)})
 
-    async def _handle_delete(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_delete(self, request: web.Request, res: _Resource) -> web.StreamResponse:
         if not self._authorized(request):
             return self._unauthorized("delete")
         scripted = self._scripted_answer("delete")
@@ -1263,10 +1572,8 @@ class Simulator:
         if self._roll(self.faults.delete_error_rate) is not None:
             return self._server_error("delete")
         rec_id = request.match_info["id"]
-        if rec_id not in self.recordings:
+        if not self._remove(res, rec_id):
             return self._not_found("delete")
-        del self.recordings[rec_id]
-        self._order = None
         self.deleted_ids.append(rec_id)
         return web.Response(status=204)
 
@@ -1336,14 +1643,14 @@ class Simulator:
             )
         )
 
-    async def _handle_download(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_download(self, request: web.Request, res: _Resource) -> web.StreamResponse:
         rec_id, denied = self._resolve(request.match_info["name"], request.query)
         range_header = request.headers.get("Range")
         self._record_download(request, rec_id)
         if denied is not None:
             return denied
-        rec = self.recordings.get(rec_id)
-        if rec is None:  # deleted at source (or never existed)
+        rec = self._live(res).get(rec_id)
+        if rec is None:  # deleted at source (or never existed, or of the other resource)
             return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
         fault = self._download_fault(rec)
         if fault is not None:
@@ -1414,7 +1721,7 @@ class Simulator:
         return resp
 
     async def _send_cached(
-        self, rec: SimRecording, transport: asyncio.Transport | None, start: int, end: int
+        self, rec: SimMedia, transport: asyncio.Transport | None, start: int, end: int
     ) -> bool:
         """Send ``[start, end)`` by ``sendfile`` from the content cache (or a body's own file);
         False when there is no such file."""
@@ -1436,7 +1743,7 @@ class Simulator:
 
     # ------------------------------------------------------- bad download answers
 
-    def _download_fault(self, rec: SimRecording) -> DownloadFault | None:
+    def _download_fault(self, rec: SimMedia) -> DownloadFault | None:
         if rec.download_fault is not None:
             return DownloadFault(rec.download_fault)
         f = self.faults
@@ -1481,7 +1788,7 @@ class Simulator:
     async def _serve_object(
         self,
         request: web.Request,
-        rec: SimRecording,
+        rec: SimMedia,
         *,
         kind: DownloadFault,
         size: int,
@@ -1515,7 +1822,7 @@ class Simulator:
         return resp
 
     async def _serve_unsized(
-        self, request: web.Request, rec: SimRecording, chunks: Iterable[bytes]
+        self, request: web.Request, rec: SimMedia, chunks: Iterable[bytes]
     ) -> web.StreamResponse:
         """200, chunked, no Content-Length: the client cannot tell where the body should end."""
         resp = web.StreamResponse()
@@ -1527,21 +1834,21 @@ class Simulator:
         return resp
 
     async def _answer_half_no_length(
-        self, request: web.Request, rec: SimRecording
+        self, request: web.Request, rec: SimMedia
     ) -> web.StreamResponse:
         return await self._serve_unsized(request, rec, iter_content(rec, 0, rec.size // 2))
 
-    async def _answer_html(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+    async def _answer_html(self, request: web.Request, rec: SimMedia) -> web.StreamResponse:
         return web.Response(body=_PORTAL_PAGE, content_type="text/html")
 
-    async def _answer_empty(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+    async def _answer_empty(self, request: web.Request, rec: SimMedia) -> web.StreamResponse:
         # Content-Length: 0 given explicitly, else aiohttp leaves it out of a HEAD answer.
         return web.Response(
             body=b"", content_type=rec.content_type, headers={"Content-Length": "0"}
         )
 
     async def _answer_redirect_elsewhere(
-        self, request: web.Request, rec: SimRecording
+        self, request: web.Request, rec: SimMedia
     ) -> web.StreamResponse:
         location = f"{self.download_base_url}/elsewhere"
         return web.Response(status=302, headers={"Location": location, "Content-Length": "0"})
@@ -1551,7 +1858,7 @@ class Simulator:
         return web.Response(text=_ELSEWHERE_TEXT, content_type="text/plain")
 
     async def _answer_wrong_type_binary(
-        self, request: web.Request, rec: SimRecording
+        self, request: web.Request, rec: SimMedia
     ) -> web.StreamResponse:
         return await self._serve_object(
             request,
@@ -1562,7 +1869,7 @@ class Simulator:
             chunks=lambda start, end: _iter_wrong(rec, start, end),
         )
 
-    async def _answer_gzip(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+    async def _answer_gzip(self, request: web.Request, rec: SimMedia) -> web.StreamResponse:
         # As a server compressing on the fly whatever the client accepts; Range is ignored.
         body = await asyncio.to_thread(_gzipped, rec)  # for HEAD too: its Content-Length
         resp = web.Response(body=body, content_type=rec.content_type)
@@ -1570,7 +1877,7 @@ class Simulator:
         resp.headers["Vary"] = "Accept-Encoding"
         return resp
 
-    async def _answer_drip(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+    async def _answer_drip(self, request: web.Request, rec: SimMedia) -> web.StreamResponse:
         return await self._serve_object(
             request,
             rec,
@@ -1581,10 +1888,10 @@ class Simulator:
             drip=max(self.faults.drip_interval, 0.0),
         )
 
-    async def _answer_endless(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+    async def _answer_endless(self, request: web.Request, rec: SimMedia) -> web.StreamResponse:
         return await self._serve_unsized(request, rec, _iter_oversized(rec, 0, None))
 
-    async def _answer_oversize(self, request: web.Request, rec: SimRecording) -> web.StreamResponse:
+    async def _answer_oversize(self, request: web.Request, rec: SimMedia) -> web.StreamResponse:
         return await self._serve_object(
             request,
             rec,
@@ -1597,7 +1904,7 @@ class Simulator:
     _BAD_ANSWERS: ClassVar[
         dict[
             DownloadFault,
-            Callable[[Simulator, web.Request, SimRecording], Awaitable[web.StreamResponse]],
+            Callable[[Simulator, web.Request, SimMedia], Awaitable[web.StreamResponse]],
         ]
     ] = {
         DownloadFault.HALF_NO_LENGTH: _answer_half_no_length,
@@ -1689,6 +1996,8 @@ async def _serve_until_signal(
         print(f"API key:       {sim.api_key}", flush=True)
         print(f"Download host: {sim.download_base_url}", flush=True)
         print(f"Recordings:    {len(sim.recordings)}", flush=True)
+        if sim.compositions:
+            print(f"Compositions:  {len(sim.compositions)}", flush=True)
         for rec_id, fault in faulty:
             print(f"Download fault: {fault} {rec_id}", flush=True)
         for rec_id, target in pointed:
@@ -1711,6 +2020,13 @@ def run_forever(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size-max", type=int, default=200_000)
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--processing", type=int, default=0)
+    p.add_argument(
+        "--compositions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="number of room compositions (completed, of the recordings' rooms and sessions)",
+    )
     p.add_argument("--url-ttl", type=float, default=600)
     p.add_argument(
         "--dialect",
@@ -1773,6 +2089,12 @@ def run_forever(argv: Sequence[str] | None = None) -> int:
         download_port=args.dl_port,
         content_cache=args.content_cache,
         dialect=args.dialect,
+        compositions=make_compositions(
+            max(args.compositions, 0),
+            seed=args.seed,
+            size=(args.size_min, max(args.size_min, args.size_max)),
+            days=args.days,
+        ),
     )
     if sim.content_cache is not None:
         sim.warm_content_cache()

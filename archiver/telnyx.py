@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -44,6 +44,7 @@ from archiver.models import _EPHEMERAL_FIELDS, MalformedEntry, Recording
 from archiver.netguard import Origin
 from archiver.redact import redact, register_secret
 from archiver.retry import RetryPolicy, call_with_retry
+from archiver.sources import RECORDINGS, SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -272,14 +273,20 @@ class TelnyxApi:
             raise ApiError(f"{where}; refusing to repeat a {method} elsewhere", status=resp.status)
         return target
 
-    async def list_page(self, filters: Filters, number: int, size: int | None = None) -> Page:
+    async def list_page(
+        self, filters: Filters, number: int, size: int | None = None, source: str = RECORDINGS
+    ) -> Page:
         size = size or self._settings.page_size
-        params = {**filters.to_query(), "page[size]": str(size), "page[number]": str(number)}
-        _, body = await self._request("GET", "/room_recordings", params)
-        return parse_page(body, number)
+        params = {
+            **filters.to_query(source),
+            "page[size]": str(size),
+            "page[number]": str(number),
+        }
+        _, body = await self._request("GET", SOURCES[source].path, params)
+        return parse_page(body, number, source)
 
-    async def retrieve(self, recording_id: str) -> Recording:
-        path = f"/room_recordings/{quote(recording_id, safe='')}"
+    async def retrieve(self, recording_id: str, source: str = RECORDINGS) -> Recording:
+        path = item_path(source, recording_id)
         _, body = await self._request("GET", path)
         try:
             doc = json.loads(body)
@@ -287,7 +294,7 @@ class TelnyxApi:
             raise MalformedResponse(f"GET {path}: the API answered non-JSON") from exc
         data = doc.get("data") if isinstance(doc, dict) else None
         try:
-            rec = Recording.from_api(data)
+            rec = Recording.from_api(data, source)
         except MalformedEntry as exc:
             raise MalformedResponse(f"retrieve {recording_id!r}: {exc}") from exc
         if rec.id != recording_id:
@@ -299,11 +306,11 @@ class TelnyxApi:
             )
         return rec
 
-    async def delete(self, recording_id: str) -> None:
+    async def delete(self, recording_id: str, source: str = RECORDINGS) -> None:
         """Delete ONE recording at the source. The bulk delete endpoint is never called."""
         if not recording_id:
             raise ValueError("refusing a delete without an id")
-        path = f"/room_recordings/{quote(recording_id, safe='')}"
+        path = item_path(source, recording_id)
         # The answer is a 204 without a body: asking for JSON only would be wrong.
         await self._request("DELETE", path, headers={"Accept": "*/*"})
 
@@ -313,9 +320,17 @@ class TelnyxClient:
     (``TelnyxApi``, kept as ``once``) with every call retried by the one policy. Only here is an
     API call retried; ``retrieve_once`` is the single attempt for a caller that retries itself."""
 
-    def __init__(self, settings: TelnyxSettings, *, max_pages: int | None = None) -> None:
-        """``max_pages``: the page cap of one listing (default ``max_pages_for(page_size)``)."""
+    def __init__(
+        self,
+        settings: TelnyxSettings,
+        *,
+        max_pages: int | None = None,
+        sources: Sequence[str] = (RECORDINGS,),
+    ) -> None:
+        """``max_pages``: the page cap of one listing (default ``max_pages_for(page_size)``);
+        ``sources``: what ``iter_pages`` lists, one after the other (``archiver.sources``)."""
         self.once = TelnyxApi(settings)
+        self._sources = tuple(sources)
         self._page_size = settings.page_size
         self._policy = RetryPolicy(
             attempts=settings.max_attempts,
@@ -336,17 +351,26 @@ class TelnyxClient:
     ) -> None:
         await self.once.__aexit__(exc_type, exc, tb)
 
-    async def list_page(self, filters: Filters, number: int, size: int | None = None) -> Page:
+    async def list_page(
+        self, filters: Filters, number: int, size: int | None = None, source: str = RECORDINGS
+    ) -> Page:
+        what = f"list page {number}" + ("" if source == RECORDINGS else f" of {source}")
         return await call_with_retry(
-            self._policy, f"list page {number}", lambda: self.once.list_page(filters, number, size)
+            self._policy, what, lambda: self.once.list_page(filters, number, size, source)
         )
 
     async def iter_pages(self, filters: Filters) -> AsyncIterator[Page]:
-        """Every page in order. The listing ends at an empty page, at ``meta.total_pages``, or
-        at a page that brings no entry this listing has not seen already (an API repeating a
-        page, with ``meta`` or without): ``meta`` is optional in the spec, and a page shift
-        that repeats a whole page is caught by the next pass. Past the page cap it raises
-        ``EndlessListing``."""
+        """Every page of every source this client lists, one source after the other."""
+        for source in self._sources:
+            async for page in self._iter_source(filters, source):
+                yield page
+
+    async def _iter_source(self, filters: Filters, source: str) -> AsyncIterator[Page]:
+        """Every page of one source in order. The listing ends at an empty page, at
+        ``meta.total_pages``, or at a page that brings no entry this listing has not seen
+        already (an API repeating a page, with ``meta`` or without): ``meta`` is optional in
+        the spec, and a page shift that repeats a whole page is caught by the next pass. Past
+        the page cap it raises ``EndlessListing``."""
         seen: set[str] = set()
         number = 1
         total_pages: int | None = None
@@ -357,7 +381,7 @@ class TelnyxClient:
                     f"{self._page_size} (meta.total_pages: {total_pages}) without "
                     "ending; stopped: the API keeps answering pages, check telnyx.base_url"
                 )
-            page = await self.list_page(filters, number)
+            page = await self.list_page(filters, number, source=source)
             total_pages = page.total_pages
             yield page
             ids = {rec.id for rec in page.recordings} | {stand_in for stand_in, _ in page.malformed}
@@ -376,23 +400,28 @@ class TelnyxClient:
             seen |= ids
             number += 1
 
-    async def retrieve(self, recording_id: str) -> Recording:
+    async def retrieve(self, recording_id: str, source: str = RECORDINGS) -> Recording:
         return await call_with_retry(
             self._policy,
-            f"GET /room_recordings/{quote(recording_id, safe='')}",
-            lambda: self.once.retrieve(recording_id),
+            f"GET {item_path(source, recording_id)}",
+            lambda: self.once.retrieve(recording_id, source),
         )
 
-    async def retrieve_once(self, recording_id: str) -> Recording:
+    async def retrieve_once(self, recording_id: str, source: str = RECORDINGS) -> Recording:
         """One attempt at ``retrieve``: for a caller whose own loop is the retry."""
-        return await self.once.retrieve(recording_id)
+        return await self.once.retrieve(recording_id, source)
 
-    async def delete(self, recording_id: str) -> None:
+    async def delete(self, recording_id: str, source: str = RECORDINGS) -> None:
         await call_with_retry(
             self._policy,
-            f"DELETE /room_recordings/{quote(recording_id, safe='')}",
-            lambda: self.once.delete(recording_id),
+            f"DELETE {item_path(source, recording_id)}",
+            lambda: self.once.delete(recording_id, source),
         )
+
+
+def item_path(source: str, item_id: str) -> str:
+    """The API path of one item of ``source`` (its id quoted: it is never trusted as a path)."""
+    return f"{SOURCES[source].path}/{quote(item_id, safe='')}"
 
 
 async def read_capped(resp: aiohttp.ClientResponse, what: str) -> str:
@@ -439,7 +468,7 @@ def stand_in_id(entry: Any) -> str:
     return "malformed-" + hashlib.sha256(canonical).hexdigest()[:16]
 
 
-def parse_page(body: str, number: int) -> Page:
+def parse_page(body: str, number: int, source: str = RECORDINGS) -> Page:
     """Read one listing page. A body that is not the documented shape is transient (the API is
     having a bad moment); an entry that is not a recording is reported, not fatal."""
     try:
@@ -453,7 +482,7 @@ def parse_page(body: str, number: int) -> Page:
     malformed_entries: dict[str, Any] = {}
     for entry in doc["data"]:
         try:
-            rec = Recording.from_api(entry)
+            rec = Recording.from_api(entry, source)
         except MalformedEntry as exc:
             stand_in = stand_in_id(entry)
             malformed.append((stand_in, str(exc)))

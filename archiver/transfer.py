@@ -192,8 +192,8 @@ class Transferer:
             heartbeat.cancel()
             metrics.IN_FLIGHT.dec()
         seconds = time.monotonic() - started
-        metrics.ARCHIVED.inc()
-        metrics.BYTES.inc(stored.size)
+        metrics.ARCHIVED.labels(source=rec.source).inc()
+        metrics.BYTES.labels(source=rec.source).inc(stored.size)
         metrics.TRANSFER_SECONDS.observe(seconds)
         log.info(
             "archived %s",
@@ -231,7 +231,7 @@ class Transferer:
         await self._ledger.fail(
             recording_id, owner=progress.owner, error=message, permanent=permanent
         )
-        metrics.FAILED.labels(permanent=str(permanent).lower()).inc()
+        metrics.FAILED.labels(source=progress.rec.source, permanent=str(permanent).lower()).inc()
         log.warning(
             "failed %s: %s",
             recording_id,
@@ -373,6 +373,7 @@ def sidecar_json(
     doc = {
         "recording": dict(rec.metadata),
         "archive": {
+            "source": rec.source,
             "key": stored.key,
             "location": locate(stored.key) if locate is not None else None,
             "size": stored.size,

@@ -1,4 +1,5 @@
-"""Near-real-time archiving: a receiver for Telnyx's ``video.room.recording.completed`` webhook.
+"""Near-real-time archiving: a receiver for Telnyx's ``video.room.recording.completed`` webhook
+(and ``video.room.composition.completed`` when compositions are archived).
 
 Opt-in (``daemon.webhook_port``, 0 = off); polling stays the safety net, so a lost or refused
 delivery only delays a recording until the next pass.
@@ -23,7 +24,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -33,10 +34,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from archiver import layout, metrics
 from archiver.errors import ConfigError, UnsafeValue
 from archiver.models import MalformedEntry, Recording
+from archiver.sources import RECORDINGS, SOURCES
 
 log = logging.getLogger(__name__)
 
-COMPLETED = "video.room.recording.completed"
+COMPLETED = SOURCES[RECORDINGS].ready_event
+# The event that names a finished item, per source.
+_READY = {src.ready_event: src for src in SOURCES.values()}
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
 MAX_BODY = 64 * 1024
@@ -44,7 +48,7 @@ MAX_BODY = 64 * 1024
 # recording is in the ledger by then and is queued as soon as a slot frees).
 QUEUE_WAIT = 5.0
 # Fields of the payload never kept: presigned URLs. The transfer asks the API for a fresh one.
-_DROPPED_FIELDS = frozenset({"download_url", "download_urls", "recording_id"})
+_DROPPED_FIELDS = frozenset({"download_url", "download_urls", "recording_id", "composition_id"})
 
 
 class Engine(Protocol):
@@ -102,8 +106,11 @@ def verify(
         raise Refused("stale", 401, f"the timestamp is {now - sent_at:+.0f}s away from now")
 
 
-def parse_event(body: bytes) -> tuple[str, Recording | None]:
-    """The event type and, for a recording completion, the recording it names."""
+def parse_event(
+    body: bytes, sources: Sequence[str] = (RECORDINGS,)
+) -> tuple[str, Recording | None]:
+    """The event type and, for a completion of an item of one of ``sources``, the item it
+    names (a recording, or a composition)."""
     try:
         doc = json.loads(body)
     except ValueError:
@@ -112,20 +119,22 @@ def parse_event(body: bytes) -> tuple[str, Recording | None]:
     if not isinstance(data, dict) or not isinstance(data.get("event_type"), str):
         raise Refused("malformed", 400, "no data.event_type")
     event_type: str = data["event_type"]
-    if event_type != COMPLETED:
+    source = _READY.get(event_type)
+    if source is None or source.name not in sources:
         return event_type, None
     payload = data.get("payload")
     if not isinstance(payload, dict):
         raise Refused("malformed", 400, "no data.payload")
-    rec_id = payload.get("recording_id") or payload.get("id")
+    id_field = f"{source.noun}_id"
+    rec_id = payload.get(id_field) or payload.get("id")
     if not isinstance(rec_id, str) or not rec_id:
-        raise Refused("malformed", 400, "the payload has no recording_id")
+        raise Refused("malformed", 400, f"the payload has no {id_field}")
     try:
-        layout.check_id(rec_id, "recording id")
+        layout.check_id(rec_id, f"{source.noun} id")
         entry: dict[str, Any] = {k: v for k, v in payload.items() if k not in _DROPPED_FIELDS}
         entry["id"] = rec_id
         entry.setdefault("status", "completed")
-        return event_type, Recording.from_api(entry)
+        return event_type, Recording.from_api(entry, source.name)
     except (UnsafeValue, MalformedEntry) as exc:
         raise Refused("malformed", 400, str(exc)) from None
 
@@ -138,8 +147,10 @@ class WebhookReceiver:
         *,
         tolerance: float,
         clock: Callable[[], float] = time.time,
+        sources: Sequence[str] = (RECORDINGS,),
     ) -> None:
         self._engine = engine
+        self._sources = tuple(sources)
         self._key = public_key
         self._tolerance = tolerance
         self._clock = clock
@@ -175,7 +186,7 @@ class WebhookReceiver:
             tolerance=self._tolerance,
             now=self._clock(),
         )
-        event_type, rec = parse_event(body)
+        event_type, rec = parse_event(body, self._sources)
         if rec is None:
             return self._answer("ignored", 200, event_type=event_type)
         if self._engine.stop.is_set():

@@ -1,4 +1,5 @@
-"""The Telnyx API spec for room recordings, as data, and a strict checker of requests and answers.
+"""The Telnyx API spec for room recordings and compositions, as data, and a strict checker of
+requests and answers.
 
 The facts come from ``team-telnyx/openapi``, ``openapi/spec3.yml`` (OpenAPI 3.1.0), at commit
 12de4dd039fd (2026-07-16), the newest version of that file this project could read whole; the
@@ -20,6 +21,21 @@ line numbers below are that file's. The SDK built from it (``team-telnyx/telnyx-
 * No field of ``RoomRecording`` (50693) or ``PaginationMeta`` (42979) is required, and none is
   nullable (3.1.0: a null would need ``type: [..., "null"]``): a field without a value is
   left out.
+
+Room compositions (``CreateRoomComposition``, the POST at 106953, is left out: archiver never
+creates one):
+
+* The list (``ListRoomCompositions``, line 106882) takes the deepObject ``filter`` (106891):
+  ``filter[date_created_at][eq|gte|lte]`` (dates), ``filter[session_id]`` (a UUID) and
+  ``filter[status]`` (an enum: ``completed``, ``processing``, ``enqueued``), then the same
+  ``video_PageConsolidated``. Its 4XX is ``video_GenericErrorResponse`` as the recordings
+  list's; a retrieve's or a delete's 404 is ``video_ResourceNotFound``; a delete answers 204
+  without a body.
+* ``RoomComposition`` (50513): no field required, none nullable. ``video_layout`` is a map
+  (``additionalProperties``) of ``VideoRegion`` (65688); ``format`` has the one value ``mp4``;
+  ``status`` is ``completed``, ``enqueued`` or ``processing``. The schema's example says
+  ``record_type: composition`` (50521), its property's example ``room_composition`` (50575):
+  the latter is what the simulator sends; the checker holds it to a string only.
 
 What is judgement, not spec: a status no operation declares (401 on a retrieve, 429, 5xx) is
 accepted when its body is one of the three error shapes (``UNDECLARED_ERRORS``); and answers
@@ -46,7 +62,7 @@ class Value:
     """One schema of a parameter or a JSON value."""
 
     type: str  # string | integer | number | boolean | object
-    format: str | None = None  # date | date-time | uuid | float
+    format: str | None = None  # date | date-time | uuid | float | uri
     enum: tuple[str, ...] | None = None
     minimum: int | None = None
     maximum: int | None = None
@@ -57,21 +73,30 @@ class Value:
 class Obj:
     """A JSON object: its properties (none required unless named)."""
 
-    properties: Mapping[str, Value | Obj | Arr]
+    properties: Mapping[str, Value | Obj | Arr | Map]
     required: tuple[str, ...] = ()
     line: int = 0
 
 
 @dataclass(frozen=True)
 class Arr:
-    items: Value | Obj | Arr
+    items: Value | Obj | Arr | Map
 
 
-Schema = Value | Obj | Arr
+@dataclass(frozen=True)
+class Map:
+    """A JSON object whose properties, any names, are all ``values`` (additionalProperties)."""
+
+    values: Value | Obj | Arr | Map
+    line: int = 0
+
+
+Schema = Value | Obj | Arr | Map
 
 
 DATE = "date"
 UUID = "uuid"
+URI = "uri"
 
 # ListRoomRecordings' query keys (the deepObject ``filter``, then video_PageConsolidated).
 LIST_QUERY: dict[str, Value] = {
@@ -149,6 +174,59 @@ ONE_ANSWER = Obj({"data": ROOM_RECORDING}, line=107425)
 BULK_DELETE_ANSWER = Obj({"data": Obj({"room_recordings": Value("integer")})}, line=107260)
 PATH_ID = Value("string", UUID)  # room_recording_id, lines 107397 and 107418
 
+# ListRoomCompositions' query keys (the deepObject ``filter``, then video_PageConsolidated).
+COMPOSITION_LIST_QUERY: dict[str, Value] = {
+    "filter[date_created_at][eq]": Value("string", DATE, line=106897),
+    "filter[date_created_at][gte]": Value("string", DATE, line=106903),
+    "filter[date_created_at][lte]": Value("string", DATE, line=106909),
+    "filter[session_id]": Value("string", UUID, line=106916),
+    "filter[status]": Value("string", enum=("completed", "processing", "enqueued"), line=106921),
+    "page[number]": LIST_QUERY["page[number]"],
+    "page[size]": LIST_QUERY["page[size]"],
+}
+
+VIDEO_REGION = Obj(
+    {
+        "height": Value("integer", minimum=16, line=65690),
+        "max_columns": Value("integer", minimum=1, maximum=1000, line=65695),
+        "max_rows": Value("integer", minimum=1, maximum=1000, line=65703),
+        "video_sources": Arr(Value("string", UUID, line=65714)),  # "Can be '*'", but uuid
+        "width": Value("integer", minimum=16, line=65719),
+        "x_pos": Value("integer", line=65724),
+        "y_pos": Value("integer", line=65730),
+        "z_pos": Value("integer", minimum=-99, maximum=99, line=65736),
+    },
+    line=65688,
+)
+ROOM_COMPOSITION = Obj(
+    {
+        "completed_at": Value("string", "date-time", line=50540),
+        "created_at": Value("string", "date-time", line=50545),
+        "download_url": Value("string", line=50550),
+        "duration_secs": Value("integer", line=50554),
+        "ended_at": Value("string", "date-time", line=50558),
+        "format": Value("string", enum=("mp4",), line=50563),
+        "id": Value("string", UUID, line=50569),
+        "record_type": Value("string", line=50574),  # readOnly; example room_composition
+        "resolution": Value("string", line=50578),  # example 1280x720
+        "room_id": Value("string", UUID, line=50582),
+        "session_id": Value("string", UUID, line=50587),
+        "size_mb": Value("number", "float", line=50592),
+        "started_at": Value("string", "date-time", line=50597),
+        "status": Value("string", enum=("completed", "enqueued", "processing"), line=50602),
+        "updated_at": Value("string", "date-time", line=50610),
+        "user_id": Value("string", UUID, line=50615),
+        "video_layout": Map(VIDEO_REGION, line=50620),  # "Limited to 2 regions": not checked
+        "webhook_event_failover_url": Value("string", URI, line=50626),  # default ''
+        "webhook_event_url": Value("string", URI, line=50634),
+        "webhook_timeout_secs": Value("integer", minimum=0, maximum=30, line=50640),
+    },
+    line=50513,
+)
+COMPOSITION_LIST_ANSWER = Obj({"data": Arr(ROOM_COMPOSITION), "meta": PAGINATION_META}, line=106933)
+COMPOSITION_ONE_ANSWER = Obj({"data": ROOM_COMPOSITION}, line=107015)
+# room_composition_id, lines 106987 and 107008: a uuid as PATH_ID.
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -172,6 +250,12 @@ OPERATIONS = (
               {"200": ONE_ANSWER, "404": ERROR_OBJECT}, 107413),
     Operation("DeleteRoomRecording", "DELETE", "/room_recordings/{room_recording_id}", {},
               {"204": None, "404": ERROR_OBJECT}, 107391),
+    Operation("ListRoomCompositions", "GET", "/room_compositions", COMPOSITION_LIST_QUERY,
+              {"200": COMPOSITION_LIST_ANSWER, "4XX": GENERIC_ERROR}, 106882),
+    Operation("ViewRoomComposition", "GET", "/room_compositions/{room_composition_id}", {},
+              {"200": COMPOSITION_ONE_ANSWER, "404": ERROR_OBJECT}, 107003),
+    Operation("DeleteRoomComposition", "DELETE", "/room_compositions/{room_composition_id}", {},
+              {"204": None, "404": ERROR_OBJECT}, 106981),
 )  # fmt: skip
 
 # Judgement (see the module docstring): statuses any call may meet without the spec saying so.
@@ -181,6 +265,7 @@ UNDECLARED_ERRORS = frozenset({401, 403, 408, 409, 429, 500, 502, 503, 504})
 # -- the checker -----------------------------------------------------------------------------
 _UUID_RE = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}", re.IGNORECASE)
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_URI_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[^\s]+")  # RFC 3986: a scheme, then the rest
 _INT_RE = re.compile(r"-?\d+")
 _DATE_TIME_RE = re.compile(
     r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})", re.IGNORECASE
@@ -225,6 +310,8 @@ def format_problem(value: Value, text: str) -> str | None:
             return "not a calendar date"
     if value.format == UUID and not _UUID_RE.fullmatch(text):
         return "not a UUID"
+    if value.format == URI and not _URI_RE.fullmatch(text):
+        return "not an absolute URI"
     if value.enum is not None and text not in value.enum:
         return f"not one of {value.enum}"
     return None
@@ -334,6 +421,14 @@ def json_problems(schema: Schema, doc: Any, path: str) -> list[str]:
             for i, item in enumerate(doc)
             for p in json_problems(schema.items, item, f"{path}[{i}]")
         ]
+    if isinstance(schema, Map):
+        if not isinstance(doc, dict):
+            return [f"{path}: {type(doc).__name__}, not an object"]
+        return [
+            p
+            for name, value in doc.items()
+            for p in json_problems(schema.values, value, f"{path}.{name}")
+        ]
     if isinstance(schema, Obj):
         if not isinstance(doc, dict):
             return [f"{path}: {type(doc).__name__}, not an object"]
@@ -360,6 +455,11 @@ def _value_problem(value: Value, doc: Any) -> str | None:
         return f"{doc!r} is a boolean, not {value.type}"
     if not isinstance(doc, kinds[value.type]):
         return f"{doc!r:.80} is not {value.type}"
+    if value.type == "integer":
+        if value.minimum is not None and doc < value.minimum:
+            return f"{doc!r} is below {value.minimum}"
+        if value.maximum is not None and doc > value.maximum:
+            return f"{doc!r} is above {value.maximum}"
     if value.type != "string":
         return None
     if value.format == "date-time":

@@ -3,7 +3,8 @@
 ``SpecProxy`` is a small aiohttp server between archiver and the simulator's API. It forwards
 each request as it came, holds the request to the spec's facts (``tests.spec_room_recordings``:
 a query key the spec does not define, a bad value, a bulk delete, a wrong Accept are problems),
-and, against the current dialect, the simulator's answer too. Every test ends with the proxy
+and, against the current dialect, the simulator's answer too; room recordings and room
+compositions alike. Every test ends with the proxy
 clean. The simulator runs in both dialects: the current spec, and the legacy reference page's
 (which ignores the one duration filter the current spec has).
 """
@@ -35,6 +36,7 @@ from archiver.simulator import (
     ScriptedAnswer,
     SimRecording,
     Simulator,
+    make_compositions,
     make_recordings,
 )
 from archiver.telnyx import TelnyxClient
@@ -113,8 +115,9 @@ class SpecProxy:
         out = {k: v for k, v in answer_headers.items() if k.lower() not in _HOP}
         return web.Response(status=status, body=answer, headers=out)
 
-    def lists(self) -> list[spec.Seen]:
-        return [s for s in self.seen if s.method == "GET" and s.path == "/room_recordings"]
+    def lists(self, path: str = "/room_recordings") -> list[spec.Seen]:
+        """The list calls seen (``path="/room_compositions"``: the compositions')."""
+        return [s for s in self.seen if s.method == "GET" and s.path == path]
 
 
 Proxied = Callable[..., Any]
@@ -122,8 +125,8 @@ Proxied = Callable[..., Any]
 
 @pytest.fixture
 async def proxied(sim_factory: Callable[..., Any]) -> AsyncIterator[Proxied]:
-    """``await proxied(recordings, faults, dialect=...)`` → (simulator, proxy); every proxy
-    must be clean when the test ends."""
+    """``await proxied(recordings, faults, dialect=..., compositions=...)`` → (simulator,
+    proxy); every proxy must be clean when the test ends."""
     proxies: list[SpecProxy] = []
 
     async def start(
@@ -268,6 +271,51 @@ async def test_the_proxy_fails_a_request_the_spec_does_not_define(
     assert "never call DeleteRoomRecordings" in proxy.problems[3]
     assert "405 is not declared" in proxy.problems[4]  # the simulator's guard, not the spec's
     assert "for an answer without a body" in proxy.problems[5]
+    proxy.problems.clear()  # seen failing on purpose
+
+
+async def test_the_proxy_holds_composition_calls_to_the_spec(proxied: Proxied) -> None:
+    comps = make_compositions(30, seed=41, start=START, days=5, enqueued=2, processing=3)
+    sim, proxy = await proxied(make_recordings(3, seed=41), compositions=comps)
+    url = f"{proxy.api_base_url}/room_compositions"
+    auth = {"Authorization": f"Bearer {sim.api_key}", "Accept": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for params in (
+            {"page[size]": "10", "page[number]": "2"},
+            {
+                "filter[session_id]": comps[0].session_id,
+                "filter[status]": "completed",
+                "filter[date_created_at][gte]": "2026-03-02",
+                "filter[date_created_at][lte]": "2026-03-04",
+            },
+        ):
+            async with http.get(url, params=params, headers=auth) as r:
+                assert r.status == 200 and (await r.json())["data"]
+        for comp in comps[:6]:  # enqueued, processing and completed ones
+            async with http.get(f"{url}/{comp.id}", headers=auth) as r:
+                assert r.status == 200
+        bare = {"Authorization": auth["Authorization"]}  # Accept: */* for a 204
+        for expected in (204, 404):
+            async with http.delete(f"{url}/{comps[5].id}", headers=bare) as r:
+                assert r.status == expected
+        assert proxy.problems == []  # answers checked too (the current dialect)
+        assert [s.status for s in proxy.lists("/room_compositions")] == [200, 200]
+        for params in (
+            {"filter[room_id]": comps[0].room_id},  # the recordings list's, not this one's
+            {"filter[status]": "failed"},
+            {"filter[date_created_at][gt]": "2026-03-02"},
+        ):
+            async with http.get(url, params=params, headers=auth) as r:
+                assert r.status == 422
+        async with http.get(f"{url}/not-a-uuid", headers=auth) as r:
+            assert r.status == 404
+    assert sim.deleted_ids == [comps[5].id]
+    assert len(proxy.problems) == 4, proxy.problems
+    assert "ListRoomCompositions" in proxy.problems[0]
+    assert "'filter[room_id]' is not defined" in proxy.problems[0]
+    assert "filter[status]='failed': not one of" in proxy.problems[1]
+    assert "'filter[date_created_at][gt]' is not defined" in proxy.problems[2]
+    assert "ViewRoomComposition" in proxy.problems[3] and "not a UUID" in proxy.problems[3]
     proxy.problems.clear()  # seen failing on purpose
 
 
@@ -701,3 +749,33 @@ async def test_the_lister_counts_entries_outside_the_filters_apart(
         "page[size]",
         "page[number]",
     }
+
+
+async def test_archiver_asks_for_compositions_in_the_lists_own_forms(
+    proxied: Proxied, tmp_path: Path
+) -> None:
+    recs = make_recordings(20, seed=42, start=START, days=10, size=(1_000, 5_000))
+    comps = make_compositions(15, seed=42, start=START, days=10, size=(1_000, 5_000))
+    sim, proxy = await proxied(recs, Faults(ignore_filters=True), compositions=comps)
+    session = comps[0].session_id
+    settings = make_settings(
+        sim,
+        tmp_path,
+        telnyx__base_url=proxy.api_base_url,
+        telnyx__page_size=10,
+        sources__room_compositions=True,
+        source__delete_after_archive=True,
+    )
+    # Every filter the recordings list has: the compositions list is sent only its own, and
+    # what it ignores (here: everything) is checked on each entry.
+    report = await run_backfill(
+        settings, Filters(session_id=session, date_ended_at_gte=START.date())
+    )
+    assert report.all_archived
+    wanted = {c.id for c in comps if c.session_id == session} | {
+        r.id for r in recs if r.session_id == session
+    }
+    assert archived_ids(tmp_path) == wanted and set(sim.deleted_ids) == wanted
+    asked = {k for s in proxy.lists("/room_compositions") for k in s.query}
+    assert "filter[session_id]" in asked and "filter[date_created_at][gte]" in asked
+    assert not any(k.startswith("filter[date_ended_at]") for k in asked)

@@ -28,6 +28,7 @@ from archiver.purge import SourceDeleter
 from archiver.service import BackfillResult as RunReport
 from archiver.service import backfill, make_engine, open_services
 from archiver.simulator import Faults, Simulator, add_hostile_entries, make_recordings
+from archiver.sources import RECORDINGS
 from archiver.storage.base import Capabilities, ObjectInfo
 from archiver.telnyx import TelnyxClient
 from tests.conftest import API_KEY, KEY_ENV, make_settings, write_config
@@ -300,7 +301,7 @@ class WatchingSimulator(Simulator):
         super().__init__(*args, **kw)
         self.seen_at_delete: dict[str, dict[str, Any]] = {}
 
-    async def _handle_delete(self, request: web.Request) -> web.StreamResponse:
+    async def _handle_delete(self, request: web.Request, res: Any) -> web.StreamResponse:
         rid = request.match_info["id"]
         conn = sqlite3.connect(self.ledger_path, timeout=10)
         try:
@@ -322,7 +323,7 @@ class WatchingSimulator(Simulator):
                 "archived_audit": audit,
             },
         )
-        return await super()._handle_delete(request)
+        return await super()._handle_delete(request, res)
 
 
 async def test_delete_at_source_only_after_a_verified_copy(tmp_path):
@@ -452,7 +453,7 @@ class RecordedDeletes:
     def __init__(self) -> None:
         self.ids: list[str] = []
 
-    async def delete(self, recording_id: str) -> None:
+    async def delete(self, recording_id: str, source: str = RECORDINGS) -> None:
         self.ids.append(recording_id)
 
 

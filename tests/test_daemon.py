@@ -198,10 +198,10 @@ async def test_new_and_processing_recordings_are_archived(sim_factory, tmp_path)
             status, text = await http_get(f"http://127.0.0.1:{port}/metrics")
             assert status == 200
             values = metric_values(text)
-            if values["archiver_recordings_archived_total"] >= expected:
+            if values['archiver_recordings_archived_total{source="room_recordings"}'] >= expected:
                 break
             await asyncio.sleep(0.05)
-        assert values["archiver_recordings_archived_total"] == expected
+        assert values['archiver_recordings_archived_total{source="room_recordings"}'] == expected
         assert values["archiver_last_successful_pass_timestamp_seconds"] > time.time() - 10
         assert values["archiver_oldest_unarchived_age_seconds"] == 0
         assert values['archiver_api_responses_total{status="200"}'] > 0

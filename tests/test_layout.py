@@ -72,6 +72,7 @@ def test_the_rules_and_the_wiring_stay_apart() -> None:
         "archiver.ledger.ops",
         "archiver.ledger.rows",
         "archiver.models",
+        "archiver.sources",
     }
     assert graph["archiver.ledger.ops"] <= {"archiver.models"}
     # What a listing is limited to is pure: the filters and the scope know no HTTP client.

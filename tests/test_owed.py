@@ -390,8 +390,10 @@ async def test_a_signal_mid_transfer_exits_3_and_the_rerun_continues_each_partia
     assert code == 3, out
     owed = re.search(r"interrupted before the end: (\d+) still owed", out)
     assert owed is not None and int(owed.group(1)) > 0, out
-    left = partials(tmp_path)
-    assert left, "what was written before the signal stays, to be continued"
+    # What was written before the signal stays, to be continued (a partial still empty
+    # is simply asked for whole).
+    left = [p for p in partials(tmp_path) if p.stat().st_size > 0]
+    assert left, "nothing written before the signal was kept"
     doc = await status_json(config)
     assert doc["owed"] == int(owed.group(1))
     assert doc["counts"].get("in_progress", 0) == 0  # every lease given back

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -14,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from random import Random
 from typing import Any
@@ -23,12 +25,14 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from archiver import media
 from archiver.simulator import (
     BLOCK_SIZE,
     Dialect,
     DownloadFault,
     Faults,
     ScriptedAnswer,
+    SimComposition,
     SimRecording,
     Simulator,
     _ogg_crc,
@@ -38,6 +42,7 @@ from archiver.simulator import (
     content_bytes,
     content_sha256,
     iter_content,
+    make_compositions,
     make_recordings,
 )
 from tests import spec_room_recordings as spec
@@ -1280,3 +1285,568 @@ def test_standalone_cli_takes_a_dialect() -> None:
         timeout=10,
     )
     assert done.returncode == 2 and "--dialect" in done.stderr
+
+
+# ------------------------------------------------------------------ room compositions
+
+COMPOSITIONS = "/room_compositions"
+
+
+@pytest.fixture
+async def csim() -> AsyncIterator[Simulator]:
+    """Recordings and compositions of the same rooms: 3 enqueued, 4 processing, 38 completed."""
+    comps = make_compositions(45, seed=7, size=(1_000, 150_000), days=10, enqueued=3, processing=4)
+    recs = make_recordings(5, seed=7, size=(1_000, 5_000), days=10)
+    async with Simulator(recs, api_key=KEY, seed=1, compositions=comps) as s:
+        yield s
+
+
+async def comp_page(http: aiohttp.ClientSession, sim: Simulator, **params: str) -> tuple[int, Any]:
+    """One call of ListRoomCompositions, its answer held to the spec."""
+    return await checked(http, sim, "GET", COMPOSITIONS, **params)
+
+
+async def comp_all(http: aiohttp.ClientSession, sim: Simulator, **params: str) -> list[str]:
+    ids: list[str] = []
+    number = 1
+    while True:
+        status, body = await comp_page(http, sim, **params, **{"page[number]": str(number)})
+        assert status == 200
+        ids += [e["id"] for e in body["data"]]
+        if number >= body["meta"]["total_pages"]:
+            return ids
+        number += 1
+
+
+def newest_created_first(comps: list[SimComposition]) -> list[str]:
+    return [c.id for c in sorted(comps, key=lambda c: (c.created_at, c.id), reverse=True)]
+
+
+def _created(c: SimComposition) -> date:
+    return c.created_at.astimezone(UTC).date()
+
+
+def test_make_compositions_shape() -> None:
+    start = datetime(2024, 3, 1, tzinfo=UTC)
+    comps = make_compositions(60, seed=1, start=start, days=5, enqueued=2, processing=3)
+    assert make_compositions(60, seed=1, start=start, days=5, enqueued=2, processing=3) == comps
+    assert [c.status for c in comps[:6]] == ["enqueued"] * 2 + ["processing"] * 3 + ["completed"]
+    assert len({c.id for c in comps}) == 60 and len({c.user_id for c in comps}) == 1
+    for c in comps:
+        assert start <= c.ended_at < start + timedelta(days=5)
+        assert c.started_at == c.ended_at - timedelta(seconds=c.duration_secs)
+        assert timedelta(minutes=1) <= c.created_at - c.ended_at <= timedelta(minutes=11)
+        if c.status == "completed":
+            assert c.completed_at is not None and c.completed_at > c.created_at
+            assert c.updated_at == c.completed_at
+        else:
+            assert c.completed_at is None and c.updated_at >= c.created_at
+        assert c.content_type == "video/mp4" and c.format == "mp4"
+        assert c.resolution == "1280x720" and set(c.video_layout) == {"first"}
+    # The rooms and sessions of the recordings made with the same seed, never their ids.
+    recs = make_recordings(300, seed=1, start=start, days=5)
+    assert {c.session_id for c in comps} <= {r.session_id for r in recs}
+    assert {c.room_id for c in comps} <= {r.room_id for r in recs}
+    assert 1 < len({c.session_id for c in comps}) < 10
+    assert not {c.id for c in comps} & {r.id for r in recs}
+
+
+async def test_composition_answers_follow_the_spec(
+    csim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    status, page = await comp_page(http, csim, **{"page[size]": "250"})
+    assert status == 200 and len(page["data"]) == 45
+    assert {e["status"] for e in page["data"]} == {"enqueued", "processing", "completed"}
+    for entry in page["data"][:5]:
+        assert (await checked(http, csim, "GET", f"{COMPOSITIONS}/{entry['id']}"))[0] == 200
+    gone = next(iter(csim.compositions))
+    assert (await checked(http, csim, "DELETE", f"{COMPOSITIONS}/{gone}")) == (204, None)
+    status, body = await checked(http, csim, "DELETE", f"{COMPOSITIONS}/{gone}")
+    assert status == 404 and set(body) >= {"code", "title"}  # video_ResourceNotFound
+    status, body = await checked(http, csim, "GET", f"{COMPOSITIONS}/{gone}")
+    assert status == 404 and body["code"] == "10005"
+    status, body = await comp_page(http, csim, **{"filter[type]": "video"})
+    assert status == 422 and body["success"] is False  # video_GenericErrorResponse
+    csim.faults.list_error_rate = 1.0
+    status, body = await comp_page(http, csim)
+    assert status >= 500 and body["errors"][0]["code"] == "10007"  # video_Errors
+    # The checker holds an answer to RoomComposition, not to RoomRecording.
+    entry = page["data"][-1]
+
+    def problems(**changes: Any) -> list[str]:
+        doc = json.dumps({"data": {**entry, **changes}}).encode()
+        path = f"{COMPOSITIONS}/{entry['id']}"
+        return spec.answer_problems("GET", path, 200, {"Content-Type": "application/json"}, doc)
+
+    assert problems() == []
+    assert "'codec' is not a property" in problems(codec="h264")[0]
+    assert "not one of" in problems(format="webm")[0]
+    assert "not one of" in problems(status="failed")[0]
+    assert "null" in problems(completed_at=None)[0]
+    assert "not a UUID" in problems(user_id="someone")[0]
+    assert "below 16" in problems(video_layout={"a": {"width": 8}})[0]
+    assert "not an object" in problems(video_layout={"a": [1]})[0]
+    assert "not an absolute URI" in problems(webhook_event_url="example.com/hook")[0]
+    assert "above 30" in problems(webhook_timeout_secs=31)[0]
+
+
+async def test_composition_entry_fields(csim: Simulator, http: aiohttp.ClientSession) -> None:
+    comp = next(c for c in csim.compositions.values() if c.webhook_event_url is not None)
+    _, body = await checked(http, csim, "GET", f"{COMPOSITIONS}/{comp.id}")
+    entry = body["data"]
+    assert entry["record_type"] == "room_composition" and entry["format"] == "mp4"
+    assert entry["size_mb"] == round(comp.size / 1e6, 1)
+    for name in ("room_id", "session_id", "user_id", "status", "resolution", "video_layout"):
+        assert entry[name] == getattr(comp, name), name
+    assert entry["duration_secs"] == comp.duration_secs
+    assert entry["webhook_event_url"] == comp.webhook_event_url
+    assert entry["webhook_timeout_secs"] == comp.webhook_timeout_secs
+    for name in ("created_at", "started_at", "ended_at", "updated_at"):
+        assert entry[name].endswith("Z") and len(entry[name]) == 27
+        assert datetime.fromisoformat(entry[name]) == getattr(comp, name), name
+    assert "webhook_event_failover_url" not in entry  # no value: left out, not null
+    quiet = next(c for c in csim.compositions.values() if c.webhook_event_url is None)
+    _, body = await checked(http, csim, "GET", f"{COMPOSITIONS}/{quiet.id}")
+    assert "webhook_event_url" not in body["data"] and "webhook_timeout_secs" not in body["data"]
+
+
+async def test_composition_paging_meta_and_order(
+    csim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    status, body = await comp_page(http, csim, **{"page[size]": "20", "page[number]": "2"})
+    assert status == 200 and len(body["data"]) == 20
+    assert body["meta"] == {
+        "page_number": 2,
+        "page_size": 20,
+        "total_pages": 3,
+        "total_results": 45,
+    }
+    every = list(csim.compositions.values())
+    assert await comp_all(http, csim, **{"page[size]": "20"}) == newest_created_first(every)
+    _, body = await comp_page(http, csim, **{"page[number]": "9"})
+    assert body["data"] == [] and body["meta"]["total_results"] == 45
+    _, body = await comp_page(http, csim)
+    assert body["meta"]["page_size"] == 20 and len(body["data"]) == 20
+    for size in ("1", "250"):
+        assert (await comp_page(http, csim, **{"page[size]": size}))[0] == 200
+    # The recordings list is its own: five recordings, none of the compositions.
+    _, recs = await list_page(http, csim, **{"page[size]": "250"})
+    assert {e["id"] for e in recs["data"]} == set(csim.recordings)
+    assert recs["meta"]["total_results"] == 5
+
+
+COMPOSITION_FILTERS: list[tuple[str, Callable[[SimComposition], Any], str]] = [
+    ("filter[date_created_at][eq]", _created, "eq"),
+    ("filter[date_created_at][gte]", _created, "gte"),
+    ("filter[date_created_at][lte]", _created, "lte"),
+    ("filter[session_id]", lambda c: c.session_id, "eq"),
+    ("filter[status]", lambda c: c.status, "eq"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "getter", "op"), COMPOSITION_FILTERS, ids=[f[0] for f in COMPOSITION_FILTERS]
+)
+async def test_composition_filters(
+    csim: Simulator,
+    http: aiohttp.ClientSession,
+    key: str,
+    getter: Callable[[SimComposition], Any],
+    op: str,
+) -> None:
+    comps = list(csim.compositions.values())
+    value = sorted(getter(c) for c in comps)[len(comps) // 2]
+    expected = [c for c in comps if OPS[op](getter(c), value)]
+    assert 0 < len(expected) < len(comps)
+    text = value.isoformat() if isinstance(value, date) else str(value)
+    assert await comp_all(http, csim, **{key: text, "page[size]": "7"}) == newest_created_first(
+        expected
+    )
+
+
+async def test_composition_filters_combined_and_on_created_at(
+    http: aiohttp.ClientSession,
+) -> None:
+    comps = make_compositions(80, seed=9, days=6, enqueued=10, processing=10)
+    # Its session ended before midnight, the composition was created after: created_at counts.
+    late, early = comps[-1], comps[-2]
+    late.ended_at = datetime(2025, 1, 3, 23, 58, tzinfo=UTC)
+    late.created_at = datetime(2025, 1, 4, 0, 3, tzinfo=UTC)
+    # Ended after it, created before it: the list is newest created_at first.
+    early.ended_at = datetime(2025, 1, 4, 0, 1, tzinfo=UTC)
+    early.created_at = datetime(2025, 1, 4, 0, 2, tzinfo=UTC)
+    async with Simulator(api_key=KEY, compositions=comps) as sim:
+        _, body = await comp_page(
+            http, sim, **{"filter[date_created_at][eq]": "2025-01-04", "page[size]": "250"}
+        )
+        ids = [e["id"] for e in body["data"]]
+        assert ids.index(late.id) == ids.index(early.id) - 1
+        _, body = await comp_page(http, sim, **{"filter[date_created_at][eq]": "2025-01-03"})
+        assert late.id not in {e["id"] for e in body["data"]}
+        session = comps[40].session_id
+        params = {
+            "filter[session_id]": session,
+            "filter[status]": "completed",
+            "filter[date_created_at][gte]": "2025-01-02",
+            "filter[date_created_at][lte]": "2025-01-05",
+        }
+        expected = [
+            c
+            for c in comps
+            if c.session_id == session
+            and c.status == "completed"
+            and date(2025, 1, 2) <= _created(c) <= date(2025, 1, 5)
+        ]
+        assert 0 < len(expected) < sum(c.session_id == session for c in comps)
+        got = await comp_all(http, sim, **params, **{"page[size]": "3"})
+        assert got == newest_created_first(expected)
+
+
+BAD_COMPOSITION_PARAMS = [
+    ({"filter[status]": "done"}, "filter[status]"),
+    ({"filter[status]": ""}, "filter[status]"),
+    ({"filter[session_id]": "not-a-uuid"}, "filter[session_id]"),
+    ({"filter[date_created_at][gte]": "2025-13-01"}, "filter[date_created_at][gte]"),
+    ({"filter[date_created_at][eq]": "2025-01-01T00:00:00Z"}, "filter[date_created_at][eq]"),
+    ({"page[size]": "0"}, "page[size]"),
+    ({"page[size]": "251"}, "page[size]"),
+    ({"page[number]": "0"}, "page[number]"),
+]
+# The recordings list's keys, and others, that ListRoomCompositions does not define.
+UNKNOWN_COMPOSITION_KEYS = [
+    ({"filter[room_id]": "f981dbb3-228a-44e9-ac54-e87f0e2658b0"}, "filter[room_id]"),
+    ({"filter[date_ended_at][gte]": "2025-01-01"}, "filter[date_ended_at][gte]"),
+    ({"filter[duration_secs]": "5"}, "filter[duration_secs]"),
+    ({"filter[type]": "video"}, "filter[type]"),
+    ({"filter[date_created_at][gt]": "2025-01-01"}, "filter[date_created_at][gt]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("params", "parameter"),
+    BAD_COMPOSITION_PARAMS + UNKNOWN_COMPOSITION_KEYS,
+    ids=lambda v: str(v) if isinstance(v, str) else "",
+)
+async def test_composition_invalid_parameters_are_422_in_the_lists_error_shape(
+    csim: Simulator, http: aiohttp.ClientSession, params: dict[str, str], parameter: str
+) -> None:
+    status, body = await comp_page(http, csim, **params)
+    assert status == 422
+    assert set(body) == {"message", "success"} and body["success"] is False
+    assert parameter in body["message"]
+    # The spec's facts refuse the same request.
+    assert spec.request_problems("GET", COMPOSITIONS, params, AUTH)
+
+
+async def test_composition_list_refuses_a_key_given_twice(
+    csim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    url = f"{csim.api_base_url}{COMPOSITIONS}?filter[status]=completed&filter[status]=enqueued"
+    async with http.get(url, headers=AUTH) as r:
+        assert r.status == 422 and "more than once" in (await r.json())["message"]
+
+
+async def test_legacy_composition_list(csim: Simulator, http: aiohttp.ClientSession) -> None:
+    csim.dialect = Dialect.LEGACY
+    status, body = await list_page_at(http, csim, COMPOSITIONS, **{"filter[status]": "done"})
+    assert status == 400 and body["errors"][0]["code"] == "10015"
+    everything = await list_page_at(http, csim, COMPOSITIONS, **{"page[size]": "250"})
+    ignored = await list_page_at(
+        http, csim, COMPOSITIONS, **{"filter[type]": "video", "page[size]": "250"}
+    )
+    assert ignored[1]["data"] == everything[1]["data"] and len(ignored[1]["data"]) == 45
+    assert csim.ignored_params == ["filter[type]"]
+    enqueued = next(e for e in everything[1]["data"] if e["status"] == "enqueued")
+    assert enqueued["download_url"] is None and enqueued["completed_at"] is None
+
+
+async def list_page_at(
+    http: aiohttp.ClientSession, sim: Simulator, path: str, **params: str
+) -> tuple[int, Any]:
+    async with http.get(f"{sim.api_base_url}{path}", params=params, headers=AUTH) as r:
+        return r.status, await r.json()
+
+
+async def test_compositions_advance_to_completed(http: aiohttp.ClientSession) -> None:
+    comps = make_compositions(3, seed=4, enqueued=1, processing=1)
+    queued, working, done = comps
+    async with Simulator(api_key=KEY, compositions=comps) as sim:
+
+        async def entry(comp: SimComposition) -> Any:
+            status, body = await checked(http, sim, "GET", f"{COMPOSITIONS}/{comp.id}")
+            assert status == 200
+            return body["data"]
+
+        for comp in (queued, working):
+            seen = await entry(comp)
+            assert "download_url" not in seen and "completed_at" not in seen
+        assert (await entry(done))["download_url"].startswith(sim.download_base_url)
+        before = datetime.now(UTC)
+        assert sim.advance_compositions() == [working.id]
+        assert [c.status for c in comps] == ["processing", "completed", "completed"]
+        assert working.completed_at is not None and working.completed_at >= before
+        assert working.updated_at == working.completed_at and queued.updated_at >= before
+        seen = await entry(working)
+        assert seen["status"] == "completed" and seen["download_url"]
+        assert datetime.fromisoformat(seen["completed_at"]) == working.completed_at
+        assert "download_url" not in await entry(queued)
+        _, body = await comp_page(http, sim, **{"filter[status]": "processing"})
+        assert [e["id"] for e in body["data"]] == [queued.id]
+        assert sim.advance_compositions() == [queued.id]
+        assert sim.advance_compositions() == []
+        _, body = await comp_page(http, sim, **{"filter[status]": "completed"})
+        assert len(body["data"]) == 3 and all(e["download_url"] for e in body["data"])
+
+
+async def test_composition_retrieve_delete_and_404(
+    csim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    comp = next(c for c in csim.compositions.values() if c.status == "completed")
+    url = f"{csim.api_base_url}{COMPOSITIONS}/{comp.id}"
+    async with http.get(url, headers=AUTH) as r:
+        assert r.status == 200
+        entry = (await r.json())["data"]
+    assert entry["id"] == comp.id
+    async with http.delete(url, headers=AUTH) as r:
+        assert r.status == 204 and await r.read() == b""
+    assert csim.deleted_ids == [comp.id] and comp.id not in csim.compositions
+    for method in ("GET", "DELETE"):
+        async with http.request(method, url, headers=AUTH) as r:
+            assert r.status == 404
+            assert (await r.json())["code"] == "10005"  # a bare error
+    assert comp.id not in await comp_all(http, csim, **{"page[size]": "250"})
+    _, body = await comp_page(http, csim)
+    assert body["meta"]["total_results"] == 44
+    async with http.get(entry["download_url"]) as r:  # deleted at source
+        assert r.status == 404
+    assert csim.expected_sha256(comp.id) == content_sha256(comp)  # still known
+    # Each resource has its own ids: neither route finds the other's.
+    rec_id = next(iter(csim.recordings))
+    other = next(iter(csim.compositions))
+    for path in (f"{COMPOSITIONS}/{rec_id}", f"/room_recordings/{other}"):
+        assert (await checked(http, csim, "GET", path))[0] == 404
+    # Ids are unique across both (a download URL names one item).
+    with pytest.raises(ValueError, match="duplicate"):
+        csim.add([csim.compositions[other]])
+    with pytest.raises(ValueError, match="duplicate"):
+        csim.add([dataclasses.replace(comp, id=rec_id)])
+
+
+async def test_composition_download_is_an_mp4_archiver_accepts(
+    csim: Simulator, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    comp = max(
+        (c for c in csim.compositions.values() if c.status == "completed"), key=lambda c: c.size
+    )
+    _, body = await checked(http, csim, "GET", f"{COMPOSITIONS}/{comp.id}")
+    url = body["data"]["download_url"]
+    assert url.startswith(f"{csim.download_base_url}/compositions/{comp.id}.mp4?Expires=")
+    async with http.get(url) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "video/mp4"
+        assert int(r.headers["Content-Length"]) == comp.size and r.headers["ETag"]
+        media.check_headers(r.headers.get("Content-Type"), r.headers.get("Content-Encoding"))
+        data = await r.read()
+    assert hashlib.sha256(data).hexdigest() == csim.expected_sha256(comp.id)
+    assert data == content_bytes(comp) and len(data) == comp.size
+    _iso_bmff(b"isom")(data)  # an ftyp box, then an mdat box holding the rest
+    head = data[: media.HEAD_BYTES]
+    assert media.check_head(head, content_type="video/mp4", size=comp.size) is media.Container.MP4
+    media.check_size(len(data), body["data"]["size_mb"])
+    assert media.check_copy(head, len(data), size_mb=body["data"]["size_mb"]) is None
+    assert csim.download_requests[-1].id == comp.id
+    async with http.get(url, headers={"Range": "bytes=100-"}) as r:
+        assert r.status == 206 and await r.read() == data[100:]
+    assert csim.download_completions[comp.id] >= 1  # the second may still be ending
+    # Signed as a recording's URL is: tampered or expired is refused; not a recording's path.
+    async with http.get(url[:-4] + "0000") as r:
+        assert r.status == 403
+    async with http.get(csim.download_url(comp.id, expires=int(time.time()) - 1)) as r:
+        assert r.status == 403 and "Request has expired" in await r.text()
+    async with http.get(url.replace("/compositions/", "/recordings/")) as r:
+        assert r.status == 404
+    # And from the content cache (sendfile), the same bytes.
+    cached = make_compositions(2, seed=12, size=3 * BLOCK_SIZE + 5)
+    async with Simulator(compositions=cached, content_cache=tmp_path) as sim:
+        sim.warm_content_cache()
+        names = await asyncio.to_thread(lambda: sorted(p.suffix for p in tmp_path.iterdir()))
+        assert names == [".mp4", ".mp4"]
+        async with http.get(sim.download_url(cached[1].id)) as r:
+            assert hashlib.sha256(await r.read()).hexdigest() == content_sha256(cached[1])
+
+
+async def test_composition_requests_are_recorded(
+    csim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    await comp_page(http, csim, **{"filter[status]": "enqueued", "page[size]": "5"})
+    comp_id = next(iter(csim.compositions))
+    async with http.delete(f"{csim.api_base_url}{COMPOSITIONS}/{comp_id}", headers=AUTH) as r:
+        assert r.status == 204
+    listed, deleted = csim.api_requests
+    assert listed.method == "GET" and listed.path == "/v2/room_compositions"
+    assert listed.query["filter[status]"] == "enqueued" and "page%5Bsize%5D" in listed.raw_path
+    assert listed.headers["Authorization"] == f"Bearer {KEY}"
+    assert (deleted.method, deleted.path) == ("DELETE", f"/v2/room_compositions/{comp_id}")
+    # Authentication first, as for recordings.
+    async with http.get(f"{csim.api_base_url}{COMPOSITIONS}") as r:
+        assert r.status == 401 and (await r.json())["message"].startswith("Authentication")
+    async with http.delete(f"{csim.api_base_url}{COMPOSITIONS}/{comp_id}") as r:
+        assert r.status == 401 and (await r.json())["errors"][0]["code"] == "10009"
+
+
+async def test_api_faults_apply_to_compositions(
+    csim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    url = f"{csim.api_base_url}{COMPOSITIONS}"
+    comp_id = next(iter(csim.compositions))
+    csim.faults.list_throttle_rate = 1.0
+    csim.faults.throttle_reset_seconds = 0
+    status, body = await comp_page(http, csim)
+    assert status == 429 and body["message"].startswith("Too many requests")
+    assert csim.injected["list:throttle"] == 1
+    status, _ = await comp_page(http, csim, **{"page[size]": "0"})
+    assert status == 422  # validation first
+    csim.faults.list_throttle_rate = 0.0
+    csim.faults.list_error_rate = 1.0
+    assert (await comp_page(http, csim))[0] in (500, 502, 503)
+    csim.faults.list_error_rate = 0.0
+    csim.faults.page_malformed_rate = 1.0
+    async with http.get(url, headers=AUTH) as r:
+        assert r.status == 200
+        text = await r.text()
+    with contextlib.suppress(ValueError):
+        assert not isinstance(json.loads(text).get("data"), list)
+    assert csim.injected["list:malformed"] == 1
+    csim.faults.page_malformed_rate = 0.0
+    csim.faults.list_redirect_to = "https://elsewhere.example/v2/room_compositions"
+    async with http.get(url, headers=AUTH, allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"] == csim.faults.list_redirect_to
+    csim.faults.list_redirect_to = None
+    csim.faults.retrieve_throttle_rate = 1.0
+    assert (await checked(http, csim, "GET", f"{COMPOSITIONS}/{comp_id}"))[0] == 429
+    csim.faults.retrieve_throttle_rate = 0.0
+    csim.faults.delete_error_rate = 1.0
+    assert (await checked(http, csim, "DELETE", f"{COMPOSITIONS}/{comp_id}"))[0] >= 500
+    assert comp_id in csim.compositions
+    csim.faults.delete_error_rate = 0.0
+    # Scripted answers: the routes name both resources.
+    csim.script(
+        ScriptedAnswer(409, route="retrieve"),
+        ScriptedAnswer(503, {"retry-after-ms": "250"}, route="list"),
+        ScriptedAnswer(500, route="delete"),
+    )
+    async with http.get(url, headers=AUTH) as r:
+        assert r.status == 503 and r.headers["retry-after-ms"] == "250"
+    assert (await checked(http, csim, "GET", f"{COMPOSITIONS}/{comp_id}"))[0] == 409
+    assert (await checked(http, csim, "DELETE", f"{COMPOSITIONS}/{comp_id}"))[0] == 500
+    assert csim.injected["list:scripted"] == csim.injected["retrieve:scripted"] == 1
+    assert (await checked(http, csim, "DELETE", f"{COMPOSITIONS}/{comp_id}"))[0] == 204
+
+
+async def test_listing_faults_apply_to_compositions(
+    csim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    csim.faults.omit_meta = True
+    _, body = await comp_page(http, csim, **{"page[size]": "10", "page[number]": "2"})
+    assert set(body) == {"data"} and len(body["data"]) == 10
+    csim.faults.omit_meta = False
+    csim.faults.repeat_page = True
+    csim.faults.total_pages_override = 10**9
+    _, first = await comp_page(http, csim, **{"page[size]": "10", "page[number]": "1"})
+    _, later = await comp_page(http, csim, **{"page[size]": "10", "page[number]": "4"})
+    assert [e["id"] for e in later["data"]] == [e["id"] for e in first["data"]]
+    assert later["meta"]["total_pages"] == 10**9
+    csim.faults.repeat_page = False
+    csim.faults.total_pages_override = None
+    session = next(iter(csim.compositions.values())).session_id
+    csim.faults.ignore_filters = True
+    got = await comp_all(http, csim, **{"filter[session_id]": session, "page[size]": "250"})
+    assert len(got) == 45
+    assert (await comp_page(http, csim, **{"filter[session_id]": "nope"}))[0] == 422
+    csim.faults.ignore_filters = False
+    # Expired list URLs; a retrieve gives a fresh one.
+    csim.faults.expired_first_url_rate = 1.0
+    _, body = await comp_page(http, csim, **{"filter[status]": "completed", "page[size]": "1"})
+    listed = body["data"][0]
+    async with http.get(listed["download_url"]) as r:
+        assert r.status == 403
+    _, one = await checked(http, csim, "GET", f"{COMPOSITIONS}/{listed['id']}")
+    async with http.get(one["data"]["download_url"]) as r:
+        assert r.status == 200
+    csim.faults.expired_first_url_rate = 0.0
+    # A page shift inserts compositions newer than the newest match, of the same session.
+    before = newest_created_first(list(csim.compositions.values()))
+    csim.faults.shift_on_page = 2
+    seen = await comp_all(http, csim, **{"page[size]": "10"})
+    assert len(csim.shifted_ids) == 3 and seen[10:13] == before[7:10]
+    shifted = [csim.compositions[i] for i in csim.shifted_ids]
+    assert all(c.status == "completed" and c.session_id == shifted[0].session_id for c in shifted)
+    again = await comp_all(http, csim, **{"page[size]": "10"})
+    assert again[:3] == csim.shifted_ids[::-1]
+
+
+async def test_download_faults_apply_to_compositions(
+    csim: Simulator, http: aiohttp.ClientSession, raw: aiohttp.ClientSession
+) -> None:
+    comp = max(
+        (c for c in csim.compositions.values() if c.status == "completed"), key=lambda c: c.size
+    )
+    csim.faults.truncate_rate = 1.0
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(csim.download_url(comp.id)) as r:
+            await asyncio.wait_for(r.read(), timeout=5)
+    assert csim.download_truncations[comp.id] == 1 and csim.download_completions[comp.id] == 0
+    csim.faults.truncate_rate = 0.0
+    csim.faults.ignore_range = True
+    async with http.get(csim.download_url(comp.id), headers={"Range": "bytes=10-"}) as r:
+        assert r.status == 200 and len(await r.read()) == comp.size
+    csim.faults.ignore_range = False
+    comp.download_fault = DownloadFault.HTML
+    async with raw.get(csim.download_url(comp.id)) as r:
+        assert r.content_type == "text/html" and len(await read(r)) == 81
+    assert csim.injected["download:html"] == 1
+    comp.download_fault = DownloadFault.GZIP
+    async with raw.get(csim.download_url(comp.id)) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert gzip.decompress(await read(r)) == content_bytes(comp)
+    comp.download_fault = None
+    csim.point_download_url(comp.id, csim.echo_url)
+    _, body = await checked(http, csim, "GET", f"{COMPOSITIONS}/{comp.id}")
+    assert body["data"]["download_url"] == csim.echo_url
+    csim.point_download_url(comp.id, None)
+    assert csim.download_completions[comp.id] == 1  # the whole 200 of ignore_range
+    csim.faults.slow_chunk_delay = 0.02
+    async with http.get(csim.download_url(comp.id)) as r:
+        assert hashlib.sha256(await r.read()).hexdigest() == csim.expected_sha256(comp.id)
+    assert csim.injected["download:slow"] == 1
+
+
+def test_standalone_cli_serves_compositions() -> None:
+    argv = ["--count", "2", "--compositions", "3", "--api-key", KEY]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "archiver.simulator", *argv], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(5)]
+        assert lines[3].split() == ["Recordings:", "2"]
+        assert lines[4].split() == ["Compositions:", "3"]
+        api = lines[0].split()[-1]
+
+        async def listed() -> Any:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{api}{COMPOSITIONS}", headers=AUTH) as r,
+            ):
+                return await r.json()
+
+        body = asyncio.run(listed())
+        assert body["meta"]["total_results"] == 3
+        assert {e["status"] for e in body["data"]} == {"completed"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

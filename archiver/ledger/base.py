@@ -55,6 +55,9 @@ class Summary:
     # and the day the daemon's high-water mark may not pass.
     oldest_unarchived_ended_at: datetime | None
     archived_bytes: int
+    # The counts by state, and the archived bytes, of each source the ledger has rows of.
+    by_source: Mapping[str, Mapping[State, int]] = field(default_factory=dict)
+    archived_bytes_by_source: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def owed(self) -> int:

@@ -49,6 +49,7 @@ from archiver.ledger.ops import (
 )
 from archiver.ledger.rows import dumps
 from archiver.models import LedgerRow, Recording, State, StoredObject
+from archiver.sources import RECORDINGS
 
 T = TypeVar("T")
 
@@ -142,6 +143,7 @@ def new_row(recording_id: str, now: datetime, **values: Any) -> dict[str, Any]:
         "quarantined": {},
         "legal_hold": False,
         "expired_at": None,
+        "source": RECORDINGS,
     }
     unknown = set(values) - set(row)
     if unknown:
@@ -152,6 +154,7 @@ def new_row(recording_id: str, now: datetime, **values: Any) -> dict[str, Any]:
 
 def _sighting(rec: Recording) -> dict[str, Any]:
     return {
+        "source": rec.source,
         "source_status": rec.status,
         "room_id": rec.room_id,
         "session_id": rec.session_id,

@@ -35,10 +35,10 @@ FORMAT = "archiver-ledger"
 FORMAT_VERSION = 4
 # Older files are read too: version 1 (before claims were told from attempts, ``_from_v1``),
 # version 2 (before upload progress and quarantined copies: both empty) and version 3 (before
-# legal holds and expiry: no hold, never expired).
+# legal holds, expiry and sources: no hold, never expired, room recordings).
 READABLE_VERSIONS = (1, 2, 3, 4)
 _V3_ADDED: dict[str, dict[str, Any]] = {"upload": {}, "quarantined": {}}
-_V4_ADDED: dict[str, Any] = {"legal_hold": False, "expired_at": None}
+_V4_ADDED: dict[str, Any] = {"legal_hold": False, "expired_at": None, "source": "room_recordings"}
 # What version 1 left out of a recording, and the attempts that made a v1 row failed for good
 # (the default budget then, also applied by the ledgers' own schema upgrade).
 _V1_ADDED = ("claims", "interruptions", "rejected", "completed_by")
@@ -79,6 +79,7 @@ RECORDING_FIELDS: Mapping[str, Kind] = {
     "quarantined": "object",
     "legal_hold": "bool",
     "expired_at": "ts?",
+    "source": "text",
 }
 # Columns a row has beside its metadata (what a transition reads).
 BRIEF_FIELDS = tuple(name for name in RECORDING_FIELDS if name != "metadata")

@@ -117,14 +117,15 @@ MIGRATIONS: list[str] = [
         ADD COLUMN upload      jsonb NOT NULL DEFAULT '{}',
         ADD COLUMN quarantined jsonb NOT NULL DEFAULT '{}';
     """,
-    # 4: the expired state (retention that ends) and legal holds.
+    # 4: the expired state (retention that ends), legal holds, and each row's source.
     """
     ALTER TABLE recordings DROP CONSTRAINT recordings_state_check;
     ALTER TABLE recordings ADD CONSTRAINT recordings_state_check
         CHECK (state IN ('pending', 'in_progress', 'archived', 'failed', 'given_up', 'expired'));
     ALTER TABLE recordings
         ADD COLUMN legal_hold boolean NOT NULL DEFAULT false,
-        ADD COLUMN expired_at timestamptz;
+        ADD COLUMN expired_at timestamptz,
+        ADD COLUMN source     text NOT NULL DEFAULT 'room_recordings';
     """,
 ]
 

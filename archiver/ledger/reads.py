@@ -14,6 +14,7 @@ from archiver.errors import LedgerError
 from archiver.ledger.base import OWED_STATES, Budget, Summary, Tally
 from archiver.ledger.core import lease_live, needs_action
 from archiver.models import LedgerRow, State
+from archiver.sources import RECORDINGS, source_of
 
 
 def standing(row: LedgerRow, now: datetime, budget: Budget) -> tuple[str, str]:
@@ -35,8 +36,8 @@ def standing(row: LedgerRow, now: datetime, budget: Budget) -> tuple[str, str]:
         if lease_live(row, now):
             return "in_progress", f"being archived by {row.lease_owner or 'another instance'}"
         return "pending", "its archiver stopped mid-transfer; taken over by the next claim"
-    if row.source_status == "processing":
-        return "processing", "still processing at the source"
+    if row.source_status in source_of(row.source).waiting:
+        return "processing", f"still {row.source_status} at the source"
     return "pending", row.last_error or "not archived yet"
 
 
@@ -88,10 +89,13 @@ class SummaryGroup:
     count: int
     oldest_ended_at: datetime | None
     bytes: int
+    source: str = RECORDINGS
 
 
 def fold_summary(groups: Iterable[SummaryGroup]) -> Summary:
     counts = dict.fromkeys(State, 0)
+    by_source: dict[str, dict[State, int]] = {}
+    bytes_by_source: dict[str, int] = {}
     permanent = retryable = archived_bytes = 0
     oldest: datetime | None = None
     for group in groups:
@@ -100,8 +104,11 @@ def fold_summary(groups: Iterable[SummaryGroup]) -> Summary:
         except ValueError as exc:
             raise LedgerError(f"the ledger holds rows in unknown state {group.state!r}") from exc
         counts[state] += group.count
+        of_source = by_source.setdefault(group.source, dict.fromkeys(State, 0))
+        of_source[state] += group.count
         if state is State.ARCHIVED:
             archived_bytes += group.bytes
+            bytes_by_source[group.source] = bytes_by_source.get(group.source, 0) + group.bytes
         if state is State.FAILED:
             if group.permanent:
                 permanent += group.count
@@ -122,6 +129,8 @@ def fold_summary(groups: Iterable[SummaryGroup]) -> Summary:
         retryable_failures=retryable,
         oldest_unarchived_ended_at=oldest,
         archived_bytes=archived_bytes,
+        by_source=by_source,
+        archived_bytes_by_source=bytes_by_source,
     )
 
 
@@ -130,15 +139,21 @@ def summary_query(budget_mark: str) -> str:
     ``core.needs_action`` (failed for good, or out of attempts under the budget passed as the
     parameter ``budget_mark``)."""
     return f"""SELECT state, state = 'failed' AND (permanent OR attempts >= {budget_mark}) AS spent,
-                      count(*) AS n, min(ended_at) AS oldest, coalesce(sum(size), 0) AS bytes
-               FROM recordings GROUP BY state, spent"""
+                      count(*) AS n, min(ended_at) AS oldest, coalesce(sum(size), 0) AS bytes,
+                      source
+               FROM recordings GROUP BY state, spent, source"""
 
 
 def summary_of(rows: Iterable[Any], when: Callable[[Any], datetime | None]) -> Summary:
     """The summary from the rows of ``summary_query`` (``when`` reads the dialect's times)."""
     return fold_summary(
         SummaryGroup(
-            row["state"], bool(row["spent"]), int(row["n"]), when(row["oldest"]), int(row["bytes"])
+            row["state"],
+            bool(row["spent"]),
+            int(row["n"]),
+            when(row["oldest"]),
+            int(row["bytes"]),
+            row["source"],
         )
         for row in rows
     )

@@ -75,6 +75,7 @@ def decode_row(row: Any, when: TimeReader) -> LedgerRow:
             quarantined=json_object(row["quarantined"], f"the quarantine of {row['id']!r}"),
             legal_hold=bool(row["legal_hold"]),
             expired_at=when(row["expired_at"]),
+            source=row["source"],
         )
     except (ValueError, TypeError) as exc:
         raise LedgerError(f"the ledger row {row['id']!r} cannot be read: {exc}") from exc

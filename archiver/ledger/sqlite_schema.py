@@ -133,8 +133,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE recordings ADD COLUMN upload TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE recordings ADD COLUMN quarantined TEXT NOT NULL DEFAULT '{}';
     """,
-    # 4: the expired state (retention that ends) and legal holds. SQLite cannot change a CHECK:
-    # the table is made again, every row copied as it is.
+    # 4: the expired state (retention that ends), legal holds, and each row's source (room
+    # recordings or room compositions). SQLite cannot change a CHECK: the table is made again,
+    # every row copied as it is.
     """
     CREATE TABLE recordings_v4 (
         id                TEXT PRIMARY KEY,
@@ -169,14 +170,15 @@ MIGRATIONS: list[str] = [
         upload            TEXT NOT NULL DEFAULT '{}',
         quarantined       TEXT NOT NULL DEFAULT '{}',
         legal_hold        INTEGER NOT NULL DEFAULT 0,
-        expired_at        TEXT
+        expired_at        TEXT,
+        source            TEXT NOT NULL DEFAULT 'room_recordings'
     );
     INSERT INTO recordings_v4
     SELECT id, state, attempts, permanent, last_error, storage_key, size, sha256, version_id,
            retain_until, source_status, room_id, session_id, participant_id, started_at,
            ended_at, metadata, lease_owner, lease_expires, first_seen_at, updated_at,
            archived_at, deleted_at_source, claims, interruptions, rejected, completed_by,
-           upload, quarantined, 0, NULL
+           upload, quarantined, 0, NULL, 'room_recordings'
     FROM recordings;
     DROP TABLE recordings;
     ALTER TABLE recordings_v4 RENAME TO recordings;
