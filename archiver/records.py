@@ -262,29 +262,30 @@ async def expire(settings: Settings, *, dry_run: bool) -> int:
 
 async def hold(settings: Settings, *, ids: Sequence[str], release: bool, reason: str) -> int:
     """Set or release a legal hold: the ledger's flag (audited), and on an Object Lock bucket
-    the hold of every stored version of the copy. A hold is set in the ledger first and
-    released there last, so an expiry sweep in between keeps the copy."""
-    from archiver import layout
+    the hold of every stored version of the copy (sidecar and quarantined copies included). A
+    hold is set in the ledger first and released there last, so an expiry sweep in between
+    keeps the copy. Every id is checked before anything changes."""
+    from archiver.expire import keys_of
 
     if not reason.strip():
         raise ConfigError("hold: --reason is required (it goes into the audit log)")
     on = not release
-    changed = 0
     async with open_services(
         settings, exclusive=False, api=False, storage_ready=False, must_exist=True
     ) as svc:
-        for rid in ids:
-            row = await svc.ledger.get(rid)
-            if row is None:
-                raise ConfigError(f"hold: the ledger has no recording {rid[:80]!r}")
-            keys = [row.storage_key, layout.sidecar_key(row.storage_key)] if row.storage_key else []
+        rows = {rid: await svc.ledger.get(rid) for rid in dict.fromkeys(ids)}
+        unknown = [rid for rid, row in rows.items() if row is None]
+        if unknown:
+            raise ConfigError(f"hold: the ledger has no recording {unknown[0][:80]!r}")
+        for rid, row in rows.items():
+            assert row is not None
+            keys = keys_of(row)
             if on:
                 was = await svc.ledger.hold(rid, on=True, reason=reason)
                 versions = await svc.storage.set_legal_hold(keys, True) if keys else 0
             else:
                 versions = await svc.storage.set_legal_hold(keys, False) if keys else 0
                 was = await svc.ledger.hold(rid, on=False, reason=reason)
-            changed += was
             state = (
                 ("held" if was else "already held") if on else ("released" if was else "not held")
             )
