@@ -173,17 +173,12 @@ async def dry_run(settings: Settings, filters: Filters) -> int:
 # -- status -------------------------------------------------------------------------------------
 async def quarantined_copies(ledger: Ledger) -> list[dict[str, Any]]:
     """Every stored copy kept in quarantine (it failed its checks and storage would not remove
-    it: Object Lock), oldest first, with its recording's id: from the audit chain, which names
-    every row that ever had one, and each row's own list."""
-    ids: dict[str, None] = {}
-    async for entry in ledger.iter_audit():
-        if entry.action == "quarantined" and entry.recording_id is not None:
-            ids[entry.recording_id] = None
+    it: Object Lock), oldest first, with its recording's id: from the rows that keep one (an
+    index finds them)."""
     copies: list[dict[str, Any]] = []
-    for rid in ids:
-        row = await ledger.get(rid)
-        for copy in row.quarantined.get("copies", []) if row is not None else []:
-            copies.append({"id": rid, **copy})
+    for row in await ledger.with_quarantine(limit=100_000):
+        for copy in row.quarantined.get("copies", []):
+            copies.append({"id": row.id, **copy})
     return sorted(copies, key=lambda c: str(c.get("at")))
 
 

@@ -1161,3 +1161,10 @@ async def test_a_copy_that_cannot_be_removed_is_quarantined(ledger: Ledger) -> N
     assert (await audit_actions(ledger))[-2:] == [("quarantined", "a"), ("quarantined", "a")]
     with pytest.raises(LedgerError):
         await ledger.quarantine("nope", key="k", version_id=None, reason="r")
+    # Found by the rows that keep one, not by reading the audit chain.
+    await ledger.observe([rec("b")])
+    await archive(ledger, "b")
+    assert [row.id for row in await ledger.with_quarantine()] == ["a"]
+    assert [row.id for row in await ledger.holds()] == []
+    await ledger.hold("b", on=True, reason="case")
+    assert [row.id for row in await ledger.holds()] == ["b"]

@@ -223,6 +223,10 @@ class RecordsLedger(Protocol):
         """Rows under a legal hold, the newest change first."""
         ...
 
+    async def with_quarantine(self, limit: int = 1000) -> list[LedgerRow]:
+        """Rows that keep copies in quarantine (``LedgerRow.quarantined``), by id."""
+        ...
+
     def iter_archived(
         self,
         *,

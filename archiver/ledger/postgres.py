@@ -337,6 +337,16 @@ class PostgresLedger(SharedLedger):
 
         return await self._run("holds", read, transaction=False)
 
+    async def with_quarantine(self, limit: int = 1000) -> list[LedgerRow]:
+        async def read(conn: Any) -> list[LedgerRow]:
+            rows = await conn.fetch(
+                "SELECT * FROM recordings WHERE quarantined <> '{}'::jsonb ORDER BY id LIMIT $1",
+                limit,
+            )
+            return [decode_row(row, utc) for row in rows]
+
+        return await self._run("with_quarantine", read, transaction=False)
+
     async def _iter_rows(
         self, states: tuple[State, ...], since: datetime | None, until: datetime | None
     ) -> AsyncIterator[LedgerRow]:

@@ -126,6 +126,9 @@ MIGRATIONS: list[str] = [
         ADD COLUMN legal_hold boolean NOT NULL DEFAULT false,
         ADD COLUMN expired_at timestamptz,
         ADD COLUMN source     text NOT NULL DEFAULT 'room_recordings';
+    -- The few rows status lists by these, found without reading every row.
+    CREATE INDEX recordings_held ON recordings (id) WHERE legal_hold;
+    CREATE INDEX recordings_quarantined ON recordings (id) WHERE quarantined <> '{}'::jsonb;
     """,
 ]
 

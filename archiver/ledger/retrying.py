@@ -265,6 +265,9 @@ class RetryingLedger:
     async def holds(self, limit: int = 100) -> list[LedgerRow]:
         return await self._call("holds", lambda: self.inner.holds(limit))
 
+    async def with_quarantine(self, limit: int = 1000) -> list[LedgerRow]:
+        return await self._call("with_quarantine", lambda: self.inner.with_quarantine(limit))
+
     def iter_archived(
         self,
         *,

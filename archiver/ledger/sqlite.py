@@ -317,6 +317,15 @@ class SqliteLedger(SqliteFile, SharedLedger):
         )
         return [decode_row(row, dt) for row in rows]
 
+    async def with_quarantine(self, limit: int = 1000) -> list[LedgerRow]:
+        return await self._call(self._with_quarantine_sync, limit)
+
+    def _with_quarantine_sync(self, limit: int) -> list[LedgerRow]:
+        rows = self._db().execute(
+            "SELECT * FROM recordings WHERE quarantined != '{}' ORDER BY id LIMIT ?", (limit,)
+        )
+        return [decode_row(row, dt) for row in rows]
+
     async def _iter_rows(
         self, states: tuple[State, ...], since: datetime | None, until: datetime | None
     ) -> AsyncIterator[LedgerRow]:
