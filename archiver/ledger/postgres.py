@@ -316,36 +316,12 @@ class PostgresLedger(SharedLedger):
 
         return await self._run("summary", read, transaction=False)
 
-    async def failures(self, limit: int = 100) -> list[LedgerRow]:
+    async def _rows_where(self, where: str, order: str, limit: int) -> list[LedgerRow]:
         async def read(conn: Any) -> list[LedgerRow]:
-            rows = await conn.fetch(
-                """SELECT * FROM recordings WHERE state = 'failed'
-                   ORDER BY updated_at DESC, id LIMIT $1""",
-                limit,
-            )
-            return [decode_row(row, utc) for row in rows]
+            sql = f"SELECT * FROM recordings WHERE {where} ORDER BY {order} LIMIT $1"
+            return [decode_row(row, utc) for row in await conn.fetch(sql, limit)]
 
-        return await self._run("failures", read, transaction=False)
-
-    async def holds(self, limit: int = 100) -> list[LedgerRow]:
-        async def read(conn: Any) -> list[LedgerRow]:
-            rows = await conn.fetch(
-                "SELECT * FROM recordings WHERE legal_hold ORDER BY updated_at DESC, id LIMIT $1",
-                limit,
-            )
-            return [decode_row(row, utc) for row in rows]
-
-        return await self._run("holds", read, transaction=False)
-
-    async def with_quarantine(self, limit: int = 1000) -> list[LedgerRow]:
-        async def read(conn: Any) -> list[LedgerRow]:
-            rows = await conn.fetch(
-                "SELECT * FROM recordings WHERE quarantined <> '{}'::jsonb ORDER BY id LIMIT $1",
-                limit,
-            )
-            return [decode_row(row, utc) for row in rows]
-
-        return await self._run("with_quarantine", read, transaction=False)
+        return await self._run("rows", read, transaction=False)
 
     async def _iter_rows(
         self, states: tuple[State, ...], since: datetime | None, until: datetime | None

@@ -127,8 +127,8 @@ MIGRATIONS: list[str] = [
         ADD COLUMN expired_at timestamptz,
         ADD COLUMN source     text NOT NULL DEFAULT 'room_recordings';
     -- The few rows status lists by these, found without reading every row.
-    CREATE INDEX recordings_held ON recordings (id) WHERE legal_hold;
-    CREATE INDEX recordings_quarantined ON recordings (id) WHERE quarantined <> '{}'::jsonb;
+    CREATE INDEX recordings_held ON recordings (id) WHERE legal_hold = TRUE;
+    CREATE INDEX recordings_quarantined ON recordings (id) WHERE quarantined <> '{}';
     """,
 ]
 

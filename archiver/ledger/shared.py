@@ -62,6 +62,11 @@ class SharedLedger:
         """The state of each of these ids the ledger has, unlocked."""
         raise NotImplementedError
 
+    async def _rows_where(self, where: str, order: str, limit: int) -> list[LedgerRow]:
+        """Rows (metadata included) meeting ``where`` (SQL both dialects read alike), in
+        ``order``, at most ``limit``; unlocked."""
+        raise NotImplementedError
+
     async def _clock(self) -> datetime:
         """Now, on the clock leases run on."""
         raise NotImplementedError
@@ -194,6 +199,17 @@ class SharedLedger:
         return await self._transition("hold", lambda: core.hold(recording_id, on=on, reason=reason))
 
     # -- reads ----------------------------------------------------------------------------------
+    async def failures(self, limit: int = 100) -> list[LedgerRow]:
+        return await self._rows_where("state = 'failed'", "updated_at DESC, id", limit)
+
+    async def holds(self, limit: int = 100) -> list[LedgerRow]:
+        # The partial index recordings_held has this very predicate.
+        return await self._rows_where("legal_hold = TRUE", "updated_at DESC, id", limit)
+
+    async def with_quarantine(self, limit: int = 1000) -> list[LedgerRow]:
+        # The partial index recordings_quarantined has this very predicate.
+        return await self._rows_where("quarantined <> '{}'", "id", limit)
+
     async def states(self, recording_ids: Sequence[str]) -> dict[str, State]:
         if not recording_ids:
             return {}

@@ -296,35 +296,12 @@ class SqliteLedger(SqliteFile, SharedLedger):
         rows = self._db().execute(reads.summary_query("?"), (self.budget.max_attempts,))
         return reads.summary_of(rows, dt)
 
-    async def failures(self, limit: int = 100) -> list[LedgerRow]:
-        return await self._call(self._failures_sync, limit)
+    async def _rows_where(self, where: str, order: str, limit: int) -> list[LedgerRow]:
+        return await self._call(self._rows_where_sync, where, order, limit)
 
-    def _failures_sync(self, limit: int) -> list[LedgerRow]:
-        rows = self._db().execute(
-            """SELECT * FROM recordings WHERE state = 'failed'
-               ORDER BY updated_at DESC, id LIMIT ?""",
-            (limit,),
-        )
-        return [decode_row(row, dt) for row in rows]
-
-    async def holds(self, limit: int = 100) -> list[LedgerRow]:
-        return await self._call(self._holds_sync, limit)
-
-    def _holds_sync(self, limit: int) -> list[LedgerRow]:
-        rows = self._db().execute(
-            "SELECT * FROM recordings WHERE legal_hold = 1 ORDER BY updated_at DESC, id LIMIT ?",
-            (limit,),
-        )
-        return [decode_row(row, dt) for row in rows]
-
-    async def with_quarantine(self, limit: int = 1000) -> list[LedgerRow]:
-        return await self._call(self._with_quarantine_sync, limit)
-
-    def _with_quarantine_sync(self, limit: int) -> list[LedgerRow]:
-        rows = self._db().execute(
-            "SELECT * FROM recordings WHERE quarantined != '{}' ORDER BY id LIMIT ?", (limit,)
-        )
-        return [decode_row(row, dt) for row in rows]
+    def _rows_where_sync(self, where: str, order: str, limit: int) -> list[LedgerRow]:
+        sql = f"SELECT * FROM recordings WHERE {where} ORDER BY {order} LIMIT ?"
+        return [decode_row(row, dt) for row in self._db().execute(sql, (limit,))]
 
     async def _iter_rows(
         self, states: tuple[State, ...], since: datetime | None, until: datetime | None

@@ -185,8 +185,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX recordings_state ON recordings (state, ended_at, id);
     CREATE INDEX recordings_ended_at ON recordings (ended_at);
     -- The few rows status lists by these, found without reading every row.
-    CREATE INDEX recordings_held ON recordings (id) WHERE legal_hold = 1;
-    CREATE INDEX recordings_quarantined ON recordings (id) WHERE quarantined != '{}';
+    CREATE INDEX recordings_held ON recordings (id) WHERE legal_hold = TRUE;
+    CREATE INDEX recordings_quarantined ON recordings (id) WHERE quarantined <> '{}';
     """,
 ]
 
