@@ -229,3 +229,21 @@ async def test_a_rebuilt_ledger_knows_each_copys_source(sim_factory: Any, tmp_pa
             for item in items:
                 row = await ledger.get(item.id)
                 assert row is not None and row.source == source, item.id
+
+
+async def test_the_service_archives_compositions_once_they_are_completed(
+    sim_factory: Any, tmp_path: Path
+) -> None:
+    comps = make_compositions(4, seed=167, enqueued=1)
+    sim: Simulator = await sim_factory(make_recordings(3, seed=167), compositions=comps)
+    # The whole history on the first start.
+    config = write_config(sim, tmp_path, ON + '\n[daemon]\nfirst_start = "all"\n')
+    code, out, err = await cli("--config", str(config), "run", "--once")
+    assert code == 1, out + err  # the enqueued one is owed
+    sim.advance_compositions()
+    sim.advance_compositions()
+    code, out, err = await cli("--config", str(config), "run", "--once")
+    assert code == 0, out + err
+    async with open_ledger(path=tmp_path / "ledger.db") as ledger:
+        tally = await ledger.tally(list(sim.compositions))
+    assert tally.archived == len(comps)
