@@ -141,6 +141,7 @@ __all__ = [
 BLOCK_SIZE = 65536
 DEFAULT_START = datetime(2025, 1, 1, tzinfo=UTC)
 MAX_PAGE_SIZE = 250
+LIST_PATH = "/v2/room_recordings"
 DEFAULT_PAGE_SIZE = 20
 # Part of every content cache file name: bump it when synthesised content changes, so a cache
 # directory kept from an older version is never served as the new content.
@@ -849,10 +850,10 @@ class Simulator:
 
     async def start(self) -> None:
         api = web.Application(middlewares=[self._record_middleware])
-        api.router.add_get("/v2/room_recordings", self._handle_list, allow_head=False)
-        api.router.add_delete("/v2/room_recordings", self._handle_bulk_delete)
-        api.router.add_get("/v2/room_recordings/{id}", self._handle_retrieve, allow_head=False)
-        api.router.add_delete("/v2/room_recordings/{id}", self._handle_delete)
+        api.router.add_get(LIST_PATH, self._handle_list, allow_head=False)
+        api.router.add_delete(LIST_PATH, self._handle_bulk_delete)
+        api.router.add_get(LIST_PATH + "/{id}", self._handle_retrieve, allow_head=False)
+        api.router.add_delete(LIST_PATH + "/{id}", self._handle_delete)
         api.router.add_get("/echo", self._handle_echo)
         api.router.add_get("/echo/{tail:.*}", self._handle_echo)
         dl = web.Application()
@@ -1684,6 +1685,8 @@ async def _serve_until_signal(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # e.g. Windows
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR1, _print_request_counts, sim)
     async with sim:
         print(f"API base URL:  {sim.api_base_url}", flush=True)
         print(f"API key:       {sim.api_key}", flush=True)
@@ -1696,6 +1699,20 @@ async def _serve_until_signal(
             sim.point_download_url(rec_id, url)
             print(f"Download URL:  {url} {rec_id}", flush=True)
         await stop.wait()
+
+
+def _print_request_counts(sim: Simulator) -> None:
+    """One line of counters on SIGUSR1: a benchmark counts API calls where they arrive."""
+    lists = sum(1 for r in sim.api_requests if r.method == "GET" and r.path == LIST_PATH)
+    retrieves = sum(
+        1 for r in sim.api_requests if r.method == "GET" and r.path.startswith(LIST_PATH + "/")
+    )
+    others = len(sim.api_requests) - lists - retrieves
+    print(
+        f"Requests: list={lists} retrieve={retrieves} other={others}"
+        f" download={len(sim.download_requests)}",
+        flush=True,
+    )
 
 
 def run_forever(argv: Sequence[str] | None = None) -> int:
