@@ -63,6 +63,9 @@ TIME = shutil.which("time", path="/usr/bin:/bin")
 # The archiver under test runs from here (``-m archiver.cli`` imports from the working
 # directory); ``--archiver-src`` points it at another checkout to compare before and after.
 ARCHIVER_SRC = ROOT
+# ``--baseline``: a second archiver (another checkout) run as one more throughput contender, so
+# that a change's before and after come from the same run.
+BASELINE_SRC: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -324,7 +327,13 @@ def archiver_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_archiver(
-    api: str, out: Path, plan: Plan, *, storage: str = "", env: dict[str, str] | None = None
+    api: str,
+    out: Path,
+    plan: Plan,
+    *,
+    storage: str = "",
+    env: dict[str, str] | None = None,
+    src: Path | None = None,
 ) -> Measure:
     config = archiver_config(api, out, storage)
     return run_measured(
@@ -332,7 +341,7 @@ def run_archiver(
         log_path=out / "archiver.log",
         timeout=plan.timeout,
         env=archiver_env(env),
-        cwd=ARCHIVER_SRC,
+        cwd=src or ARCHIVER_SRC,
     )
 
 
@@ -367,11 +376,14 @@ def throughput_contenders(sim: Simulator, work: Path, plan: Plan) -> list[Conten
     url_file.write_text("".join(u + "\n" for u in urls))
     count, size = sim.count, sim.size
 
-    def archiver(out: Path) -> Measure:
-        measure = run_archiver(sim.api, out, plan)
-        check_archived(out, count)
-        check_files(out / "archive", count, size)
-        return measure
+    def archiver(src: Path | None = None) -> Callable[[Path], Measure]:
+        def run(out: Path) -> Measure:
+            measure = run_archiver(sim.api, out, plan, src=src)
+            check_archived(out, count)
+            check_files(out / "archive", count, size)
+            return measure
+
+        return run
 
     def aria2(out: Path) -> Measure:
         out.mkdir(parents=True)
@@ -413,12 +425,18 @@ def throughput_contenders(sim: Simulator, work: Path, plan: Plan) -> list[Conten
 
         return run
 
+    baseline = (
+        [Contender(f"archiver backfill ({BASELINE_SRC.name})", archiver(BASELINE_SRC))]
+        if BASELINE_SRC is not None
+        else []
+    )
     return [
-        Contender("archiver backfill", archiver),
+        Contender("archiver backfill", archiver()),
         Contender(f"aria2c -j {CONCURRENCY}", aria2),
         Contender(f"curl -o FILE x{CONCURRENCY} (ceiling)", curl(True)),
         Contender(f"curl -o /dev/null x{CONCURRENCY} (network)", curl(False)),
         Contender(f"curl -o FILE x{CONCURRENCY}, then sync", curl(True, durable=True)),
+        *baseline,
     ]
 
 
@@ -948,6 +966,9 @@ def report(results: dict[str, Any], plan: Plan) -> Table:
                 f">= {need}" if applies else "(no target below 4 MB)",
                 ratio >= need if full and applies else None,
             )
+        if len(names) > 5:
+            ratio = archiver / rates[names[5]]
+            t.target("archiver / baseline", f"{ratio:.2f}", f"({names[5]})", None)
     s3 = results.get("s3")
     if s3:
         t.section(
@@ -1148,8 +1169,21 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="run the archiver from this checkout (e.g. an older commit, to compare)",
     )
+    parser.add_argument(
+        "--sizes",
+        help="throughput sets of these recording sizes only (bytes, comma-separated)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="also run the archiver of this checkout in the throughput section (before/after)",
+    )
     args = parser.parse_args(argv)
-    global ARCHIVER_SRC
+    global ARCHIVER_SRC, BASELINE_SRC
+    if args.baseline is not None:
+        BASELINE_SRC = args.baseline.resolve()
+        if not (BASELINE_SRC / "archiver" / "cli.py").is_file():
+            parser.error(f"{BASELINE_SRC} holds no archiver/cli.py")
     if args.archiver_src is not None:
         ARCHIVER_SRC = args.archiver_src.resolve()
         if not (ARCHIVER_SRC / "archiver" / "cli.py").is_file():
@@ -1159,6 +1193,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, runs=args.runs)
     if args.large_full_runs:
         plan = dataclasses.replace(plan, large_full_runs=args.large_full_runs)
+    if args.sizes:
+        wanted = {int(n) for n in args.sizes.split(",")}
+        plan = dataclasses.replace(plan, sets=tuple(s for s in plan.sets if s[1] in wanted))
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = sections - set(SECTIONS)
     if unknown:
