@@ -24,6 +24,7 @@ waits on the disk; the blocking pieces (partial and temporary files, locks, fsyn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -38,7 +39,13 @@ from typing import Self
 
 from rich import filesize
 
-from archiver.errors import HeldElsewhere, PreflightError, StorageError, UnsafeValue
+from archiver.errors import (
+    HeldElsewhere,
+    IntegrityError,
+    PreflightError,
+    StorageError,
+    UnsafeValue,
+)
 from archiver.models import StoredObject
 from archiver.storage.base import (
     CHUNK_SIZE,
@@ -162,7 +169,7 @@ class LocalStorage:
         self._resolved_root: Path | None = None
         # Re-read and re-hash every upload at commit instead of trusting the caller's running hash.
         self._verify = verify_on_commit
-        self._capabilities = Capabilities(name="local", resumes_after_crash=True)
+        self._capabilities = Capabilities(name="local", resumes_after_crash=True, puts_whole=True)
 
     @property
     def root(self) -> Path:
@@ -198,6 +205,10 @@ class LocalStorage:
     ) -> StoredObject:
         parts = check_key(key)
         return await in_io_thread(self._put_bytes, key, parts, data)
+
+    async def put_whole(self, key: str, data: bytes, request: CommitRequest) -> StoredObject:
+        parts = check_key(key)
+        return await in_io_thread(self._put_whole, key, parts, data, request)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         parts = check_key(key)
@@ -311,6 +322,24 @@ class LocalStorage:
         return self._resolve(key, parts)
 
     def _begin(self, key: str, parts: list[str], resume: bool) -> LocalUpload:
+        return LocalUpload(self._open_partial(key, parts, resume))
+
+    def _put_whole(
+        self, key: str, parts: list[str], data: bytes, request: CommitRequest
+    ) -> StoredObject:
+        # The same partial file, lock and commit as begin/write/commit, in one thread hop.
+        file = self._open_partial(key, parts, resume=False)
+        try:
+            sha256 = hashlib.sha256(data).hexdigest()
+            if request.sha256 is not None and request.sha256.lower() != sha256:
+                raise IntegrityError(f"{key}: SHA-256 is {sha256}, {request.sha256} expected")
+            file.write(data, None)
+        except BaseException:
+            file.abort()
+            raise
+        return file.commit(dataclasses.replace(request, sha256=sha256))  # discards if it fails
+
+    def _open_partial(self, key: str, parts: list[str], resume: bool) -> PartialFile:
         target = self._make_parents(key, parts)
         partial = partial_path(target)
         for _ in range(3):
@@ -334,14 +363,13 @@ class LocalStorage:
                 if same_file(fd, partial):
                     if not resume:
                         os.ftruncate(fd, 0)
-                    file = PartialFile(
+                    return PartialFile(
                         key,
                         target,
                         fd,
                         verify=self._verify,
                         prepare_companion=self._prepare_companion,
                     )
-                    return LocalUpload(file)
             except OSError as exc:
                 os.close(fd)
                 raise storage_error(exc, key, "start writing") from exc

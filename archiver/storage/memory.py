@@ -24,6 +24,7 @@ from archiver.storage.base import (
     ObjectInfo,
     ResumeNotes,
     UploadBase,
+    put_whole_by_upload,
 )
 from archiver.storage.keys import check_key
 
@@ -127,6 +128,9 @@ class MemoryStorage:
         digest = hashlib.sha256(data).hexdigest()
         self._objects[key] = _Stored(data, digest, content_type)
         return StoredObject(key=key, size=len(data), sha256=digest)
+
+    async def put_whole(self, key: str, data: bytes, request: CommitRequest) -> StoredObject:
+        return await put_whole_by_upload(self, key, data, request)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         check_key(key)
