@@ -802,7 +802,8 @@ def run_instances(
     for i, proc in enumerate(procs):
         text = (out / f"archiver-{i}.log").read_text(errors="replace")
         found = re.findall(r"\b(\d+) archived \(", text)  # "pass 1 ok in ...: N archived ("
-        if proc.returncode != 0 or not found:
+        # 1: "still owed" at the end of its pass, which another instance was archiving then.
+        if proc.returncode not in ((0, 1) if instances > 1 else (0,)) or not found:
             raise BenchError(f"instance {i} exited {proc.returncode}:\n{text[-2000:]}")
         archived.append(int(found[-1]))
     return Measure(seconds, cpu, rss), archived
