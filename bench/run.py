@@ -907,8 +907,7 @@ class Table:
     def section(self, title: str) -> None:
         self.lines += ["", title]
 
-    def row(self, *cells: str) -> None:
-        widths = (40, 11, 15, 11, 13)
+    def row(self, *cells: str, widths: tuple[int, ...] = (40, 11, 15, 11, 13)) -> None:
         text = "".join(
             c.ljust(w) if i == 0 else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=False))
@@ -920,6 +919,10 @@ class Table:
         if ok is not None:
             self.checks.append((label, ok))
         self.lines.append(f"  {label:<40}{value:>11}   {target:<22}{verdict}".rstrip())
+
+
+def rate(mbps: float) -> str:
+    return f"{mbps:,.0f}" if mbps >= 10 else f"{mbps:.1f}"
 
 
 def median_of(runs: list[dict[str, float]], key: str) -> float:
@@ -938,17 +941,25 @@ def report(results: dict[str, Any], plan: Plan) -> Table:
     for entry in results.get("throughput", []):
         total = entry["bytes"]
         t.section(f"Throughput: {entry['label']} ({human(total)}), concurrency {CONCURRENCY}")
-        t.row("contender", "MB/s", "(min-max)", "CPU s/GB", "peak RSS MB")
+        widths = (40, 9, 15, 9, 10, 11, 8)
+        t.row(
+            "contender", "MB/s", "(min-max)", "rec/s", "CPU s/GB", "CPU ms/rec", "RSS MB",
+            widths=widths,
+        )  # fmt: skip
         rates: dict[str, float] = {}
         for name, runs in entry["runs"].items():
             mbps = [total / r["seconds"] / MB for r in runs]
             rates[name] = statistics.median(mbps)
+            cpu = median_of(runs, "cpu")
             t.row(
                 name,
-                f"{rates[name]:,.0f}",
-                f"({min(mbps):,.0f}-{max(mbps):,.0f})",
-                f"{median_of(runs, 'cpu') / (total / GB):.2f}",
+                rate(rates[name]),
+                f"({rate(min(mbps))}-{rate(max(mbps))})",
+                f"{rates[name] * MB / entry['size']:,.0f}",
+                f"{cpu / (total / GB):.2f}",
+                f"{cpu / entry['count'] * 1000:.2f}",
                 f"{max(r['rss_mb'] for r in runs):.0f}",
+                widths=widths,
             )
         names = list(rates)
         archiver, aria2, ceiling = rates[names[0]], rates[names[1]], rates[names[2]]
