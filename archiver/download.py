@@ -141,6 +141,10 @@ class TransferState:
     hash_suspect: bool = False
     # Asking past the end of a body that came without a length (``ConfirmEnd``).
     confirming_end: bool = False
+    # A small body read whole (``Downloader.attempt``'s fast path), and the key it goes to: the
+    # transfer stores it with one ``put_whole``; no upload is open meanwhile.
+    body: bytes | None = None
+    key: str | None = None
 
     def check_lease(self) -> None:
         if self.lease_lost:
@@ -216,8 +220,13 @@ class Downloader:
                 metrics.DOWNLOAD_RESPONSES.labels(status=str(resp.status)).inc()
                 if not self._has_every_byte(progress, resp):
                     await self._check_status(progress, resp)
-                    total = await self._prepare(progress, resp)
-                    await self._stream(progress, resp)
+                    whole = self._fits_whole(progress, resp)
+                    if whole is not None:
+                        total = whole
+                        await self._read_whole(progress, resp, whole)
+                    else:
+                        total = await self._prepare(progress, resp)
+                        await self._stream(progress, resp)
         except WrongContent as exc:
             await self._refuse(progress, exc)
         except aiohttp.ClientPayloadError as exc:
@@ -239,6 +248,79 @@ class Downloader:
             progress.confirming_end = True
             raise ConfirmEnd(f"{rec.id}: confirming the end of a body sent without a length")
         progress.confirming_end = False
+
+    def _fits_whole(self, progress: TransferState, resp: aiohttp.ClientResponse) -> int | None:
+        """The fast path for a small recording, read whole and stored by one ``put_whole``: its
+        length (at most ``chunk_size``, so memory stays within what streaming holds) when a
+        fresh transfer gets a whole body of a known length from a storage that ``puts_whole``;
+        None otherwise (streamed). Checked as ``_prepare`` checks a streamed one."""
+        if (
+            resp.status != 200
+            or progress.upload is not None
+            or progress.position
+            or progress.confirming_end
+            or not self._storage.capabilities.puts_whole
+        ):
+            return None
+        length = resp.headers.get("Content-Length")
+        if not length or not length.isdigit() or int(length) > self._workers.chunk_size:
+            return None
+        media.check_headers(resp.headers.get("Content-Type"), resp.headers.get("Content-Encoding"))
+        if progress.content_type is None:
+            progress.content_type = resp.headers.get("Content-Type")
+        media.check_size(int(length), progress.rec.size_mb)  # announced: refused before a byte
+        ext = layout.extension(progress.content_type, str(resp.url), progress.rec)
+        progress.key = layout.render_key(self._key_template(progress.rec), progress.rec, ext)
+        return int(length)
+
+    async def _read_whole(
+        self, progress: TransferState, resp: aiohttp.ClientResponse, length: int
+    ) -> None:
+        """Read a body of ``length`` bytes whole into ``progress.body``; one cut off midway goes
+        to a storage upload as far as it came, so that the next attempt resumes it with Range,
+        as a streamed one would."""
+        pieces: list[bytes] = []
+        began, received = time.monotonic(), 0
+        floor, grace = self._workers.min_throughput, self._workers.read_timeout
+        try:
+            async for data, _ in resp.content.iter_chunks():
+                pieces.append(data)
+                received += len(data)
+                elapsed = time.monotonic() - began
+                if floor and elapsed > grace and received < floor * (elapsed - grace):
+                    raise TooSlow(
+                        f"{progress.rec.id}: the download host sent {received:,} bytes in "
+                        f"{elapsed:.0f}s, slower than workers.min_throughput ({floor:,} bytes/s)"
+                    )
+        except (aiohttp.ClientError, TimeoutError):
+            if pieces:
+                await self._keep_partial(progress, b"".join(pieces))
+            raise
+        body = b"".join(pieces)
+        if body:
+            # The first bytes say what this is: a recording, or a page from a portal.
+            media.check_head(body[: media.HEAD_BYTES], content_type=progress.content_type)
+        progress.check_lease()
+        if len(body) == length:
+            progress.body = body
+            progress.position = length
+            self._on_bytes(length)
+        else:  # aiohttp raises on a short body; this is only a guard
+            await self._keep_partial(progress, body)
+
+    async def _keep_partial(self, progress: TransferState, data: bytes) -> None:
+        """What arrived of a cut-off body read whole, into an upload for the next attempt."""
+        assert progress.key is not None
+        media.check_head(data[: media.HEAD_BYTES], content_type=progress.content_type)
+        upload = progress.upload = await self._storage.begin(progress.key, resume=False)
+        progress.reset_hash()
+        try:
+            await upload.write(data, digest=progress.hasher)
+        except Exception:
+            progress.hash_suspect = True
+            raise
+        progress.position = len(data)
+        self._on_bytes(len(data))
 
     async def _stream(self, progress: TransferState, resp: aiohttp.ClientResponse) -> None:
         """Copy the body into the upload in chunks of about ``chunk_size``, hashing on the way.
@@ -460,6 +542,7 @@ class Downloader:
         progress.reset_hash()
         progress.hash_suspect = False
         progress.confirming_end = False
+        progress.body = None
 
 
 def _cut_off(recording_id: str, position: int, total: int | None) -> str:

@@ -1991,6 +1991,8 @@ async def _serve_until_signal(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):  # e.g. Windows
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR1, _print_request_counts, sim)
     async with sim:
         print(f"API base URL:  {sim.api_base_url}", flush=True)
         print(f"API key:       {sim.api_key}", flush=True)
@@ -2005,6 +2007,20 @@ async def _serve_until_signal(
             sim.point_download_url(rec_id, url)
             print(f"Download URL:  {url} {rec_id}", flush=True)
         await stop.wait()
+
+
+def _print_request_counts(sim: Simulator) -> None:
+    """One line of counters on SIGUSR1: a benchmark counts API calls where they arrive."""
+    bases = tuple(f"/v2/{res.path}" for res in _RESOURCES)
+    gets = [r.path for r in sim.api_requests if r.method == "GET"]
+    lists = sum(1 for path in gets if path in bases)
+    retrieves = sum(1 for path in gets if path.startswith(tuple(b + "/" for b in bases)))
+    others = len(sim.api_requests) - lists - retrieves
+    print(
+        f"Requests: list={lists} retrieve={retrieves} other={others}"
+        f" download={len(sim.download_requests)}",
+        flush=True,
+    )
 
 
 def run_forever(argv: Sequence[str] | None = None) -> int:

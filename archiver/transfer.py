@@ -327,35 +327,45 @@ class Transferer:
                     await self._download.attempt(progress)
                 except ConfirmEnd:
                     await self._download.attempt(progress)
+        if progress.body is not None and progress.upload is None:
+            # Read whole (a small recording): hashed, written, synced and made visible with its
+            # sidecar by the storage in one call.
+            assert progress.key is not None
+            progress.check_lease()
+            request = self._commit_request(progress, progress.key, None)
+            return await self._storage.put_whole(progress.key, progress.body, request)
         assert progress.upload is not None
         return await self._store(progress, progress.upload)
+
+    def _commit_request(
+        self, progress: TransferState, key: str, sha256: str | None
+    ) -> CommitRequest:
+        rec = progress.rec
+        metadata = {"recording-id": rec.id}
+        if sha256 is not None:
+            metadata["sha256"] = sha256
+        sidecar = None
+        if self._settings.storage.sidecar:
+            sidecar = Companion(
+                key=layout.sidecar_key(key),
+                render=functools.partial(sidecar_json, rec, locate=self._storage.locate),
+                content_type="application/json",
+            )
+        return CommitRequest(
+            sha256=sha256,
+            size=progress.position,
+            content_type=progress.content_type,
+            metadata=metadata,
+            retain_from=max(rec.ended_at or utcnow(), utcnow()),
+            companion=sidecar,
+        )
 
     async def _store(self, progress: TransferState, upload: Upload) -> StoredObject:
         progress.check_lease()
         rec = progress.rec
         sha256: str | None = progress.hasher.hexdigest() if progress.hasher is not None else None
-        metadata = {"recording-id": rec.id}
-        if sha256 is not None:
-            metadata["sha256"] = sha256
-        retain_from = max(rec.ended_at or utcnow(), utcnow())
-        sidecar = None
-        if self._settings.storage.sidecar:
-            sidecar = Companion(
-                key=layout.sidecar_key(upload.key),
-                render=functools.partial(sidecar_json, rec, locate=self._storage.locate),
-                content_type="application/json",
-            )
         try:
-            stored = await upload.commit(
-                CommitRequest(
-                    sha256=sha256,
-                    size=progress.position,
-                    content_type=progress.content_type,
-                    metadata=metadata,
-                    retain_from=retain_from,
-                    companion=sidecar,
-                )
-            )
+            stored = await upload.commit(self._commit_request(progress, upload.key, sha256))
         except BaseException:
             # A copy that failed its checks but stays locked is recorded before anything else.
             await asyncio.shield(self._quarantine(rec.id, upload.leftovers))

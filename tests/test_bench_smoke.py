@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 ROWS = [
+    "Throughput: 40 x 1 KB",
     "Throughput: 24 x 256 KB",
     "Throughput: 4 x 4 MB",
     "archiver backfill",
@@ -27,6 +28,8 @@ ROWS = [
     "curl -o FILE x8, then sync",
     "archiver / aria2c",
     "archiver / ceiling (curl -o FILE)",
+    "archiver / durable ceiling (then sync)",
+    "S3: into SeaweedFS, archiver backfill vs rclone copyurl",
     "Memory: peak RSS of archiver backfill",
     "peak RSS, local disk",
     "peak RSS, S3",
@@ -37,7 +40,10 @@ ROWS = [
     "no-op pass, 1,000",
     "growth 200 -> 1,000, full",
     "growth 200 -> 1,000, no-op",
+    "CPU per recording, full pass 1,000",
+    "API requests per recording, 200",
     "ledger size per 100,000 rows",
+    "PostgreSQL ledger: archiver run --once instances",
 ]
 
 
@@ -62,12 +68,12 @@ def test_quick_benchmark_prints_the_whole_table(tmp_path: Path) -> None:
     table = proc.stdout
     for row in ROWS:
         assert row in table, f"row {row!r} missing from:\n{table}"
-    assert "skipped (--skip-s3)" in table
+    assert table.count("skipped (--skip-s3)") == 2  # the S3 throughput and memory rows
 
     [raw] = tmp_path.glob("*-quick.json")
     doc = json.loads(raw.read_text())
     assert doc["table"] == table.split("\n\n(raw figures")[0].splitlines()
-    assert {e["count"] for e in doc["throughput"]} == {24, 4}
+    assert {e["count"] for e in doc["throughput"]} == {40, 24, 4}
     assert set(doc["scale"]["runs"]) == {"200", "1000"}
     # The scratch directory is gone: only the JSON stays.
     assert [p.name for p in tmp_path.iterdir()] == [raw.name]

@@ -120,6 +120,13 @@ def partials(root: Path) -> list[Path]:
     return list(root.rglob("*.partial"))
 
 
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 async def ledger_rows(root: Path, ids: list[str]) -> dict[str, LedgerRow | None]:
     async with open_ledger(path=root / "ledger.db") as ledger:
         return {rid: await ledger.get(rid) for rid in ids}
@@ -326,7 +333,8 @@ async def test_a_crash_before_the_commit_costs_neither_an_attempt_nor_the_bytes_
     root = tmp_path / "archive"
 
     def big_partials() -> list[Path]:
-        return [p for p in partials(root) if p.stat().st_size >= 1024 * 1024]
+        # A temporary file may be renamed between the listing and its stat.
+        return [p for p in partials(root) if size_of(p) >= 1024 * 1024]
 
     proc = await start(config, "backfill", output=False)
     await until(lambda: len(big_partials()) == count, what="two partial copies of 1 MiB")
@@ -392,7 +400,7 @@ async def test_a_signal_mid_transfer_exits_3_and_the_rerun_continues_each_partia
     assert owed is not None and int(owed.group(1)) > 0, out
     # What was written before the signal stays, to be continued (a partial still empty
     # is simply asked for whole).
-    left = [p for p in partials(tmp_path) if p.stat().st_size > 0]
+    left = [p for p in partials(tmp_path) if size_of(p) > 0]
     assert left, "nothing written before the signal was kept"
     doc = await status_json(config)
     assert doc["owed"] == int(owed.group(1))

@@ -245,10 +245,13 @@ async def assert_archived_exactly_once(
         if any(rid in line for rid in wrong)
     ]
     assert not wrong, (wrong, told[:20])
-    # Per the instances' own logs too: every recording archived by exactly one of them, and
-    # none of them ever had a completion refused (a sign of a second copy).
+    # Per the instances' own logs too: no recording archived by two of them, and none of them
+    # ever had a completion refused (a sign of a second copy). A killed instance may have
+    # committed a few it had no time to log (at most one per transfer it was running); the
+    # ledger's audit entries above count those.
     by_logs = Counter(rid for inst in instances for rid in inst.archived())
-    assert set(by_logs) == ids and set(by_logs.values()) == {1}
+    assert set(by_logs) <= ids and set(by_logs.values()) == {1}
+    assert len(ids - set(by_logs)) <= 2 * 4, ids - set(by_logs)  # workers.concurrency = 4
     for inst in instances:
         assert not [m for m in inst.messages("warning") if "archived by another" in m]
         assert PG_PASSWORD not in inst.text() and API_KEY not in inst.text()

@@ -255,6 +255,38 @@ async def test_put_bytes(storage: StorageBackend) -> None:
     assert await read_all(storage, "meta/rec-1.json") == b"{}"
 
 
+async def test_put_whole_stores_hashed_with_its_companion(storage: StorageBackend) -> None:
+    data = b"small recording" * 70
+    request = CommitRequest(sha256=None, size=len(data), content_type="audio/ogg")
+    stored = await storage.put_whole(
+        "rooms/r1/small.ogg", data, with_companion_request(request, "rooms/r1/small.ogg.json")
+    )
+    assert same_object(stored, StoredObject("rooms/r1/small.ogg", size=len(data), sha256=sha(data)))
+    assert await read_all(storage, "rooms/r1/small.ogg") == data
+    assert await read_all(storage, "rooms/r1/small.ogg.json") == (
+        f'{{"sha256": "{sha(data)}"}}'.encode()
+    )
+
+
+async def test_put_whole_with_a_wrong_size_or_hash_stores_nothing(
+    storage: StorageBackend,
+) -> None:
+    data = b"small recording"
+    wrong_size = CommitRequest(sha256=None, size=len(data) + 1)
+    wrong_hash = CommitRequest(sha256=sha(b"other bytes"), size=len(data))
+    for request in (wrong_size, wrong_hash):
+        with pytest.raises(IntegrityError):
+            await storage.put_whole(
+                "rooms/r1/bad.ogg", data, with_companion_request(request, "rooms/r1/bad.ogg.json")
+            )
+        await assert_absent(storage, "rooms/r1/bad.ogg")
+        await assert_absent(storage, "rooms/r1/bad.ogg.json")
+
+
+def with_companion_request(request: CommitRequest, key: str) -> CommitRequest:
+    return dataclasses.replace(request, companion=sidecar_for(key))
+
+
 async def test_digest_is_fed_exactly_the_bytes_written(storage: StorageBackend) -> None:
     data = os.urandom(3 * MiB + 777)
     digest = hashlib.sha256()
@@ -657,6 +689,22 @@ async def test_local_one_writer_per_key(tmp_path: Path) -> None:
         assert await storage.cleanup_stale(0) == 0  # a live upload's partial is never removed
         await upload.commit(request_for(b"mine"))
     assert (tmp_path / "rec.mp4").read_bytes() == b"mine"
+
+
+async def test_local_put_whole_is_refused_while_another_upload_holds_the_key(
+    tmp_path: Path,
+) -> None:
+    storage = LocalStorage(tmp_path)
+    request = CommitRequest(sha256=None, size=5)
+    async with await storage.begin("rec.mp4") as upload:
+        await upload.write(b"mine")
+        with pytest.raises(HeldElsewhere, match="another upload"):
+            await storage.put_whole("rec.mp4", b"yours", request)
+    # A partial a stopped process left is replaced, and leaves nothing behind.
+    (tmp_path / ".rec.mp4.partial").write_bytes(b"stale")
+    await storage.put_whole("rec.mp4", b"whole", request)
+    assert sorted(os.listdir(tmp_path)) == ["rec.mp4"]
+    assert (tmp_path / "rec.mp4").read_bytes() == b"whole"
 
 
 async def test_local_committed_files_are_durable_and_private(tmp_path: Path) -> None:

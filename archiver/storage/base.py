@@ -15,6 +15,8 @@ Backends are found by name in ``archiver.storage.registry``.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -23,7 +25,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self
 
-from archiver.errors import ArchiverError, StorageError
+from archiver.errors import ArchiverError, IntegrityError, StorageError
 from archiver.models import StoredObject
 from archiver.storage.keys import check_key
 
@@ -45,6 +47,9 @@ class Capabilities:
     object_lock: bool = False
     # The server itself checks the SHA-256 it is sent and rejects a mismatch.
     server_verifies_checksum: bool = False
+    # ``put_whole`` is one call to the storage, cheaper than ``begin``, ``write`` and ``commit``
+    # (local disk: one hand-off to a disk thread instead of three); elsewhere it is those three.
+    puts_whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +263,14 @@ class StorageBackend(Protocol):
         """Store a small object (a metadata sidecar) atomically."""
         ...
 
+    async def put_whole(self, key: str, data: bytes, request: CommitRequest) -> StoredObject:
+        """Store a whole body held in memory (a small recording) as ``begin`` (not resuming),
+        one ``write`` and ``commit`` would, with every promise of theirs: ``data`` hashed by the
+        storage beside its write (``request.sha256`` None) or checked against it, size checked,
+        durable, the object and its companion visible together or not at all, nothing left
+        behind on failure, another live writer of ``key`` refused (``HeldElsewhere``)."""
+        ...
+
     async def stat(self, key: str) -> ObjectInfo | None:
         """The object's size and recorded hash, or None when nothing is stored at ``key``."""
         ...
@@ -305,6 +318,19 @@ class StorageBackend(Protocol):
 
 
 UploadState = Literal["open", "committed", "aborted", "released"]
+
+
+async def put_whole_by_upload(
+    storage: StorageBackend, key: str, data: bytes, request: CommitRequest
+) -> StoredObject:
+    """``put_whole`` for a backend that has no cheaper way: ``begin``, one ``write``, ``commit``."""
+    digest = hashlib.sha256()
+    async with await storage.begin(key, resume=False) as upload:
+        await upload.write(data, digest=digest)
+        sha256 = digest.hexdigest()
+        if request.sha256 is not None and request.sha256.lower() != sha256:
+            raise IntegrityError(f"{key}: SHA-256 is {sha256}, {request.sha256} expected")
+        return await upload.commit(dataclasses.replace(request, sha256=sha256))
 
 
 class UploadBase(ABC):

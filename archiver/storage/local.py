@@ -24,6 +24,7 @@ waits on the disk; the blocking pieces (partial and temporary files, locks, fsyn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -38,7 +39,13 @@ from typing import Self
 
 from rich import filesize
 
-from archiver.errors import HeldElsewhere, PreflightError, StorageError, UnsafeValue
+from archiver.errors import (
+    HeldElsewhere,
+    IntegrityError,
+    PreflightError,
+    StorageError,
+    UnsafeValue,
+)
 from archiver.models import StoredObject
 from archiver.storage.base import (
     CHUNK_SIZE,
@@ -163,7 +170,7 @@ class LocalStorage(PlainCopies):
         self._resolved_root: Path | None = None
         # Re-read and re-hash every upload at commit instead of trusting the caller's running hash.
         self._verify = verify_on_commit
-        self._capabilities = Capabilities(name="local", resumes_after_crash=True)
+        self._capabilities = Capabilities(name="local", resumes_after_crash=True, puts_whole=True)
 
     @property
     def root(self) -> Path:
@@ -199,6 +206,10 @@ class LocalStorage(PlainCopies):
     ) -> StoredObject:
         parts = check_key(key)
         return await in_io_thread(self._put_bytes, key, parts, data)
+
+    async def put_whole(self, key: str, data: bytes, request: CommitRequest) -> StoredObject:
+        parts = check_key(key)
+        return await in_io_thread(self._put_whole, key, parts, data, request)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         parts = check_key(key)
@@ -253,23 +264,32 @@ class LocalStorage(PlainCopies):
 
     def _resolve(self, key: str, parts: list[str]) -> Path:
         """The key's path, its existing symlinks followed, refused unless it stays inside root."""
+        return self._walk(key, parts)[0]
+
+    def _walk(self, key: str, parts: list[str]) -> tuple[Path, bool]:
+        """``_resolve``, and whether that showed the key's directory to exist (a real directory,
+        no symlink on the way), so that a writer need not look again."""
         root = self._real_root()
         # One lstat per component while none is a symlink (the usual case); a symlink, or a
         # file where a directory should be, takes the thorough path.
         here = root
-        for part in parts:
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
             here = here / part
             try:
                 mode = os.lstat(here).st_mode
             except FileNotFoundError:
-                return root.joinpath(*parts)  # nothing exists from here on, so nothing to follow
+                # Nothing exists from here on, so nothing to follow. When only the last part is
+                # missing below a component just seen, its directory is there (the lstat inside
+                # it would have failed otherwise); the root itself may not be.
+                return root.joinpath(*parts), 0 < i == last
             except NotADirectoryError:
-                return self._resolve_following(key, parts, root)
+                return self._resolve_following(key, parts, root), False
             except OSError as exc:
                 raise storage_error(exc, key, "look up") from exc
             if stat.S_ISLNK(mode):
-                return self._resolve_following(key, parts, root)
-        return here
+                return self._resolve_following(key, parts, root), False
+        return here, True
 
     def _resolve_following(self, key: str, parts: list[str], root: Path) -> Path:
         try:
@@ -288,8 +308,8 @@ class LocalStorage(PlainCopies):
 
     def _make_parents(self, key: str, parts: list[str]) -> Path:
         # Refuse a symlink out of root before creating anything.
-        target = self._resolve(key, parts)
-        if target.parent.is_dir():
+        target, parent_found = self._walk(key, parts)
+        if parent_found or target.parent.is_dir():
             return target  # the usual case: nothing to create, so nothing to resolve again
         root = self._real_root()
         try:
@@ -312,6 +332,24 @@ class LocalStorage(PlainCopies):
         return self._resolve(key, parts)
 
     def _begin(self, key: str, parts: list[str], resume: bool) -> LocalUpload:
+        return LocalUpload(self._open_partial(key, parts, resume))
+
+    def _put_whole(
+        self, key: str, parts: list[str], data: bytes, request: CommitRequest
+    ) -> StoredObject:
+        # The same partial file, lock and commit as begin/write/commit, in one thread hop.
+        file = self._open_partial(key, parts, resume=False)
+        try:
+            sha256 = hashlib.sha256(data).hexdigest()
+            if request.sha256 is not None and request.sha256.lower() != sha256:
+                raise IntegrityError(f"{key}: SHA-256 is {sha256}, {request.sha256} expected")
+            file.write(data, None)
+        except BaseException:
+            file.abort()
+            raise
+        return file.commit(dataclasses.replace(request, sha256=sha256))  # discards if it fails
+
+    def _open_partial(self, key: str, parts: list[str], resume: bool) -> PartialFile:
         target = self._make_parents(key, parts)
         partial = partial_path(target)
         for _ in range(3):
@@ -324,25 +362,31 @@ class LocalStorage(PlainCopies):
                     ) from exc
                 raise storage_error(exc, key, "start writing") from exc
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                # One fstat, once locked, for its type, its size and its identity: each call
+                # here waits for the event loop's thread to hand back the interpreter.
+                locked = try_lock(fd)
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
                     raise UnsafeValue(f"the partial upload of {key!r} is not a regular file")
-                if not try_lock(fd):
+                if not locked:
                     raise HeldElsewhere(
                         f"{key} is being written by another upload right now (another "
                         "instance, alive or stopped, holds its partial copy)"
                     )
                 # cleanup_stale may have removed the file between our open and our lock.
-                if same_file(fd, partial):
-                    if not resume:
+                if same_file(fd, partial, info):
+                    size = info.st_size
+                    if not resume and size:
                         os.ftruncate(fd, 0)
-                    file = PartialFile(
+                        size = 0
+                    return PartialFile(
                         key,
                         target,
                         fd,
+                        size=size,
                         verify=self._verify,
                         prepare_companion=self._prepare_companion,
                     )
-                    return LocalUpload(file)
             except OSError as exc:
                 os.close(fd)
                 raise storage_error(exc, key, "start writing") from exc
@@ -362,10 +406,19 @@ class LocalStorage(PlainCopies):
             raise storage_error(exc, key, "write") from exc
         return StoredObject(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    def _prepare_companion(self, companion: Companion, stored: StoredObject) -> TempFile:
+    def _prepare_companion(
+        self, companion: Companion, stored: StoredObject, beside: Path
+    ) -> TempFile:
+        """The companion written durably to a temporary file; ``beside`` is where the object
+        itself goes, resolved a moment ago: a companion in the same directory (a sidecar) is put
+        there without looking its directories up again."""
         parts = check_key(companion.key)
         data = companion.body_for(stored)
-        return TempFile.create(companion.key, self._make_parents(companion.key, parts), data)
+        if parts[:-1] == check_key(stored.key)[:-1]:
+            target = beside.with_name(parts[-1])
+        else:
+            target = self._make_parents(companion.key, parts)
+        return TempFile.create(companion.key, target, data)
 
     def _stat(self, key: str, parts: list[str]) -> ObjectInfo | None:
         target = self._resolve(key, parts)

@@ -15,8 +15,8 @@ import functools
 import hashlib
 import mmap
 import os
+import random
 import re
-import secrets
 import stat
 import threading
 from collections.abc import Callable
@@ -61,6 +61,8 @@ _T = TypeVar("_T")
 # behind the hashing that runs there, and concurrent fsyncs reach the journal together.
 _IO_THREADS = 32
 _io_pool: ThreadPoolExecutor | None = None
+# The random part of one-shot temporary files' names (seeded from the OS at import).
+_names = random.Random()
 
 
 async def in_io_thread(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -84,7 +86,9 @@ def partial_path(target: Path) -> Path:
 
 
 def one_shot_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+    # Unique enough for O_EXCL to settle the rare clash (``TempFile._create`` tries again), and
+    # no getrandom call per file, as ``secrets`` would make: nothing depends on the name's secrecy.
+    return target.with_name(f".{target.name}.{_names.getrandbits(48):012x}{PARTIAL_SUFFIX}")
 
 
 def storage_error(exc: OSError, key: str, doing: str) -> StorageError:
@@ -136,13 +140,14 @@ def take_lock(fd: int) -> tuple[bool, bool]:
     return True, True
 
 
-def same_file(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the file open at ``fd`` (not unlinked or replaced meanwhile)."""
+def same_file(fd: int, path: Path, held: os.stat_result | None = None) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (not unlinked or replaced meanwhile);
+    ``held``: ``fd``'s fstat, when the caller has it already."""
     try:
         on_disk = os.lstat(path)
     except FileNotFoundError:
         return False
-    held = os.fstat(fd)
+    held = held or os.fstat(fd)
     return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
@@ -246,13 +251,14 @@ class PartialFile:
         target: Path,
         fd: int,
         *,
+        size: int,
         verify: bool,
-        prepare_companion: Callable[[Companion, StoredObject], TempFile],
+        prepare_companion: Callable[[Companion, StoredObject, Path], TempFile],
     ) -> None:
         self.key = key
         self.target = target
         self.path = partial_path(target)
-        self.size = os.fstat(fd).st_size
+        self.size = size  # of the file at ``fd``, as the caller found it once locked
         self.state: Literal["open", "committed", "aborted"] = "open"
         self._fd = fd
         self._verify = verify
@@ -358,7 +364,7 @@ class PartialFile:
                 if request.companion is not None:
                     # Complete on disk before the object shows: a companion that fails (a full
                     # disk, a render that raises) leaves the key as it was.
-                    companion = self._prepare_companion(request.companion, stored)
+                    companion = self._prepare_companion(request.companion, stored, self.target)
                 # The fd stays open (and locked) across the rename: no second writer can slip in.
                 os.replace(self.path, self.target)
             except BaseException as exc:

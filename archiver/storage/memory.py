@@ -25,6 +25,7 @@ from archiver.storage.base import (
     PlainCopies,
     ResumeNotes,
     UploadBase,
+    put_whole_by_upload,
 )
 from archiver.storage.keys import check_key
 
@@ -128,6 +129,9 @@ class MemoryStorage(PlainCopies):
         digest = hashlib.sha256(data).hexdigest()
         self._objects[key] = _Stored(data, digest, content_type)
         return StoredObject(key=key, size=len(data), sha256=digest)
+
+    async def put_whole(self, key: str, data: bytes, request: CommitRequest) -> StoredObject:
+        return await put_whole_by_upload(self, key, data, request)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         check_key(key)

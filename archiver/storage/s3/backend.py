@@ -35,6 +35,7 @@ from archiver.storage.base import (
     Removal,
     ResumeNotes,
     UploadBase,
+    put_whole_by_upload,
 )
 from archiver.storage.keys import check_key
 from archiver.storage.s3.bucket import Bucket
@@ -344,6 +345,9 @@ class S3Storage:
             sha256=None, size=len(data), content_type=content_type, retain_from=retain_from
         )
         return await self._run(self.committer.put, key, bytes(data), request, [])
+
+    async def put_whole(self, key: str, data: bytes, request: CommitRequest) -> StoredObject:
+        return await put_whole_by_upload(self, key, data, request)
 
     async def stat(self, key: str) -> ObjectInfo | None:
         check_key(key)
