@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -399,7 +400,10 @@ async def verify(settings: Settings, *, deep: bool, repair: bool = False) -> int
         with make_progress("verifying") as progress:
             progress.enqueued(total)
 
+            by_source: Counter[str] = Counter()
+
             def checked(row: LedgerRow, problem: Problem | None) -> None:
+                by_source[row.source] += 1
                 progress.checked(row.size or 0, ok=problem is None)
 
             report = await verify_archive(
@@ -420,6 +424,8 @@ async def verify(settings: Settings, *, deep: bool, repair: bool = False) -> int
         quarantined = await quarantined_copies(svc.ledger)
         print_quarantined(quarantined, tag="QUARANTINED ")
         kind = "deep" if deep else "quick"
+        if len(by_source) > 1:
+            print("checked: " + ", ".join(f"{n} {src}" for src, n in sorted(by_source.items())))
         print(
             f"verify ({kind}): {report.checked} recordings checked, "
             f"{human_bytes(report.bytes)}, {len(report.problems)} problem(s)"

@@ -91,6 +91,7 @@ async def test_compositions_are_archived_verified_reported_and_deleted_beside_re
     assert sources == {r.id: RECORDINGS for r in recs} | {c.id: COMPOSITIONS for c in comps}
     code, out, _ = await cli("--config", str(config), "verify", "--deep")
     assert code == 0 and f"{len(recs) + len(comps)} recordings checked" in out, out
+    assert f"checked: {len(comps)} {COMPOSITIONS}, {len(recs)} {RECORDINGS}" in out, out
     code, out, _ = await cli("--config", str(config), "audit", "verify")
     assert code == 0, out
     # Deleted at the source: reconcile expects them gone and says all is well.

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from archiver.audit import verify_chain
 from archiver.errors import ConfigError
 from archiver.expire import Expirer, daily_sweep
 from archiver.identity import IDENTITY_KEY
@@ -250,6 +251,7 @@ async def test_on_s3_every_version_goes_and_a_locked_or_held_copy_stays(
         assert row is not None and row.storage_key is not None
         left = versions(s3_server, s3_server.bucket, s3_prefix + "plain/")
         assert left == {row.storage_key, row.storage_key + ".json", IDENTITY_KEY}
+        assert (await verify_chain(ledger.iter_audit())).ok
 
     # COMPLIANCE for one more day: due by the rule, kept by the lock, nothing deleted.
     locked = s3_settings(sim, tmp_path / "locked", s3_server, s3_prefix + "locked/", locked=True)
