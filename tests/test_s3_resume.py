@@ -38,7 +38,11 @@ from tests.test_backfill_s3 import s3_overrides
 
 MiB = 1 << 20
 SIZE = 300_000_000
-RESENT_AT_MOST = 0.55
+# Killed once the source sent half: the rerun asks only for what the note does not hold. The
+# parts fetched but still going up when the process died are lost with it (up to
+# ``max_threads`` of them; more of them lag on a loaded host), so well under the whole
+# recording, not exactly half.
+RESENT_AT_MOST = 0.7
 # S3's smallest parts: a crash costs the part that was filling (and what the network held).
 PARTS = "multipart_threshold = 5242880\npart_size = 5242880\n"
 
