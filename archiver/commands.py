@@ -11,7 +11,7 @@ import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -439,12 +439,14 @@ async def verify(settings: Settings, *, deep: bool, repair: bool = False) -> int
 async def _repair(svc: Services, problems: list[tuple[str, str]]) -> int:
     """Fetch every listed copy again: owed once more (audited), then archived by the engine
     with a fresh URL, or reported lost when the source no longer has it."""
+    from archiver.expire import retention_ended
+
     days = svc.settings.retention.delete_after_days
-    cutoff = None if days is None else datetime.now(UTC) - timedelta(days=days)
+    now = datetime.now(UTC)
     due: set[str] = set()
     for rid in sorted({rid for rid, _ in problems}):
         row = await svc.ledger.get(rid)
-        if cutoff is not None and row is not None and row.ended_at and row.ended_at <= cutoff:
+        if row is not None and retention_ended(row, days, now):
             # Its copy must go now: fetching it again would keep what the rule says to delete.
             due.add(rid)
             print(f"  not repaired {rid}: its retention has ended; `archiver expire` deletes it")

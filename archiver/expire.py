@@ -68,6 +68,16 @@ def keys_of(row: LedgerRow) -> list[str]:
     return keys
 
 
+def retention_end(days: int, now: datetime) -> datetime:
+    """Copies of recordings that ended before this are past ``delete_after_days = days``."""
+    return now - timedelta(days=days)
+
+
+def retention_ended(row: LedgerRow, days: int | None, now: datetime) -> bool:
+    """The row's copy is past its retention (never when unset or its end is unknown)."""
+    return days is not None and row.ended_at is not None and row.ended_at < retention_end(days, now)
+
+
 def kept_because(row: LedgerRow, now: datetime) -> str | None:
     """Why a due copy stays, as far as the ledger tells: a hold, retention not yet run out."""
     if row.legal_hold:
@@ -94,9 +104,9 @@ class Expirer:
     async def sweep(self, *, dry_run: bool = False) -> ExpiryReport:
         report = ExpiryReport(days=self._days)
         now = self._clock()
-        # ended_at + days <= now; a row with no known end is never within the bound.
-        cutoff = now - timedelta(days=self._days)
-        async for row in self._ledger.iter_archived(until=cutoff):
+        # ``retention_ended``, as the ledger's bound (exclusive; a row with no known end is
+        # never within it).
+        async for row in self._ledger.iter_archived(until=retention_end(self._days, now)):
             report.due += 1
             why = kept_because(row, now)
             if why is not None:

@@ -282,9 +282,9 @@ async def hold(settings: Settings, *, ids: Sequence[str], release: bool, reason:
             keys = keys_of(row)
             if on:
                 was = await svc.ledger.hold(rid, on=True, reason=reason)
-                versions = await svc.storage.set_legal_hold(keys, True) if keys else 0
+                versions = await svc.storage.set_legal_hold(keys, True)
             else:
-                versions = await svc.storage.set_legal_hold(keys, False) if keys else 0
+                versions = await svc.storage.set_legal_hold(keys, False)
                 was = await svc.ledger.hold(rid, on=False, reason=reason)
             state = (
                 ("held" if was else "already held") if on else ("released" if was else "not held")
