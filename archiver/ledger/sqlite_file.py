@@ -12,17 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from archiver.errors import LedgerError, LedgerUnavailable
+from archiver.threads import Lane
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -75,8 +74,8 @@ class SqliteFile:
         self.exclusive = exclusive
         self.busy_timeout = busy_timeout
         self.must_exist = must_exist
-        self._executor: ThreadPoolExecutor | None = None
-        # Touched only on the executor's thread.
+        self._lane: Lane | None = None
+        # Touched only on the lane's one thread.
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         # Touched only on the event loop: transitions waiting for the next group transaction.
@@ -88,9 +87,9 @@ class SqliteFile:
         return self.path.with_name(self.path.name + ".lock")
 
     async def _open(self) -> None:
-        if self._executor is not None:
+        if self._lane is not None:
             raise LedgerError(f"the ledger {self.path} is already open")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._lane = Lane(1, "ledger-sqlite")
         try:
             await self._call(self._open_sync)
         except BaseException:
@@ -99,15 +98,15 @@ class SqliteFile:
             raise
 
     async def _shutdown(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is None:
+        lane, self._lane = self._lane, None
+        if lane is None:
             return
         # Queued behind any call still running, so the connection closes after it; the thread
         # exits once the queue is drained. Shielded: a cancelled exit still closes the file.
-        closing = executor.submit(self._close_sync)
-        executor.shutdown(wait=False)
+        closing = lane.submit(self._close_sync)
+        lane.close()
         try:
-            await asyncio.shield(asyncio.wrap_future(closing))
+            await asyncio.shield(closing)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
 
@@ -170,12 +169,11 @@ class SqliteFile:
                 os.close(fd)  # releases the flock
 
     async def _call(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        executor = self._executor
-        if executor is None:
+        lane = self._lane
+        if lane is None:
             raise LedgerError(f"the ledger {self.path} is not open (use it with 'async with')")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+            return await lane.run(fn, *args, **kwargs)
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
 
@@ -224,7 +222,7 @@ class SqliteFile:
     # -- group commit ----------------------------------------------------------------------------
     async def _grouped(self, apply: Callable[[sqlite3.Connection], Any], *, durable: bool) -> Any:
         """Run ``apply`` in the next group transaction; return what it returns."""
-        if self._executor is None:
+        if self._lane is None:
             raise LedgerError(f"the ledger {self.path} is not open (use it with 'async with')")
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(_Grouped(apply, durable, waiter))

@@ -7,11 +7,9 @@ rules (what is visible when, what is resumed, what cleanup removes).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
 import hashlib
 import mmap
 import os
@@ -20,7 +18,6 @@ import re
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, ParamSpec, TypeVar
 
@@ -28,6 +25,7 @@ from archiver.errors import IntegrityError, StorageError, StorageFull
 from archiver.models import StoredObject
 from archiver.storage.base import CHUNK_SIZE, CommitRequest, Companion, Digest
 from archiver.storage.keys import PARTIAL_SUFFIX
+from archiver.threads import Lane
 
 FILE_MODE = 0o640
 DIR_MODE = 0o750
@@ -60,17 +58,16 @@ _T = TypeVar("_T")
 # there are more of them than in asyncio's default executor (cores + 4): a write never queues
 # behind the hashing that runs there, and concurrent fsyncs reach the journal together.
 _IO_THREADS = 32
-_io_pool: ThreadPoolExecutor | None = None
+_io_lane: Lane | None = None
 # The random part of one-shot temporary files' names (seeded from the OS at import).
 _names = random.Random()
 
 
 async def in_io_thread(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    global _io_pool
-    if _io_pool is None:
-        _io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="archiver-disk")
-    call = functools.partial(fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_io_pool, call)
+    global _io_lane
+    if _io_lane is None:
+        _io_lane = Lane(_IO_THREADS, "archiver-disk")
+    return await _io_lane.run(fn, *args, **kwargs)
 
 
 def is_one_shot_name(name: str) -> bool:
