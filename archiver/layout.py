@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mimetypes
 import re
-import string
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
@@ -105,7 +104,7 @@ def render_key(template: str, rec: Recording, ext: str) -> str:
         "created": _When(rec.created_at),
         "completed": _When(rec.completed_at),
     }
-    key = string.Formatter().vformat(template, (), values)
+    key = template.format_map(values)
     return check_key(key)
 
 

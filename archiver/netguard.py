@@ -464,22 +464,26 @@ async def open_download(
     their bodies are not read. ``headers`` go to every hop: put no secret in them. ``session``
     must use ``download_connector(policy)``, or host names would go unchecked.
     """
-    check_download_url(url)
+    problem, parsed = _shape(url)
+    if parsed is None:
+        raise UnsafeValue(f"download_url {problem}")
     connector = session.connector
     if not isinstance(connector, GuardedConnector) or connector.policy != policy:
         raise TypeError("open_download needs a session made with download_connector(policy)")
-    current = policy.check_url(url)
+    policy.check_origin(parsed)
+    current = parsed
     redirects = 0
     while True:
         await policy.check_literal(current)
         async with session.get(current, headers=headers, allow_redirects=False) as resp:
             location = resp.headers.get(aiohttp.hdrs.LOCATION)
-            log.debug(
-                "download GET %s%s: HTTP %d",
-                _shown(current),
-                f" (Range {headers['Range']})" if "Range" in headers else "",
-                resp.status,
-            )
+            if log.isEnabledFor(logging.DEBUG):  # the shown URL costs more than the line
+                log.debug(
+                    "download GET %s%s: HTTP %d",
+                    _shown(current),
+                    f" (Range {headers['Range']})" if "Range" in headers else "",
+                    resp.status,
+                )
             if resp.status not in _REDIRECT_STATUSES or location is None:
                 yield resp
                 return

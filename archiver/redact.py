@@ -28,9 +28,13 @@ def redact(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "[REDACTED]")
-    text = _URL_QUERY.sub(r"\g<base>?[REDACTED]", text)
-    text = _USERINFO.sub(r"\g<scheme>[REDACTED]@", text)
-    return _BEARER.sub(r"\1[REDACTED]", text)
+    # The patterns scan every position; most lines hold neither a URL nor a token.
+    if "://" in text:
+        text = _URL_QUERY.sub(r"\g<base>?[REDACTED]", text)
+        text = _USERINFO.sub(r"\g<scheme>[REDACTED]@", text)
+    if "bearer" in text.lower():
+        text = _BEARER.sub(r"\1[REDACTED]", text)
+    return text
 
 
 def safe_url(url: str) -> str:

@@ -373,6 +373,24 @@ def test_redaction_of_keys_signatures_and_passwords() -> None:
     assert repr(Secret("hunter2")) == "Secret('********')"
 
 
+@pytest.mark.parametrize(
+    ("text", "gone"),
+    [
+        ("Authorization: BEARER tok.en-1", "tok.en-1"),
+        ("auth bEaReR\tsecret_t0ken", "secret_t0ken"),
+        ("GET s3://bucket/key?X-Amz-Credential=AKIA", "AKIA"),
+        ("redis://admin:pw@cache:6379", "admin:pw"),
+        ("a line without either", None),
+    ],
+)
+def test_redaction_finds_each_kind_alone_in_any_case(text: str, gone: str | None) -> None:
+    out = redact(text)
+    if gone is None:
+        assert out == text
+    else:
+        assert gone not in out and "[REDACTED]" in out
+
+
 # -- config ----------------------------------------------------------------------------------
 def test_example_config_is_valid_and_documents_every_key() -> None:
     settings = load_settings(str(ROOT / "config.example.toml"), env={})
