@@ -142,7 +142,12 @@ class Transferer:
         progress = TransferState(rec=rec, owner=owner)
         progress.reset_hash()
         metrics.IN_FLIGHT.inc()
-        heartbeat = asyncio.create_task(self._heartbeat(progress))
+        # The first heartbeat is a timer: most transfers end before it, without costing a task.
+        beats: list[asyncio.Task[None]] = []
+        heartbeat = asyncio.get_running_loop().call_later(
+            self._beat_interval,
+            lambda: beats.append(asyncio.create_task(self._heartbeat(progress))),
+        )
         try:
             stored = await self._fetch(progress)
             if not await self._ledger.complete(rec.id, owner=owner, stored=stored):
@@ -190,6 +195,8 @@ class Transferer:
             return await self._fail(progress, exc, attempt)
         finally:
             heartbeat.cancel()
+            for beat in beats:
+                beat.cancel()
             metrics.IN_FLIGHT.dec()
         seconds = time.monotonic() - started
         metrics.ARCHIVED.labels(source=rec.source).inc()
@@ -293,22 +300,26 @@ class Transferer:
             except ArchiverError:
                 log.exception("could not record the quarantined copy of %s", recording_id)
 
+    @property
+    def _beat_interval(self) -> float:
+        return max(self._workers.lease_seconds / 3, 0.05)
+
     async def _heartbeat(self, progress: TransferState) -> None:
+        """Renew the lease now and every ``_beat_interval`` until cancelled or lost."""
         recording_id = progress.rec.id
-        interval = max(self._workers.lease_seconds / 3, 0.05)
         while True:
-            await asyncio.sleep(interval)
             try:
                 held = await self._ledger.heartbeat(
                     recording_id, owner=progress.owner, lease_seconds=self._workers.lease_seconds
                 )
             except ArchiverError as exc:
                 log.warning("lease heartbeat for %s failed: %s", recording_id, exc)
-                continue
+                held = True
             if not held:
                 # Another worker may be fetching it already; going on would fetch it twice.
                 progress.lease_lost = True
                 return
+            await asyncio.sleep(self._beat_interval)
 
     # -- the transfer proper ----------------------------------------------------------------
 
