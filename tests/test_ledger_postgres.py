@@ -290,6 +290,25 @@ async def test_transitions_issued_together_share_one_transaction(
         assert (await verify_chain(led.iter_audit())).ok
 
 
+async def test_a_statement_the_database_refuses_fails_only_its_own_transition(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    async with ledger_at(pg_url, pg_cluster) as led:
+        await led.observe([rec("a"), rec("b")])
+        for rec_id in ("a", "b"):
+            assert await led.claim(rec_id, owner="w", lease_seconds=LEASE) == 1
+        results = await asyncio.gather(
+            led.complete("a", owner="w", stored=stored("a", size=2**70)),  # beyond bigint
+            led.complete("b", owner="w", stored=stored("b")),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], LedgerError) and results[1] is True
+        a, b = await led.get("a"), await led.get("b")
+        assert a is not None and a.state is State.IN_PROGRESS
+        assert b is not None and b.state is State.ARCHIVED
+        assert [e.recording_id async for e in led.iter_audit()] == ["b"]
+
+
 async def test_the_database_restarting_under_a_ledger(
     pg_cluster: PgCluster, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,6 +10,9 @@ sharing adds:
   leases expire (``core.claimable``).
 - The audit chain stays one linear chain with many writers: an append locks the chain head (the
   single row of ``audit_head``) inside the transition's own transaction.
+- The busy transitions (claim, heartbeat, complete, note_upload) share group transactions, as
+  in the SQLite ledger (``postgres_group``); commits holding no completion do not wait for the
+  disk (``synchronous_commit = off``), and the next durable one flushes them in order.
 - Migrations run at start-up, each in a transaction holding an advisory lock, so instances that
   start together apply every version once (``postgres_schema``).
 - Connection lost or refused, a server shutting down or starting up, too many connections,
@@ -85,6 +88,7 @@ _AppendAudit = tuple[str, str | None, Mapping[str, Any], str | None]
 class _Grouped:
     """A transition waiting for the next group transaction (``postgres_group``)."""
 
+    what: str
     make: Callable[[], ops.Program[Any]]
     durable: bool
     waiter: asyncio.Future[Any]
@@ -237,7 +241,7 @@ class PostgresLedger(SharedLedger):
         """One transaction (a retry of the call runs a new program); ``grouped``, the next
         group transaction (``postgres_group``)."""
         if grouped:
-            result: _T = await self._grouped(make, durable)
+            result: _T = await self._grouped(what, make, durable)
             return result
 
         async def tx(conn: Any) -> _T:
@@ -246,11 +250,11 @@ class PostgresLedger(SharedLedger):
 
         return await self._run(what, tx, durable=durable)
 
-    async def _grouped(self, make: Callable[[], ops.Program[Any]], durable: bool) -> Any:
+    async def _grouped(self, what: str, make: Callable[[], ops.Program[Any]], durable: bool) -> Any:
         if self._pool is None:
             raise LedgerError(f"the ledger {self.where} is not open (use it with 'async with')")
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Grouped(make, durable, waiter))
+        self._pending.append(_Grouped(what, make, durable, waiter))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_groups())
         return await waiter
@@ -260,23 +264,13 @@ class PostgresLedger(SharedLedger):
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                makes = [item.make for item in batch]
-                results: list[Any]
                 try:
-                    results = await self._run(
-                        "group",
-                        functools.partial(
-                            carry_out_group, makes=makes, append_audits=self._append_audits_tx
-                        ),
-                        durable=any(item.durable for item in batch),
-                    )
+                    results = await self._write_group(batch)
                 except asyncio.CancelledError:
                     for item in batch + self._pending:
                         item.waiter.cancel()
                     self._pending = []
                     raise
-                except Exception as exc:
-                    results = [exc] * len(batch)
                 for item, result in zip(batch, results, strict=True):
                     if item.waiter.done():  # its caller was cancelled; the change stands
                         continue
@@ -286,6 +280,27 @@ class PostgresLedger(SharedLedger):
                         item.waiter.set_result(result)
         finally:
             self._writer = None
+
+    async def _write_group(self, batch: list[_Grouped]) -> list[Any]:
+        """Each transition's result or error, from one transaction."""
+        try:
+            return await self._run(
+                batch[0].what if len(batch) == 1 else f"{len(batch)} transitions at once",
+                functools.partial(
+                    carry_out_group,
+                    makes=[item.make for item in batch],
+                    append_audits=self._append_audits_tx,
+                ),
+                durable=any(item.durable for item in batch),
+            )
+        except LedgerError as exc:
+            if len(batch) == 1:
+                return [exc]
+            # The database refused a statement and the group rolled back: each alone, so that
+            # the one it refuses fails and no other.
+            return [result for item in batch for result in await self._write_group([item])]
+        except Exception as exc:  # unavailable: each caller's retry runs its transition again
+            return [exc] * len(batch)
 
     async def _carry_out_dry(self, make: Callable[[], ops.Program[_T]]) -> _T:
         async def read(conn: Any) -> _T:
