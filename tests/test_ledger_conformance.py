@@ -24,7 +24,7 @@ import pytest
 import archiver.ledger.sqlite as sqlite_module
 from archiver.audit import GENESIS, verify_chain
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
-from archiver.ledger import Budget, Ledger, PassRecord, SqliteLedger, open_ledger
+from archiver.ledger import Budget, Ledger, PassRecord, SqliteLedger, open_ledger, ops
 from archiver.ledger.portable import KINDS
 from archiver.ledger.sqlite import MIGRATIONS, SCHEMA_VERSION
 from archiver.models import Recording, State, StoredObject
@@ -281,6 +281,36 @@ async def test_transitions_at_once_succeed_or_fail_alone(ledger: Ledger) -> None
         assert await state_of(ledger, i) == State.IN_PROGRESS
     assert await state_of(ledger, "never") == State.PENDING
     assert sorted(await audit_actions(ledger)) == [("archived", i) for i in ids[:6]]
+
+
+async def test_a_transition_refused_after_writing_undoes_only_itself(ledger: Ledger) -> None:
+    """In one group transaction, a program refused after its writes leaves nothing of them and
+    takes nothing of the others' (the SQLite ledger: a savepoint each)."""
+    await ledger.observe([rec("a"), rec("b")])
+    inner: Any = getattr(ledger, "inner", ledger)
+
+    def refused() -> ops.Program[None]:
+        yield ops.Load("a")
+        yield ops.Update([("a", {"last_error": "written, then refused"})])
+        yield ops.Audit("noted", "a", {})
+        raise LedgerError("refused after writing")
+
+    def kept() -> ops.Program[bool]:
+        yield ops.Load("b")
+        yield ops.Update([("b", {"last_error": "kept"})])
+        yield ops.Audit("noted", "b", {})
+        return True
+
+    results = await asyncio.gather(
+        inner._carry_out("test", refused, grouped=True),
+        inner._carry_out("test", kept, grouped=True),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], LedgerError) and results[1] is True
+    a, b = await ledger.get("a"), await ledger.get("b")
+    assert a is not None and a.last_error is None
+    assert b is not None and b.last_error == "kept"
+    assert await audit_actions(ledger) == [("noted", "b")]
 
 
 async def test_leased_row_is_not_claimable_until_the_lease_expires(ledger: Ledger) -> None:

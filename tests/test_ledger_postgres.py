@@ -220,6 +220,95 @@ async def test_many_writers_keep_one_audit_chain(pg_cluster: PgCluster, pg_url: 
         assert report.ok, report.problems
 
 
+class Statements:
+    """Stands in for the ledger's pool: each transaction's statements, in order."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.transactions: list[list[str]] = []
+
+    def acquire(self) -> Any:
+        outer = self
+
+        class Acquire:
+            async def __aenter__(self) -> Any:
+                self.inner = outer.pool.acquire()
+                conn = await self.inner.__aenter__()
+                said: list[str] = []
+                outer.transactions.append(said)
+
+                class Noted:
+                    def __getattr__(self, name: str) -> Any:
+                        found = getattr(conn, name)
+                        if name not in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+                            return found
+
+                        def note(sql: str, *args: Any, **kw: Any) -> Any:
+                            said.append(" ".join(sql.split()))
+                            return found(sql, *args, **kw)
+
+                        return note
+
+                return Noted()
+
+            async def __aexit__(self, *exc: Any) -> None:
+                await self.inner.__aexit__(*exc)
+
+        return Acquire()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
+async def test_transitions_issued_together_share_one_transaction(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    ids = [f"r{n}" for n in range(8)]
+    async with ledger_at(pg_url, pg_cluster) as led:
+        await led.observe([rec(i) for i in ids])
+        inner = led.inner
+        assert isinstance(inner, PostgresLedger)
+        pool = inner._pool = Statements(inner._pool)
+        claims = await asyncio.gather(*(led.claim(i, owner="w", lease_seconds=LEASE) for i in ids))
+        assert claims == [1] * len(ids)
+        done = await asyncio.gather(
+            *(led.complete(i, owner="w", stored=stored(i)) for i in ids[:4]),
+            *(led.heartbeat(i, owner="w", lease_seconds=LEASE) for i in ids[4:]),
+        )
+        assert done == [True] * len(ids)
+        claimed, completed = pool.transactions
+        # Claims may commit without waiting for the disk; a group holding a completion may not.
+        asynchronous = "SET LOCAL synchronous_commit = off"
+        assert asynchronous in claimed
+        assert asynchronous not in completed
+        # The rows are locked by one statement, the writes go out once, the chain appended once.
+        assert sum("FOR UPDATE" in sql for sql in completed) == 2  # the rows, the chain head
+        assert sum(sql.startswith("UPDATE recordings") for sql in completed) == 2
+        assert sum("INSERT INTO audit" in sql for sql in completed) == 1
+        entries = [e async for e in led.iter_audit()]
+        assert [e.recording_id for e in entries] == ids[:4]
+        assert (await verify_chain(led.iter_audit())).ok
+
+
+async def test_a_statement_the_database_refuses_fails_only_its_own_transition(
+    pg_cluster: PgCluster, pg_url: str
+) -> None:
+    async with ledger_at(pg_url, pg_cluster) as led:
+        await led.observe([rec("a"), rec("b")])
+        for rec_id in ("a", "b"):
+            assert await led.claim(rec_id, owner="w", lease_seconds=LEASE) == 1
+        results = await asyncio.gather(
+            led.complete("a", owner="w", stored=stored("a", size=2**70)),  # beyond bigint
+            led.complete("b", owner="w", stored=stored("b")),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], LedgerError) and results[1] is True
+        a, b = await led.get("a"), await led.get("b")
+        assert a is not None and a.state is State.IN_PROGRESS
+        assert b is not None and b.state is State.ARCHIVED
+        assert [e.recording_id async for e in led.iter_audit()] == ["b"]
+
+
 async def test_the_database_restarting_under_a_ledger(
     pg_cluster: PgCluster, pg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

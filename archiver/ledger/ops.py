@@ -67,7 +67,8 @@ class Update:
 
 @dataclass(frozen=True, slots=True)
 class Audit:
-    """→ the ``AuditEntry`` appended to the chain (see ``chain_entry``)."""
+    """→ the ``AuditEntry`` appended to the chain (see ``chain_entry``); None in a PostgreSQL
+    group, which chains its entries at the end (no program reads the answer)."""
 
     action: str
     recording_id: str | None

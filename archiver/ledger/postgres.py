@@ -10,6 +10,9 @@ sharing adds:
   leases expire (``core.claimable``).
 - The audit chain stays one linear chain with many writers: an append locks the chain head (the
   single row of ``audit_head``) inside the transition's own transaction.
+- The busy transitions (claim, heartbeat, complete, note_upload) share group transactions, as
+  in the SQLite ledger (``postgres_group``); commits holding no completion do not wait for the
+  disk (``synchronous_commit = off``), and the next durable one flushes them in order.
 - Migrations run at start-up, each in a transaction holding an advisory lock, so instances that
   start together apply every version once (``postgres_schema``).
 - Connection lost or refused, a server shutting down or starting up, too many connections,
@@ -39,6 +42,7 @@ from collections.abc import (
     Callable,
     Mapping,
 )
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -62,6 +66,7 @@ from archiver.ledger.postgres_driver import (
     utc,
 )
 from archiver.ledger.postgres_driver import describe_url as describe_url
+from archiver.ledger.postgres_group import carry_out_group
 from archiver.ledger.postgres_schema import MIGRATIONS as MIGRATIONS
 from archiver.ledger.postgres_schema import SCHEMA_VERSION as SCHEMA_VERSION
 from archiver.ledger.postgres_schema import migrate_step
@@ -75,6 +80,25 @@ _T = TypeVar("_T")
 _BATCH = 1000  # rows per read in the streaming iterators
 
 _BRIEF_COLUMNS = ", ".join(BRIEF_FIELDS)
+
+_AppendAudit = tuple[str, str | None, Mapping[str, Any], str | None]
+
+
+@dataclass(slots=True)
+class _Grouped:
+    """A transition waiting for the next group transaction (``postgres_group``)."""
+
+    what: str
+    make: Callable[[], ops.Program[Any]]
+    durable: bool
+    waiter: asyncio.Future[Any]
+
+
+async def _keep_session(conn: Any) -> None:
+    """A connection's reset on its way back to the pool. The driver has already rolled back any
+    transaction left open; the rest of its default reset (advisory locks, cursors, LISTEN,
+    settings) is a round trip per call for what this ledger never leaves behind: its advisory
+    lock is a transaction's, its settings ``SET LOCAL``."""
 
 
 class PostgresLedger(SharedLedger):
@@ -99,6 +123,9 @@ class PostgresLedger(SharedLedger):
         self.command_timeout = command_timeout
         self.budget = budget or Budget()
         self._pool: Any = None
+        # Touched only on the event loop: transitions waiting for the next group transaction.
+        self._pending: list[_Grouped] = []
+        self._writer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.where!r})"
@@ -116,6 +143,7 @@ class PostgresLedger(SharedLedger):
                 min_size=0,
                 max_size=self.pool_size,
                 command_timeout=self.command_timeout,
+                reset=_keep_session,
                 server_settings={"application_name": f"archiver {self.instance}"[:63]},
             )
         except (*DRIVER_ERRORS, ValueError) as exc:
@@ -168,10 +196,17 @@ class PostgresLedger(SharedLedger):
         return translate(exc, self.where, what)
 
     async def _run(
-        self, what: str, fn: Callable[[Any], Awaitable[_T]], *, transaction: bool = True
+        self,
+        what: str,
+        fn: Callable[[Any], Awaitable[_T]],
+        *,
+        transaction: bool = True,
+        durable: bool = True,
     ) -> _T:
         """``fn(connection)`` in one transaction, once: a database away raises
-        ``LedgerUnavailable``, and the wrapper (``archiver.ledger.retrying``) decides."""
+        ``LedgerUnavailable``, and the wrapper (``archiver.ledger.retrying``) decides.
+        ``durable=False``: the commit does not wait for the disk; the next durable commit (its
+        WAL is flushed in order) makes it durable too."""
         pool = self._pool
         if pool is None:
             raise LedgerError(f"the ledger {self.where} is not open (use it with 'async with')")
@@ -180,6 +215,8 @@ class PostgresLedger(SharedLedger):
                 if not transaction:
                     return await fn(conn)
                 async with conn.transaction():
+                    if not durable:
+                        await conn.execute("SET LOCAL synchronous_commit = off")
                     return await fn(conn)
         except DRIVER_ERRORS as exc:
             raise self._translate(exc, what) from exc
@@ -201,14 +238,69 @@ class PostgresLedger(SharedLedger):
         grouped: bool = False,
         durable: bool = True,
     ) -> _T:
-        """One transaction (a retry of the call runs a new program). Every commit here is
-        durable; there is no group commit to join."""
+        """One transaction (a retry of the call runs a new program); ``grouped``, the next
+        group transaction (``postgres_group``)."""
+        if grouped:
+            result: _T = await self._grouped(what, make, durable)
+            return result
 
         async def tx(conn: Any) -> _T:
             clock: list[datetime] = []
             return await ops.run_async(make(), functools.partial(self._answer, conn, clock))
 
-        return await self._run(what, tx)
+        return await self._run(what, tx, durable=durable)
+
+    async def _grouped(self, what: str, make: Callable[[], ops.Program[Any]], durable: bool) -> Any:
+        if self._pool is None:
+            raise LedgerError(f"the ledger {self.where} is not open (use it with 'async with')")
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Grouped(what, make, durable, waiter))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_groups())
+        return await waiter
+
+    async def _write_groups(self) -> None:
+        """One group at a time; what arrives meanwhile forms the next."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._write_group(batch)
+                except asyncio.CancelledError:
+                    for item in batch + self._pending:
+                        item.waiter.cancel()
+                    self._pending = []
+                    raise
+                for item, result in zip(batch, results, strict=True):
+                    if item.waiter.done():  # its caller was cancelled; the change stands
+                        continue
+                    if isinstance(result, Exception):
+                        item.waiter.set_exception(result)
+                    else:
+                        item.waiter.set_result(result)
+        finally:
+            self._writer = None
+
+    async def _write_group(self, batch: list[_Grouped]) -> list[Any]:
+        """Each transition's result or error, from one transaction."""
+        try:
+            return await self._run(
+                batch[0].what if len(batch) == 1 else f"{len(batch)} transitions at once",
+                functools.partial(
+                    carry_out_group,
+                    makes=[item.make for item in batch],
+                    append_audits=self._append_audits_tx,
+                ),
+                durable=any(item.durable for item in batch),
+            )
+        except LedgerError as exc:
+            if len(batch) == 1:
+                return [exc]
+            # The database refused a statement and the group rolled back: each alone, so that
+            # the one it refuses fails and no other.
+            return [result for item in batch for result in await self._write_group([item])]
+        except Exception as exc:  # unavailable: each caller's retry runs its transition again
+            return [exc] * len(batch)
 
     async def _carry_out_dry(self, make: Callable[[], ops.Program[_T]]) -> _T:
         async def read(conn: Any) -> _T:
@@ -398,6 +490,15 @@ class PostgresLedger(SharedLedger):
         token: str | None = None,
     ) -> AuditEntry:
         """Chain one entry inside the caller's transaction, holding the chain head until commit."""
+        entries = await PostgresLedger._append_audits_tx(
+            conn, [(action, recording_id, details, token)]
+        )
+        return entries[0]
+
+    @staticmethod
+    async def _append_audits_tx(conn: Any, appends: list[_AppendAudit]) -> list[AuditEntry]:
+        """Chain these entries, in order, inside the caller's transaction, holding the chain
+        head until commit: two round trips however many."""
         # The clock is read after the lock is granted, so times follow the chain's order.
         head = await conn.fetchrow(
             """WITH head AS (SELECT seq, hash FROM audit_head FOR UPDATE)
@@ -407,26 +508,37 @@ class PostgresLedger(SharedLedger):
             raise LedgerError("the ledger has no audit chain head (a damaged schema)")
         at = utc(head["at"])
         assert at is not None
-        entry, details_text = core.chain_entry(
-            int(head["seq"]), str(head["hash"]), at, action, recording_id, details
-        )
+        seq, prev = int(head["seq"]), str(head["hash"])
+        entries: list[AuditEntry] = []
+        texts: list[str] = []
+        for action, recording_id, details, _ in appends:
+            entry, details_text = core.chain_entry(seq, prev, at, action, recording_id, details)
+            entries.append(entry)
+            texts.append(details_text)
+            seq, prev = entry.seq, entry.hash
         await conn.execute(
             """WITH entry AS (
                    INSERT INTO audit (seq, at, action, recording_id, details, prev_hash, hash,
                                       token)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   SELECT u.seq, $2, u.action, u.recording_id, u.details, u.prev_hash, u.hash,
+                          u.token
+                   FROM unnest($1::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                               $7::text[], $8::text[])
+                        AS u(seq, action, recording_id, details, prev_hash, hash, token)
                )
-               UPDATE audit_head SET seq = $1, hash = $7""",
-            entry.seq,
+               UPDATE audit_head SET seq = $9, hash = $10""",
+            [e.seq for e in entries],
             at,
-            action,
-            recording_id,
-            details_text,
-            entry.prev_hash,
-            entry.hash,
-            token,
+            [e.action for e in entries],
+            [e.recording_id for e in entries],
+            texts,
+            [e.prev_hash for e in entries],
+            [e.hash for e in entries],
+            [token for *_, token in appends],
+            seq,
+            prev,
         )
-        return entry
+        return entries
 
     async def iter_audit(self) -> AsyncIterator[AuditEntry]:
         after = 0
