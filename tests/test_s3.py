@@ -239,6 +239,48 @@ async def test_single_put_round_trip(any_s3: S3Server, s3_prefix: str) -> None:
     assert "-" not in head["ChecksumSHA256"]  # one PutObject, checked whole by the server
 
 
+async def test_bodies_signed_by_their_checksum_header(any_s3: S3Server, s3_prefix: str) -> None:
+    """Over plain HTTP botocore would hash each body once more to sign it: parts and single PUTs,
+    which carry their SHA-256 in a signed header S3 checks, are not; other bodies still are."""
+    payloads: dict[str, set[bytes]] = {}
+
+    def seen(request: Any, event_name: str, **_: Any) -> None:
+        operation = event_name.rsplit(".", 1)[-1]
+        payloads.setdefault(operation, set()).add(request.headers["X-Amz-Content-SHA256"])
+
+    async with open_s3(any_s3, s3_prefix, **SMALL_PARTS) as storage:
+        storage.client.meta.events.register("before-send.s3", seen)
+        await store(storage, "big/rec.mp4", os.urandom(11 * MiB))
+        await store(storage, "small/rec.mp4", os.urandom(MiB))
+    unsigned = {b"UNSIGNED-PAYLOAD"}  # prepared headers are bytes
+    assert payloads["UploadPart"] == unsigned and payloads["PutObject"] == unsigned
+    assert payloads["CompleteMultipartUpload"] != unsigned
+
+
+async def test_custom_endpoint_needs_no_aws_endpoint_table(
+    any_s3: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS's table of its hosts (about 7 MB once parsed) is not loaded for a store at an
+    endpoint of its own with its region given."""
+    import botocore.loaders
+
+    from archiver.storage.s3 import backend
+
+    loaded: list[str] = []
+    loader = botocore.loaders.create_loader()
+    original = loader.load_data_with_path
+
+    def load(name: str) -> Any:
+        loaded.append(name)
+        return original(name)
+
+    monkeypatch.setattr(loader, "load_data_with_path", load)
+    monkeypatch.setattr(backend, "_loader", loader)
+    async with open_s3(any_s3, s3_prefix) as storage:
+        await store(storage, "rec.mp4", os.urandom(1000))
+    assert loaded and "endpoints" not in loaded
+
+
 async def test_multipart_round_trip(any_s3: S3Server, s3_prefix: str) -> None:
     data = os.urandom(20 * MiB + 123)
     async with open_s3(any_s3, s3_prefix, **SMALL_PARTS) as storage:

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
-import boto3
 import botocore.loaders
 import botocore.session
 from botocore.config import Config
+from botocore.regions import EndpointResolver
 
 from archiver.errors import ArchiverError, ConfigError, IntegrityError, StorageError
 from archiver.models import StoredObject
@@ -45,6 +45,8 @@ from archiver.storage.s3.preflight import preflight
 from archiver.storage.s3.settings import aware, check_settings, normalized_prefix
 
 if TYPE_CHECKING:
+    from botocore.awsrequest import AWSRequest
+    from botocore.config import _S3Dict
     from botocore.response import StreamingBody
     from mypy_boto3_s3.client import S3Client
 
@@ -443,6 +445,21 @@ class S3Storage:
 
     def _make_client(self) -> S3Client:
         s = self._settings
+        s3: _S3Dict = {
+            # S3-compatible servers behind a custom endpoint want bucket names in the path.
+            "addressing_style": "path" if s.endpoint_url else "auto"
+        }
+        # botocore alone: boto3 would add only its resource layer and s3transfer, unused here.
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _data_loader())
+        if s.endpoint_url and s.region:
+            # AWS's table of its own hosts (about 7 MB once parsed) tells nothing about a store
+            # at an endpoint of its own whose region is given; S3's endpoint rules still apply.
+            # (botocore has no public setter for it.)
+            components = cast("Any", core)._internal_components
+            components.register_component("endpoint_resolver", EndpointResolver({"partitions": []}))
+            # Without the table, "us-east-1" must not be read as AWS's global endpoint.
+            s3["us_east_1_regional_endpoint"] = "regional"
         config = Config(
             # One attempt: archiver's policy retries. (botocore reads "max_attempts" here as
             # retries *after* the first attempt: {"max_attempts": 1} would try twice.)
@@ -451,13 +468,18 @@ class S3Storage:
             connect_timeout=15,
             read_timeout=60,
             request_checksum_calculation="when_required",
-            # S3-compatible servers behind a custom endpoint want bucket names in the path.
-            s3={"addressing_style": "path" if s.endpoint_url else "auto"},
+            s3=s3,
         )
-        core = botocore.session.get_session()
-        core.register_component("data_loader", _data_loader())
-        session = boto3.session.Session(botocore_session=core, region_name=s.region)
-        return session.client("s3", endpoint_url=s.endpoint_url, config=config)
+        client = core.create_client(
+            "s3", region_name=s.region, endpoint_url=s.endpoint_url, config=config
+        )
+        # The client's own config (its region included), with payload signing off.
+        unsigned = client.meta.config.merge(Config(s3={**s3, "payload_signing_enabled": False}))
+        for operation in ("PutObject", "UploadPart"):
+            client.meta.events.register(
+                f"before-sign.s3.{operation}", functools.partial(_sign_checksum_only, unsigned)
+            )
+        return cast("S3Client", client)
 
     def _continue(self, key: str, previous: Mapping[str, Any], resume: bool) -> Multipart | None:
         """The multipart upload a stopped process noted, continued when it is one of ``key`` in
@@ -546,6 +568,13 @@ def _data_loader() -> botocore.loaders.Loader:
         if _loader is None:
             _loader = botocore.loaders.create_loader()
         return _loader
+
+
+def _sign_checksum_only(unsigned: Config, request: AWSRequest, **_: Any) -> None:
+    """Sign a body by its SHA-256 checksum header alone, which S3 checks the bytes against and
+    which is signed: botocore would otherwise hash every byte once more over plain HTTP."""
+    if "x-amz-checksum-sha256" in request.headers:
+        request.context["client_config"] = unsigned
 
 
 def _log_abort_failure(key: str, future: asyncio.Future[None]) -> None:
