@@ -98,7 +98,7 @@ class S3Settings:
     retention_days: int | None = None
     legal_hold: bool = False
     tags: Mapping[str, str] = field(default_factory=dict)
-    # 8 MiB parts keep a 1 GB upload under 100 MB of memory (one part filling, one in flight).
+    # An upload above the threshold holds two parts of part_size: one filling, one going up.
     multipart_threshold: int = 8 * 1024 * 1024
     part_size: int = 8 * 1024 * 1024
     max_threads: int = 8

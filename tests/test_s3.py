@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -237,6 +238,115 @@ async def test_single_put_round_trip(any_s3: S3Server, s3_prefix: str) -> None:
     }
     assert head["ContentType"] == "video/mp4"
     assert "-" not in head["ChecksumSHA256"]  # one PutObject, checked whole by the server
+
+
+async def test_bodies_signed_by_their_checksum_header(any_s3: S3Server, s3_prefix: str) -> None:
+    """Over plain HTTP botocore would hash each body once more to sign it: parts and single PUTs,
+    which carry their SHA-256 in a signed header S3 checks, are not; other bodies still are."""
+    payloads: dict[str, set[bytes]] = {}
+
+    def seen(request: Any, event_name: str, **_: Any) -> None:
+        operation = event_name.rsplit(".", 1)[-1]
+        payloads.setdefault(operation, set()).add(request.headers["X-Amz-Content-SHA256"])
+
+    async with open_s3(any_s3, s3_prefix, **SMALL_PARTS) as storage:
+        storage.client.meta.events.register("before-send.s3", seen)
+        await store(storage, "big/rec.mp4", os.urandom(11 * MiB))
+        await store(storage, "small/rec.mp4", os.urandom(MiB))
+    unsigned = {b"UNSIGNED-PAYLOAD"}  # prepared headers are bytes
+    assert payloads["UploadPart"] == unsigned and payloads["PutObject"] == unsigned
+    assert payloads["CompleteMultipartUpload"] != unsigned
+
+
+async def test_custom_endpoint_needs_no_aws_endpoint_table(
+    any_s3: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS's table of its hosts (about 7 MB once parsed) is not loaded for a store at an
+    endpoint of its own with its region given."""
+    import botocore.loaders
+
+    from archiver.storage.s3 import backend
+
+    loaded: list[str] = []
+    loader = botocore.loaders.create_loader()
+    original = loader.load_data_with_path
+
+    def load(name: str) -> Any:
+        loaded.append(name)
+        return original(name)
+
+    monkeypatch.setattr(loader, "load_data_with_path", load)
+    monkeypatch.setattr(backend, "_loader", loader)
+    async with open_s3(any_s3, s3_prefix) as storage:
+        await store(storage, "rec.mp4", os.urandom(1000))
+    assert loaded and "endpoints" not in loaded
+
+
+@pytest.mark.timeout(30)  # the old, serial way would wait here for ever: part 1 never lands
+async def test_the_next_part_fills_while_one_goes_up(
+    any_s3: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part 1 is held in its thread until the writes that fill most of part 2 have returned:
+    they do not wait for it. The part after waits (two part buffers at most), and the object is
+    whole."""
+    data = os.urandom(12 * MiB + 5)
+    filled = threading.Event()
+    landed: list[int] = []
+    async with open_s3(any_s3, s3_prefix, **SMALL_PARTS) as storage:
+        send = storage.api.upload_part
+
+        def upload_part(key: str, upload_id: str, number: int, part: Any, digest: bytes) -> str:
+            if number == 1:
+                filled.wait()
+            etag = send(key, upload_id, number, part, digest)
+            landed.append(number)
+            return etag
+
+        monkeypatch.setattr(storage.api, "upload_part", upload_part)
+        async with await storage.begin("rec.mp4") as upload:
+            # Part 1 goes up with the sixth chunk; chunks 6-9 fill part 2 meanwhile.
+            for start in range(0, 9 * MiB, MiB):
+                await upload.write(data[start : start + MiB])
+            assert landed == []
+            filled.set()
+            for start in range(9 * MiB, len(data), MiB):
+                await upload.write(data[start : start + MiB])
+            stored = await upload.commit(request_for(data))
+    assert landed == [1, 2, 3] and stored.sha256 == sha(data)
+    assert (
+        any_s3.client().get_object(Bucket=any_s3.bucket, Key=f"{s3_prefix}rec.mp4")["Body"].read()
+        == data
+    )
+
+
+async def test_a_part_that_failed_going_up_is_sent_again_by_the_retried_write(
+    any_s3: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part 1 fails in the background: the write that needs its buffer raises, having taken
+    nothing; the same write again sends part 1 first, and the object is whole."""
+    data = os.urandom(12 * MiB + 5)
+    failures = [NetworkError("connection reset")]
+    async with open_s3(any_s3, s3_prefix, **SMALL_PARTS) as storage:
+        send = storage.api.upload_part
+
+        def upload_part(key: str, upload_id: str, number: int, part: Any, digest: bytes) -> str:
+            if number == 1 and failures:
+                raise failures.pop()
+            return send(key, upload_id, number, part, digest)
+
+        monkeypatch.setattr(storage.api, "upload_part", upload_part)
+        async with await storage.begin("rec.mp4") as upload:
+            chunks = [data[start : start + MiB] for start in range(0, len(data), MiB)]
+            raised = 0
+            for chunk in chunks:
+                try:
+                    await upload.write(chunk)
+                except NetworkError:
+                    raised += 1
+                    assert upload.offset == 9 * MiB  # chunks 6-9 filled part 2 meanwhile
+                    await upload.write(chunk)
+            stored = await upload.commit(request_for(data))
+    assert raised == 1 and stored.sha256 == sha(data)
 
 
 async def test_multipart_round_trip(any_s3: S3Server, s3_prefix: str) -> None:

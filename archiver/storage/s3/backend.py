@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
-import boto3
 import botocore.loaders
 import botocore.session
 from botocore.config import Config
+from botocore.regions import EndpointResolver
 
 from archiver.errors import ArchiverError, ConfigError, IntegrityError, StorageError
 from archiver.models import StoredObject
@@ -45,6 +45,8 @@ from archiver.storage.s3.preflight import preflight
 from archiver.storage.s3.settings import aware, check_settings, normalized_prefix
 
 if TYPE_CHECKING:
+    from botocore.awsrequest import AWSRequest
+    from botocore.config import _S3Dict
     from botocore.response import StreamingBody
     from mypy_boto3_s3.client import S3Client
 
@@ -76,15 +78,27 @@ class S3Upload(UploadBase):
 
     Buffered in memory and stored with one PutObject at commit while it stays below
     ``multipart_threshold``; a bigger one becomes a multipart upload once its buffer reaches the
-    threshold, parts of ``part_size`` going up while the download continues (about one part plus
-    one chunk held). After each part, ``notes`` is told how far it has come."""
+    threshold. Then one part goes up while the next one fills: two buffers of ``part_size``,
+    reused part after part and handed to botocore whole (it sends a bytearray as it is), so
+    nothing else of that size is allocated. Parts go up one at a time, in order; after each,
+    ``notes`` is told how far it has come."""
 
     def __init__(
         self, storage: S3Storage, key: str, multipart: Multipart, notes: ResumeNotes | None
     ) -> None:
         super().__init__(key)
         self._storage = storage
+        # What is not sent yet: until the first part is cut, all of it (len is what it holds);
+        # from then on a buffer of part_size holding ``_held`` bytes.
         self._buffer = bytearray()
+        self._held = 0
+        self._cut = False
+        # The part going up (``_sending`` its task), a full part waiting to go (cut, or its send
+        # failed: the next write or commit sends it again first), and a free part buffer.
+        self._sending: asyncio.Task[None] | None = None
+        self._in_flight: bytearray | None = None
+        self._unsent: bytearray | None = None
+        self._spare: bytearray | None = None
         self._multipart = multipart
         self._written = multipart.size
         self._notes = notes
@@ -105,7 +119,7 @@ class S3Upload(UploadBase):
         return tuple(self._leftovers)
 
     async def existing(self) -> AsyncIterator[bytes]:
-        if self._multipart.started:
+        if self._multipart.started or self._cut:
             raise StorageError(
                 f"{self._key}: parts already sent to S3 cannot be read back before commit"
             )
@@ -117,23 +131,31 @@ class S3Upload(UploadBase):
         self._check_writable()
         if not chunk:
             return
-        # Full parts go up before the chunk joins the buffer and the digest: a failed write
-        # changes neither, so the caller's retry can send the same bytes again.
+        # Full parts go (and the part in flight is through, if the chunk needs its buffer)
+        # before the chunk joins the buffer and the digest: a failed write changes neither, so
+        # the caller's retry can send the same bytes again. (A chunk bigger than a part may
+        # wait once more while it is taken in.)
         await self._send_parts(force=False)
+        if self._cut and self._held + len(chunk) >= self._storage.settings.part_size:
+            await self._settle()
         if digest is not None:
             if len(chunk) >= _HASH_OFF_LOOP:
                 # hashlib lets go of the GIL on big buffers: the event loop carries on meanwhile.
                 await asyncio.to_thread(digest.update, chunk)
             else:
                 digest.update(chunk)
-        self._buffer += chunk
+        if self._cut:
+            await self._take(memoryview(chunk))
+        else:
+            self._buffer += chunk
         self._written += len(chunk)
 
     async def restart(self) -> None:
         self._check_open()
+        await self._stop_sending()
         old, self._multipart = self._multipart, Multipart(self._storage.api, self._key)
         busy = self._interrupted or old.started
-        self._buffer = bytearray()
+        self._drop_buffers()
         self._written = 0
         self._interrupted = False
         if busy:
@@ -153,23 +175,28 @@ class S3Upload(UploadBase):
         committer = self._storage.committer
         store: Callable[[], StoredObject]
         threshold = self._storage.settings.multipart_threshold
-        if not self._multipart.started and len(self._buffer) < threshold:
+        if not self._multipart.started and not self._cut and len(self._buffer) < threshold:
             store = functools.partial(
                 committer.put, self._key, self._buffer, request, self._leftovers
             )
         else:
             await self._send_parts(force=True)
+            await self._settle()
+            rest = self._buffer
+            if self._cut:
+                del rest[self._held :]  # the last part, as long as it is
             store = functools.partial(
-                committer.complete, self._multipart, self._buffer, request, self._leftovers
+                committer.complete, self._multipart, rest, request, self._leftovers
             )
         # The object and its companion in one call to a thread: a cancelled await cannot part
         # them once it has started.
         stored = await self._storage._run(self._storage._commit, store, request, self._leftovers)
-        self._buffer = bytearray()
+        self._drop_buffers()
         return stored
 
     async def _discard(self) -> None:
-        self._buffer = bytearray()
+        await self._stop_sending()
+        self._drop_buffers()
         # After an interrupted part the thread may be creating the multipart upload right now:
         # the abort has to queue behind it.
         if self._interrupted or self._multipart.started:
@@ -178,11 +205,22 @@ class S3Upload(UploadBase):
             self._multipart.closed = True
 
     async def _let_go(self) -> None:
-        # The parts stay for whoever continues the upload (the ledger's note names them).
-        self._buffer = bytearray()
+        # The parts stay for whoever continues the upload (the ledger's note names them): the
+        # one going up lands first.
+        await self._stop_sending(finish=True)
+        self._drop_buffers()
         self._multipart.closed = True
 
+    def _drop_buffers(self) -> None:
+        self._buffer = bytearray()
+        self._held = 0
+        self._cut = False
+        self._unsent = self._spare = None
+
     async def _send_parts(self, *, force: bool) -> None:
+        """Before the first part: cut it when the buffer is past the threshold (or ``force``)."""
+        if self._cut:
+            return
         settings = self._storage.settings
         if (
             not force
@@ -190,38 +228,96 @@ class S3Upload(UploadBase):
             and len(self._buffer) < settings.multipart_threshold
         ):
             return
-        while len(self._buffer) >= settings.part_size:
-            await self._send_part(settings.part_size)
+        if len(self._buffer) < settings.part_size:
+            return
+        first = self._buffer
+        rest = bytes(memoryview(first)[settings.part_size :])
+        del first[settings.part_size :]  # a downsize this small keeps the buffer's memory
+        self._cut = True
+        self._start_send(first)
+        self._buffer, self._held = bytearray(settings.part_size), 0
+        await self._take(memoryview(rest))
 
-    async def _send_part(self, size: int) -> None:
-        multipart = self._multipart
-        if multipart.upload_id is None:
+    async def _take(self, data: memoryview) -> None:
+        """Copy ``data`` into the part filling; each part it fills goes up while the next fills
+        (waiting for the one before it, whose buffer the next part reuses)."""
+        size = self._storage.settings.part_size
+        while data:
+            room = size - self._held
+            piece = data[:room]
+            self._buffer[self._held : self._held + len(piece)] = piece
+            self._held += len(piece)
+            data = data[len(piece) :]
+            if self._held < size:
+                return
+            await self._settle()
+            self._start_send(self._buffer)
+            self._buffer = self._spare or bytearray(size)
+            self._spare = None
+            self._held = 0
+
+    def _start_send(self, part: bytearray) -> None:
+        self._in_flight = part
+        self._sending = asyncio.ensure_future(self._send_part(part))
+
+    async def _settle(self) -> None:
+        """Wait for the part in flight, then send the one waiting, if any: raises what failed
+        (that part waits to be sent again)."""
+        while True:
+            if self._sending is None:
+                if self._unsent is None:
+                    return
+                part, self._unsent = self._unsent, None
+                self._start_send(part)
+            sending, sent = self._sending, self._in_flight
+            assert sending is not None and sent is not None
             try:
-                await self._storage._run(multipart.create)
+                await sending
+            except asyncio.CancelledError:
+                # The thread may still be sending ``part``: leave it alone, and refuse more writes.
+                self._interrupted = True
+                self._sending = self._in_flight = None
+                raise
+            except BaseException:
+                self._sending = self._in_flight = None
+                self._unsent = sent
+                raise
+            self._sending = self._in_flight = None
+            self._spare = sent
+
+    async def _stop_sending(self, *, finish: bool = False) -> None:
+        """Cancel the part in flight, or with ``finish`` let it land first (what fails is
+        dropped with the upload). A part cancelled midway is marked interrupted: its thread may
+        still be sending it."""
+        sending, self._sending, self._in_flight = self._sending, None, None
+        if sending is None:
+            return
+        if finish:
+            try:
+                await asyncio.wait([sending])
             except asyncio.CancelledError:
                 self._interrupted = True
+                sending.cancel()
                 raise
+        if not sending.done():
+            self._interrupted = True
+            sending.cancel()
+            await asyncio.wait([sending])
+        if not sending.cancelled():
+            sending.exception()  # retrieved: the upload is being dropped anyway
+
+    async def _send_part(self, part: bytearray) -> None:
+        multipart = self._multipart
+        if multipart.upload_id is None:
+            await self._storage._run(multipart.create)
             # Known to the ledger before a byte goes up: a crash from here on leaves no orphan.
             await self._note()
-        part = self._buffer
-        tail = part[size:]
-        del part[size:]
-        try:
-            digest = None
-            if self._notes is not None:
-                # Noted before it goes up: a successor takes it if S3 holds it.
-                digest = await self._storage._run(_sha256, part)
-                await self._note(pending=(len(part), digest))
-            await self._storage._run(multipart.upload_part, part, digest)
-        except asyncio.CancelledError:
-            # The thread may still be sending ``part``: leave it alone, and refuse more writes.
-            self._interrupted = True
-            self._buffer = bytearray()
-            raise
-        except BaseException:
-            part += tail
-            raise
-        self._buffer = tail
+        digest = None
+        if self._notes is not None:
+            # Noted before it goes up: a successor takes it if S3 holds it.
+            digest = await self._storage._run(_sha256, part)
+            await self._note(pending=(len(part), digest))
+        await self._storage._run(multipart.upload_part, part, digest)
 
     async def _note(self, pending: tuple[int, bytes] | None = None) -> None:
         if self._notes is not None:
@@ -443,6 +539,21 @@ class S3Storage:
 
     def _make_client(self) -> S3Client:
         s = self._settings
+        s3: _S3Dict = {
+            # S3-compatible servers behind a custom endpoint want bucket names in the path.
+            "addressing_style": "path" if s.endpoint_url else "auto"
+        }
+        # botocore alone: boto3 would add only its resource layer and s3transfer, unused here.
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _data_loader())
+        if s.endpoint_url and s.region:
+            # AWS's table of its own hosts (about 7 MB once parsed) tells nothing about a store
+            # at an endpoint of its own whose region is given; S3's endpoint rules still apply.
+            # (botocore has no public setter for it.)
+            components = cast("Any", core)._internal_components
+            components.register_component("endpoint_resolver", EndpointResolver({"partitions": []}))
+            # Without the table, "us-east-1" must not be read as AWS's global endpoint.
+            s3["us_east_1_regional_endpoint"] = "regional"
         config = Config(
             # One attempt: archiver's policy retries. (botocore reads "max_attempts" here as
             # retries *after* the first attempt: {"max_attempts": 1} would try twice.)
@@ -451,13 +562,18 @@ class S3Storage:
             connect_timeout=15,
             read_timeout=60,
             request_checksum_calculation="when_required",
-            # S3-compatible servers behind a custom endpoint want bucket names in the path.
-            s3={"addressing_style": "path" if s.endpoint_url else "auto"},
+            s3=s3,
         )
-        core = botocore.session.get_session()
-        core.register_component("data_loader", _data_loader())
-        session = boto3.session.Session(botocore_session=core, region_name=s.region)
-        return session.client("s3", endpoint_url=s.endpoint_url, config=config)
+        client = core.create_client(
+            "s3", region_name=s.region, endpoint_url=s.endpoint_url, config=config
+        )
+        # The client's own config (its region included), with payload signing off.
+        unsigned = client.meta.config.merge(Config(s3={**s3, "payload_signing_enabled": False}))
+        for operation in ("PutObject", "UploadPart"):
+            client.meta.events.register(
+                f"before-sign.s3.{operation}", functools.partial(_sign_checksum_only, unsigned)
+            )
+        return cast("S3Client", client)
 
     def _continue(self, key: str, previous: Mapping[str, Any], resume: bool) -> Multipart | None:
         """The multipart upload a stopped process noted, continued when it is one of ``key`` in
@@ -546,6 +662,13 @@ def _data_loader() -> botocore.loaders.Loader:
         if _loader is None:
             _loader = botocore.loaders.create_loader()
         return _loader
+
+
+def _sign_checksum_only(unsigned: Config, request: AWSRequest, **_: Any) -> None:
+    """Sign a body by its SHA-256 checksum header alone, which S3 checks the bytes against and
+    which is signed: botocore would otherwise hash every byte once more over plain HTTP."""
+    if "x-amz-checksum-sha256" in request.headers:
+        request.context["client_config"] = unsigned
 
 
 def _log_abort_failure(key: str, future: asyncio.Future[None]) -> None:
