@@ -31,7 +31,14 @@ from archiver.errors import (
     UnsafeValue,
 )
 from archiver.models import StoredObject, utcnow
-from archiver.storage import CommitRequest, LocalStorage, MemoryStorage, StorageBackend, localfs
+from archiver.storage import (
+    CommitRequest,
+    LocalStorage,
+    MemoryStorage,
+    StorageBackend,
+    local,
+    localfs,
+)
 from archiver.storage.base import Companion
 
 MiB = 1 << 20
@@ -911,6 +918,26 @@ async def test_local_cleanup_removes_dead_one_shot_temps_at_once(
         "rooms/.rec2.mp4.json.ba9876543210.partial",
         "rooms/.rec3.mp4.json.aaaaaaaaaaaa.partial",
     ]
+
+
+async def test_local_preflight_passes_when_another_instance_cleans_its_probe_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another instance's cleanup_stale may take the probe between its create and its lock
+    (unlocked one-shot temps are dead at once): the root was writable all the same."""
+    storage = LocalStorage(tmp_path)
+    lock = local.try_lock
+
+    def cleaned_first(fd: int) -> bool:
+        # The seam: what the other instance's cleanup does in the gap, for real.
+        assert localfs.remove_if_stale(
+            next(tmp_path.glob(".preflight.*.partial")), 0.0, dead_when_unlocked=True
+        )
+        return lock(fd)
+
+    monkeypatch.setattr(local, "try_lock", cleaned_first)
+    await storage.preflight()
+    assert files_under(tmp_path) == []
 
 
 # The helper process: it commits a recording with a sidecar, and stops midway through writing the

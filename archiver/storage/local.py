@@ -500,7 +500,9 @@ class LocalStorage(PlainCopies):
                 try_lock(fd)
                 write_all(fd, b"archiver preflight probe\n")
                 os.fsync(fd)
-                os.unlink(probe)
+                # Another instance's cleanup may have taken it before our lock: written all
+                # the same.
+                unlink_quietly(probe)
             finally:
                 os.close(fd)
         except OSError as exc:

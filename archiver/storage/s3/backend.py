@@ -550,10 +550,13 @@ class S3Storage:
             # AWS's table of its own hosts (about 7 MB once parsed) tells nothing about a store
             # at an endpoint of its own whose region is given; S3's endpoint rules still apply.
             # (botocore has no public setter for it.)
-            components = cast("Any", core)._internal_components
-            components.register_component("endpoint_resolver", EndpointResolver({"partitions": []}))
-            # Without the table, "us-east-1" must not be read as AWS's global endpoint.
-            s3["us_east_1_regional_endpoint"] = "regional"
+            components = getattr(core, "_internal_components", None)
+            if components is not None:  # a botocore without it loads the table: slower, same
+                components.register_component(
+                    "endpoint_resolver", EndpointResolver({"partitions": []})
+                )
+                # Without the table, "us-east-1" must not be read as AWS's global endpoint.
+                s3["us_east_1_regional_endpoint"] = "regional"
         config = Config(
             # One attempt: archiver's policy retries. (botocore reads "max_attempts" here as
             # retries *after* the first attempt: {"max_attempts": 1} would try twice.)
