@@ -53,6 +53,7 @@ import asyncpg
 from archiver.errors import ConfigError, LedgerError, LedgerUnavailable
 from archiver.ledger import core, ops, postgres_portable, reads
 from archiver.ledger.base import AuditEntry, Budget, Ledger, PassRecord, Summary
+from archiver.ledger.grouping import Groups
 from archiver.ledger.portable import BRIEF_FIELDS, RECORDING_FIELDS
 from archiver.ledger.postgres_driver import (
     DRIVER_ERRORS,
@@ -91,7 +92,6 @@ class _Grouped:
     what: str
     make: Callable[[], ops.Program[Any]]
     durable: bool
-    waiter: asyncio.Future[Any]
 
 
 async def _keep_session(conn: Any) -> None:
@@ -123,9 +123,8 @@ class PostgresLedger(SharedLedger):
         self.command_timeout = command_timeout
         self.budget = budget or Budget()
         self._pool: Any = None
-        # Touched only on the event loop: transitions waiting for the next group transaction.
-        self._pending: list[_Grouped] = []
-        self._writer: asyncio.Task[None] | None = None
+        # Transitions waiting for the next group transaction (touched only on the event loop).
+        self._groups: Groups[_Grouped] = Groups(self._write_group)
 
     def __repr__(self) -> str:
         return f"PostgresLedger({self.where!r})"
@@ -253,33 +252,7 @@ class PostgresLedger(SharedLedger):
     async def _grouped(self, what: str, make: Callable[[], ops.Program[Any]], durable: bool) -> Any:
         if self._pool is None:
             raise LedgerError(f"the ledger {self.where} is not open (use it with 'async with')")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Grouped(what, make, durable, waiter))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_groups())
-        return await waiter
-
-    async def _write_groups(self) -> None:
-        """One group at a time; what arrives meanwhile forms the next."""
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    results = await self._write_group(batch)
-                except asyncio.CancelledError:
-                    for item in batch + self._pending:
-                        item.waiter.cancel()
-                    self._pending = []
-                    raise
-                for item, result in zip(batch, results, strict=True):
-                    if item.waiter.done():  # its caller was cancelled; the change stands
-                        continue
-                    if isinstance(result, Exception):
-                        item.waiter.set_exception(result)
-                    else:
-                        item.waiter.set_result(result)
-        finally:
-            self._writer = None
+        return await self._groups.join(_Grouped(what, make, durable))
 
     async def _write_group(self, batch: list[_Grouped]) -> list[Any]:
         """Each transition's result or error, from one transaction."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from archiver.errors import LedgerError, LedgerUnavailable
+from archiver.ledger.grouping import Groups
 from archiver.threads import Lane
 
 _P = ParamSpec("_P")
@@ -35,7 +36,6 @@ class _Grouped:
 
     apply: Callable[[sqlite3.Connection], Any]
     durable: bool
-    waiter: asyncio.Future[Any]
 
 
 _TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "database or disk is full")
@@ -79,8 +79,7 @@ class SqliteFile:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         # Touched only on the event loop: transitions waiting for the next group transaction.
-        self._pending: list[_Grouped] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._groups: Groups[_Grouped] = Groups(self._write_group)
 
     @property
     def lock_path(self) -> Path:
@@ -224,39 +223,15 @@ class SqliteFile:
         """Run ``apply`` in the next group transaction; return what it returns."""
         if self._lane is None:
             raise LedgerError(f"the ledger {self.path} is not open (use it with 'async with')")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Grouped(apply, durable, waiter))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_groups())
-        return await waiter
+        return await self._groups.join(_Grouped(apply, durable))
 
-    async def _write_groups(self) -> None:
-        """One group at a time on the ledger thread; what arrives meanwhile forms the next."""
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                durable = any(item.durable for item in batch)
-                results: list[Any]
-                try:
-                    results = await self._call(
-                        self._apply_group_sync, [item.apply for item in batch], durable
-                    )
-                except asyncio.CancelledError:
-                    for item in batch + self._pending:
-                        item.waiter.cancel()
-                    self._pending = []
-                    raise
-                except Exception as exc:
-                    results = [exc] * len(batch)
-                for item, result in zip(batch, results, strict=True):
-                    if item.waiter.done():  # its caller was cancelled; the change stands
-                        continue
-                    if isinstance(result, Exception):
-                        item.waiter.set_exception(result)
-                    else:
-                        item.waiter.set_result(result)
-        finally:
-            self._writer = None
+    async def _write_group(self, batch: list[_Grouped]) -> list[Any]:
+        """One group on the ledger thread."""
+        durable = any(item.durable for item in batch)
+        results: list[Any] = await self._call(
+            self._apply_group_sync, [item.apply for item in batch], durable
+        )
+        return results
 
     def _apply_group_sync(
         self, applies: list[Callable[[sqlite3.Connection], Any]], durable: bool
