@@ -29,7 +29,8 @@ _Call = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any
 
 
 class Lane:
-    """Up to ``threads`` threads (started as calls come) running blocking calls in order."""
+    """Up to ``threads`` threads (started as calls come) taking blocking calls in the order they
+    were given."""
 
     def __init__(self, threads: int, name: str) -> None:
         if threads < 1:
