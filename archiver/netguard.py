@@ -210,10 +210,16 @@ class Origin:
 def check_download_url(url: str) -> str:
     """Refuse (``UnsafeValue``) a URL of the wrong shape; return it unchanged when it is fine.
     Says nothing of where it leads: that is ``DownloadPolicy``'s part, at connection time."""
-    problem, _ = _shape(url)
-    if problem:
-        raise UnsafeValue(f"download_url {problem}")
+    _parsed_download_url(url)
     return url
+
+
+def _parsed_download_url(url: str) -> URL:
+    """``check_download_url``, giving the URL as parsed for the request."""
+    problem, parsed = _shape(url)
+    if parsed is None:
+        raise UnsafeValue(f"download_url {problem}")
+    return parsed
 
 
 def _shape(url: object) -> tuple[str | None, URL | None]:
@@ -318,15 +324,6 @@ class DownloadPolicy:
             api_origin=Origin.of(telnyx.base_url),
             allow_private=telnyx.allow_private_download_hosts,
         )
-
-    def check_url(self, url: str | URL) -> URL:
-        """The parsed URL to request, or ``RefusedDestination`` for a URL of the wrong shape
-        or one on the API's own origin."""
-        problem, parsed = _shape(str(url))
-        if parsed is None:
-            raise RefusedDestination(f"refusing the download URL: it {problem}")
-        self.check_origin(parsed)
-        return parsed
 
     def check_origin(self, url: URL) -> None:
         """Refuse the API's own origin: it never serves recordings (whatever it echoes)."""
@@ -464,14 +461,11 @@ async def open_download(
     their bodies are not read. ``headers`` go to every hop: put no secret in them. ``session``
     must use ``download_connector(policy)``, or host names would go unchecked.
     """
-    problem, parsed = _shape(url)
-    if parsed is None:
-        raise UnsafeValue(f"download_url {problem}")
+    current = _parsed_download_url(url)
     connector = session.connector
     if not isinstance(connector, GuardedConnector) or connector.policy != policy:
         raise TypeError("open_download needs a session made with download_connector(policy)")
-    policy.check_origin(parsed)
-    current = parsed
+    policy.check_origin(current)
     redirects = 0
     while True:
         await policy.check_literal(current)
