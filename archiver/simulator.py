@@ -1315,38 +1315,27 @@ class Simulator:
         for k in range(self.faults.shift_count):
             moment = base + timedelta(milliseconds=k + 1)
             rec: SimMedia
-            if isinstance(template, SimComposition):
-                rec = dataclasses.replace(
-                    template,
-                    id=_uuid(self._rng),
-                    status="completed",
-                    created_at=moment,
-                    completed_at=now,
-                    updated_at=now,
-                    raw_override=None,
-                    entry_hook=None,
-                    download_fault=None,
-                    download_url_override=None,
-                )
-            elif template is not None:
-                rec = dataclasses.replace(
-                    template,
-                    id=_uuid(self._rng),
-                    status="completed",
-                    ended_at=moment,
-                    completed_at=now,
-                    processing_lists_left=0,
-                    raw_override=None,
-                    entry_hook=None,
-                    download_fault=None,
-                    download_url_override=None,
-                )
-            elif res is _COMPOSITIONS:
-                rec = make_compositions(1, seed=self._rng.getrandbits(32), start=now, days=1)[0]
-                rec.created_at = moment
+            if template is not None:
+                # Completed now, at ``moment`` by the listing's order, with no fault of its own.
+                fresh: dict[str, Any] = {
+                    "id": _uuid(self._rng),
+                    "status": "completed",
+                    res.sort_attr: moment,
+                    "completed_at": now,
+                    "raw_override": None,
+                    "entry_hook": None,
+                    "download_fault": None,
+                    "download_url_override": None,
+                }
+                if isinstance(template, SimComposition):
+                    fresh["updated_at"] = now
+                else:
+                    fresh["processing_lists_left"] = 0
+                rec = dataclasses.replace(template, **fresh)
             else:
-                rec = make_recordings(1, seed=self._rng.getrandbits(32), start=now, days=1)[0]
-                rec.ended_at = moment
+                make = make_compositions if res is _COMPOSITIONS else make_recordings
+                rec = make(1, seed=self._rng.getrandbits(32), start=now, days=1)[0]
+                setattr(rec, res.sort_attr, moment)
             new.append(rec)
         self.add(new)
         self.shifted_ids.extend(r.id for r in new)

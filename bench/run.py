@@ -498,16 +498,20 @@ def s3_env() -> dict[str, str]:
     }
 
 
-def make_bucket(endpoint: str) -> None:
+def s3_client(endpoint: str) -> Any:
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=S3_KEY,
         aws_secret_access_key=S3_SECRET,
         region_name="us-east-1",
     )
+
+
+def make_bucket(endpoint: str) -> None:
+    client = s3_client(endpoint)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -669,15 +673,7 @@ def s3_throughput(work: Path, plan: Plan, results: dict[str, Any], *, skip_s3: b
 
 
 def check_objects(endpoint: str, prefix: str, count: int, size: int) -> None:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_SECRET,
-        region_name="us-east-1",
-    )
+    client = s3_client(endpoint)
     sizes = [
         obj["Size"]
         for page in client.get_paginator("list_objects_v2").paginate(

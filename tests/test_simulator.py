@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import itertools
 import json
 import shutil
 import signal
@@ -15,7 +16,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from random import Random
@@ -107,16 +109,26 @@ async def list_page(http: aiohttp.ClientSession, sim: Simulator, **params: str) 
         return r.status, await r.json()
 
 
-async def list_all(http: aiohttp.ClientSession, sim: Simulator, **params: str) -> list[str]:
+async def all_ids(
+    page: Callable[..., Awaitable[tuple[int, Any]]],
+    http: aiohttp.ClientSession,
+    sim: Simulator,
+    **params: str,
+) -> list[str]:
+    """Every id of a listing, page after page through ``page``."""
     ids: list[str] = []
     number = 1
     while True:
-        status, body = await list_page(http, sim, **params, **{"page[number]": str(number)})
+        status, body = await page(http, sim, **params, **{"page[number]": str(number)})
         assert status == 200
         ids += [e["id"] for e in body["data"]]
         if number >= body["meta"]["total_pages"]:
             return ids
         number += 1
+
+
+async def list_all(http: aiohttp.ClientSession, sim: Simulator, **params: str) -> list[str]:
+    return await all_ids(list_page, http, sim, **params)
 
 
 def newest_first(recs: list[SimRecording]) -> list[str]:
@@ -1086,6 +1098,22 @@ async def test_shifted_copies_drop_faults(sim: Simulator, http: aiohttp.ClientSe
     assert all(r.download_fault is None and r.download_url_override is None for r in shifted)
 
 
+async def test_a_shift_where_nothing_matches_inserts_items_newest_by_a_millisecond(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    sim.faults.shift_on_page = 1
+    sim.faults.shift_count = 3
+    before = datetime.now(UTC)
+    status, _ = await list_page(http, sim, **{"filter[room_id]": str(uuid.UUID(int=7))})
+    assert status == 200
+    shifted = [sim.recordings[i] for i in sim.shifted_ids]
+    assert len(shifted) == 3 and all(r.ended_at is not None for r in shifted)
+    # Made afresh (no match to copy), each ended a millisecond after the one before, from now.
+    ends = [r.ended_at for r in shifted]
+    assert before < ends[0] <= datetime.now(UTC) + timedelta(milliseconds=1)
+    assert [(b - a) for a, b in itertools.pairwise(ends)] == [timedelta(milliseconds=1)] * 2
+
+
 # ------------------------------------------------------------- standalone
 
 
@@ -1307,15 +1335,7 @@ async def comp_page(http: aiohttp.ClientSession, sim: Simulator, **params: str) 
 
 
 async def comp_all(http: aiohttp.ClientSession, sim: Simulator, **params: str) -> list[str]:
-    ids: list[str] = []
-    number = 1
-    while True:
-        status, body = await comp_page(http, sim, **params, **{"page[number]": str(number)})
-        assert status == 200
-        ids += [e["id"] for e in body["data"]]
-        if number >= body["meta"]["total_pages"]:
-            return ids
-        number += 1
+    return await all_ids(comp_page, http, sim, **params)
 
 
 def newest_created_first(comps: list[SimComposition]) -> list[str]:
